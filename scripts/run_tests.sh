@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Run the whole test suite (fast and slow tests) in the project's venv, then ruff.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export TORCH_NUM_THREADS="${TORCH_NUM_THREADS:-2}"
+.venv/bin/ruff check dyrep_fx passes tests benchmarks
+# -p no:cacheprovider keeps a clean clone clean; exit code 5 (no tests collected) is a failure too.
+.venv/bin/python -m pytest -p no:cacheprovider "$@"
