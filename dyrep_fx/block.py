@@ -1,0 +1,263 @@
+"""``RepConv2d``: one conv that can grow re-parameterization branches, prune them, and fold back.
+
+The block takes the place of a single ``nn.Conv2d`` at its module path and keeps that conv's
+``weight`` (and ``bias``) Parameter objects as its main kernel, so an un-grown block has the original
+state_dict keys and the optimizer keeps its state for them.
+
+Modes (see :mod:`dyrep_fx.branches`):
+
+* ``online`` (default, OREPA): ``W = main_scale * weight + sum_b scale_b * K_b``; one convolution per
+  forward. Growing and cutting keep the function exactly, in train and eval mode.
+* ``dbb`` (DBB / DyRep): ``y = main_bn(conv(x, weight) + bias) + sum_b branch_b(x)``. Growing and
+  cutting keep the function exactly in eval mode; the main BatchNorm is reset to an exact identity
+  (``running_var = 1 - eps``) at every change, which the reference code forgets.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+from .branches import Branch, make_branch
+from .geometry import BRANCH_KINDS, ConvGeometry
+
+__all__ = ["RepConv2d", "MODES"]
+
+MODES = ("online", "dbb")
+
+
+class RepConv2d(nn.Module):
+    """A conv with re-parameterization branches. Build it from an existing conv with ``RepConv2d(conv)``.
+
+    Args:
+        conv: the ``nn.Conv2d`` (or subclass) to take over; its Parameters are reused, not copied.
+        mode: ``"online"`` or ``"dbb"``.
+        init_scale: initial per-channel scale of new branches (``scale`` or last-BN gamma; DyRep: 0.01).
+    """
+
+    def __init__(self, conv: nn.Conv2d, mode: str = "online", init_scale: float = 0.01) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"RepConv2d wraps an nn.Conv2d, got {type(conv).__name__}")
+        self.geometry = ConvGeometry.from_conv(conv)
+        self.mode = mode
+        self.init_scale = float(init_scale)
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.branches = nn.ModuleDict()
+        # The original module, kept outside the module tree so that folding can rebuild the very class
+        # the user had (e.g. an mmcv Conv2d subclass) without registering its parameters twice.
+        self.__dict__["_template"] = conv
+        self.train(conv.training)
+
+    # -- structure -------------------------------------------------------------------------------
+    @property
+    def grown(self) -> bool:
+        """True when the block carries at least one branch."""
+        return len(self.branches) > 0
+
+    @property
+    def kinds(self) -> list[str]:
+        """The kinds of the branches present, in canonical order."""
+        return [k for k in BRANCH_KINDS if k in self.branches]
+
+    def available_kinds(self) -> list[str]:
+        """Kinds that apply to this conv and are not present yet."""
+        return [k for k in self.geometry.kinds() if k not in self.branches]
+
+    def inner_convs(self) -> dict[str, nn.Module]:
+        """The growable kxk convs inside branches, by relative module path (for nested growth)."""
+        if "1x1_kxk" in self.branches:
+            return {"branches.1x1_kxk.conv2": self.branches["1x1_kxk"].conv2}
+        return {}
+
+    def structure(self) -> dict[str, Any]:
+        """JSON-serialisable description of the branches, nested blocks included."""
+        spec: dict[str, Any] = {"kinds": self.kinds}
+        nested = {path: m.structure() for path, m in self.inner_convs().items() if isinstance(m, RepConv2d)}
+        if nested:
+            spec["nested"] = nested
+        return spec
+
+    # -- the function ----------------------------------------------------------------------------
+    def equivalent(self) -> tuple[Tensor, Tensor | None]:
+        """The exact eval-mode kernel and bias of the whole block (nested blocks included)."""
+        if not self.grown:
+            return self.weight, self.bias
+        if self.mode == "online":
+            return self._online_kernel(), self.bias
+        w_main, b_main = kernels.fuse_bn(self.weight, self.bias, self.main_bn.running_mean,
+                                         self.main_bn.running_var, self.main_bn.weight, self.main_bn.bias,
+                                         self.main_bn.eps)
+        parts = [b.kernel() for b in self.branches.values()]
+        return kernels.add_branches([w_main] + [w for w, _ in parts], [b_main] + [b for _, b in parts])
+
+    def _online_kernel(self) -> Tensor:
+        kernel = self.main_scale.reshape(-1, 1, 1, 1) * self.weight
+        for branch in self.branches.values():
+            kernel = kernel + branch.scale.reshape(-1, 1, 1, 1) * branch.raw_kernel()
+        return kernel
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.grown:
+            return self.geometry.conv(x, self.weight, self.bias)
+        if self.mode == "online":
+            return self.geometry.conv(x, self._online_kernel(), self.bias)
+        xp = self.geometry.pad_input(x)
+        out = self.main_bn(self.geometry.conv_valid(xp, self.weight, self.bias))
+        for branch in self.branches.values():
+            out = out + branch(x, xp)
+        return out
+
+    # -- growth and pruning ----------------------------------------------------------------------
+    @torch.no_grad()
+    def grow(self, kinds: Iterable[str] | None = None) -> list[Branch]:
+        """Add branches of ``kinds`` (default: every available kind) without changing the function.
+
+        Returns the new branch modules (in dbb mode their BatchNorms still hold fresh statistics;
+        calibrate them on data, then call :meth:`rebalance` with the kernel taken before growth).
+        """
+        kinds = self.available_kinds() if kinds is None else list(kinds)
+        self._check_kinds(kinds, must_exist=False)
+        if not kinds:
+            return []
+        target = self._detached_equivalent()
+        if not self.grown:
+            self._add_main_scale()
+        new = []
+        for kind in BRANCH_KINDS:
+            if kind in kinds:
+                branch = make_branch(kind, self.geometry, self.mode, self.init_scale, self.weight)
+                branch.train(self.training)
+                self.branches[kind] = branch
+                new.append(branch)
+        self.rebalance(*target)
+        return new
+
+    @torch.no_grad()
+    def cut(self, kinds: Iterable[str]) -> None:
+        """Remove branches of ``kinds``, absorbing them exactly into the main kernel.
+
+        Surviving branches, nested blocks included, keep their parameters and statistics.
+        """
+        kinds = list(kinds)
+        self._check_kinds(kinds, must_exist=True)
+        if not kinds:
+            return
+        target = self._detached_equivalent()
+        for kind in kinds:
+            del self.branches[kind]
+        if self.grown:
+            self.rebalance(*target)
+            return
+        self._remove_main_scale()
+        self.weight.copy_(target[0])
+        if target[1] is not None:
+            self._ensure_bias()
+            self.bias.copy_(target[1])
+
+    @torch.no_grad()
+    def rebalance(self, weight: Tensor, bias: Tensor | None) -> None:
+        """Set the main kernel so that the block's eval-mode equivalent is ``(weight, bias)``.
+
+        The main scale (online) or main BatchNorm (dbb) is reset to an exact identity and the
+        branches' current kernels are subtracted: ``W_main = W - sum_b K_b``.
+        """
+        parts = [b.kernel() for b in self.branches.values()]
+        w_rest, b_rest = kernels.add_branches([weight] + [-w for w, _ in parts],
+                                              [bias] + [None if b is None else -b for _, b in parts])
+        if self.grown:
+            self._reset_main_scale()
+        self.weight.copy_(w_rest)
+        if b_rest is not None:
+            self._ensure_bias()
+            self.bias.copy_(b_rest)
+        elif self.bias is not None:
+            self.bias.zero_()
+
+    def importance(self) -> dict[str, float]:
+        """Each branch's importance: its mean |scale| (or last-BN |gamma|) relative to the main branch's."""
+        main = self._main_gamma().abs().mean()
+        return {kind: float(b.gamma().detach().abs().mean() / main) for kind, b in self.branches.items()}
+
+    # -- folding ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def to_conv(self) -> nn.Conv2d:
+        """A conv of the original class and hyper-parameters that computes this block (eval mode).
+
+        It has a bias exactly when the original conv had one or the block's equivalent needs one
+        (dbb mode on a bias-free conv); folding passes then push that bias into the next BatchNorm.
+        """
+        weight, bias = self.equivalent()
+        conv = copy.copy(self._template)
+        conv._parameters = {}
+        conv._buffers = dict(self._template._buffers)
+        conv._modules = dict(self._template._modules)
+        conv.weight = nn.Parameter(weight.detach().clone(), requires_grad=self.weight.requires_grad)
+        conv.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        conv.train(self.training)
+        return conv
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _check_kinds(self, kinds: list[str], must_exist: bool) -> None:
+        for kind in kinds:
+            if kind not in BRANCH_KINDS:
+                raise ValueError(f"unknown branch kind {kind!r}; kinds are {list(BRANCH_KINDS)}")
+            if must_exist and kind not in self.branches:
+                raise ValueError(f"cannot cut {kind!r}: the block has {self.kinds}")
+            if not must_exist:
+                why = self.geometry.applicable_kinds()[kind]
+                if why is not None:
+                    raise ValueError(f"branch {kind!r} does not apply to this conv: {why}")
+                if kind in self.branches:
+                    raise ValueError(f"branch {kind!r} is already present")
+
+    def _detached_equivalent(self) -> tuple[Tensor, Tensor | None]:
+        w, b = self.equivalent()
+        return w.detach().clone(), None if b is None else b.detach().clone()
+
+    def _main_gamma(self) -> Tensor:
+        return self.main_scale if self.mode == "online" else self.main_bn.weight
+
+    def _add_main_scale(self) -> None:
+        like = self.weight
+        if self.mode == "online":
+            self.main_scale = nn.Parameter(torch.ones(self.geometry.out_channels, device=like.device,
+                                                      dtype=like.dtype))
+        else:
+            self.main_bn = nn.BatchNorm2d(self.geometry.out_channels, device=like.device, dtype=like.dtype)
+            self.main_bn.train(self.training)
+            self._ensure_bias()
+
+    def _reset_main_scale(self) -> None:
+        if self.mode == "online":
+            self.main_scale.fill_(1.0)
+        else:
+            bn = self.main_bn
+            bn.reset_parameters()
+            # sqrt(var + eps) == 1 exactly (to rounding): the main BN is then the identity in eval mode.
+            bn.running_var.fill_(1.0 - bn.eps)
+
+    def _remove_main_scale(self) -> None:
+        if self.mode == "online":
+            del self.main_scale
+        else:
+            del self.main_bn
+
+    def _ensure_bias(self) -> None:
+        if self.bias is None:
+            self.bias = nn.Parameter(torch.zeros(self.geometry.out_channels, device=self.weight.device,
+                                                 dtype=self.weight.dtype))
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return (f"{g.in_channels}, {g.out_channels}, kernel_size={g.kernel_size}, stride={g.stride}, "
+                f"padding={g.padding}, dilation={g.dilation}, groups={g.groups}, mode={self.mode!r}, "
+                f"kinds={self.kinds}")
