@@ -1,12 +1,19 @@
 """dyrep_fx: dynamic structural re-parameterization (DyRep, OREPA) for any traceable PyTorch model.
 
-Pipeline: trace (:mod:`dyrep_fx.tracing`) -> analyse (``passes.analysis``) -> plan -> rewrite
+Pipeline: trace (:mod:`dyrep_fx.tracing`) -> analyse (``passes.analysis``) -> grow / cut
 (``passes.rep`` / ``passes.dep``) -> fold (``passes.fold``). The numerical core is
 :mod:`dyrep_fx.kernels` (pure kernel algebra) and :class:`dyrep_fx.block.RepConv2d`.
+
+    import dyrep_fx
+    dyrep_fx.transform(model)          # in place
+    dyrep_fx.grow(model)               # every eligible conv, every branch kind that applies
+    deploy = dyrep_fx.fold(model)      # the original architecture again
 """
 
 import logging
 
+from . import passes
+from .api import blocks, cut, fold, grow, restore, sites, structure, transform
 from .block import MODES, RepConv2d
 from .geometry import BRANCH_KINDS
 
@@ -14,4 +21,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 
-__all__ = ["RepConv2d", "MODES", "BRANCH_KINDS", "__version__"]
+__all__ = [
+    "transform", "sites", "grow", "cut", "fold", "structure", "restore", "blocks",
+    "RepConv2d", "MODES", "BRANCH_KINDS", "passes", "__version__",
+]

@@ -184,7 +184,7 @@ class RepConv2d(nn.Module):
 
     def importance(self) -> dict[str, float]:
         """Each branch's importance: its mean |scale| (or last-BN |gamma|) relative to the main branch's."""
-        main = self._main_gamma().abs().mean()
+        main = self._main_gamma().detach().abs().mean()
         return {kind: float(b.gamma().detach().abs().mean() / main) for kind, b in self.branches.items()}
 
     # -- folding ---------------------------------------------------------------------------------

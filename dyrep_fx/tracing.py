@@ -1,0 +1,315 @@
+"""Trace a model with torch.fx into the facts the passes need, without changing the model.
+
+Convs, norm layers and re-parameterization blocks are leaves. A submodule whose forward cannot be
+traced becomes a leaf too (the error is recorded against its name) and tracing is retried; when
+the root's own forward cannot be traced, its children are traced one by one (a forest of graphs).
+
+What comes out (:class:`TracedModel`) is plain data: for every conv-like module, how often the graph
+calls it and which nodes use its output; for every leaf that could not be traced, why. With
+example inputs, a run-time pass with forward hooks adds shapes and actual call counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from .block import RepConv2d
+
+__all__ = ["TracedModel", "trace_model", "TraceFailure"]
+
+log = logging.getLogger(__name__)
+
+_NORM_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+_MAX_RETRIES = 200
+
+
+class TraceFailure(RuntimeError):
+    """Raised when nothing of a model can be traced, or it holds no convolution at all."""
+
+
+@dataclass
+class ConvUse:
+    """How the traced graph(s) use one conv-like module."""
+
+    calls: int = 0
+    users: list[str] = field(default_factory=list)  # one entry per user node: "call_module:<qualname>" etc.
+    next_bn: str | None = None  # qualname of the BatchNorm that is the sole user of its only call
+    graph: str = ""  # qualname of the module whose traced graph holds the call ("" = the root)
+    runtime_calls: int | None = None
+    input_shape: tuple[int, ...] | None = None
+    output_shape: tuple[int, ...] | None = None
+
+
+@dataclass
+class TracedModel:
+    """The facts torch.fx found in one model (plain data, safe to keep on the model)."""
+
+    convs: dict[str, ConvUse]
+    untraceable: dict[str, str]  # leaf qualname -> trace error
+    root_traced: bool
+    graph_differs_in_eval: bool
+    norm_calls: dict[str, int] = field(default_factory=dict)
+    graph: fx.Graph | None = None  # the root graph, when the root traced; dropped when copied
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["graph"] = None
+        return state
+
+    def __deepcopy__(self, memo: dict) -> TracedModel:
+        import copy
+
+        state = copy.deepcopy(self.__getstate__(), memo)
+        new = TracedModel.__new__(TracedModel)
+        new.__dict__.update(state)
+        return new
+
+    def leaf_containing(self, name: str) -> str | None:
+        """The untraceable leaf that contains module ``name``, if any."""
+        for leaf in self.untraceable:
+            if leaf and name == leaf or name.startswith(leaf + "."):
+                return leaf
+        return None
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer with conv/norm/block leaves, extra leaves by name, and failure localisation."""
+
+    def __init__(self, leaf_names: set[str], leaf_types: tuple[type[nn.Module], ...]) -> None:
+        super().__init__()
+        self.leaf_names = leaf_names
+        self.leaf_types = leaf_types
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names:
+            return True
+        if isinstance(m, (_ConvNd, RepConv2d) + _NORM_TYPES + self.leaf_types):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            # The innermost non-leaf module whose forward raised is the one to make a leaf.
+            if self.failed_in is None:
+                qualname = self.path_of_module(m)
+                if not self.is_leaf_module(m, qualname):
+                    self.failed_in = qualname
+            raise
+
+
+def _trace_once(root: nn.Module, leaf_names: set[str], leaf_types, concrete_args) -> fx.Graph:
+    tracer = _Tracer(leaf_names, leaf_types)
+    try:
+        return tracer.trace(root, concrete_args=concrete_args)
+    except Exception as exc:
+        exc.failed_in = tracer.failed_in  # type: ignore[attr-defined]
+        raise
+
+
+def _trace_with_leaf_fallback(
+    root: nn.Module, leaf_types, concrete_args, untraceable: dict[str, str]
+) -> fx.Graph:
+    """Trace ``root``, turning each submodule that fails into a leaf, until the trace succeeds."""
+    leaf_names: set[str] = set()
+    for _ in range(_MAX_RETRIES):
+        try:
+            return _trace_once(root, leaf_names, leaf_types, concrete_args)
+        except Exception as exc:
+            failed_in = getattr(exc, "failed_in", None)
+            if not failed_in:
+                raise
+            untraceable[failed_in] = f"{type(exc).__name__}: {exc}".strip().split("\n")[0]
+            leaf_names.add(failed_in)
+            log.info("submodule %r does not trace (%s); it becomes a leaf", failed_in, untraceable[failed_in])
+    raise TraceFailure(f"gave up after {_MAX_RETRIES} untraceable submodules")
+
+
+def _record_graph(
+    graph: fx.Graph, prefix: str, modules: dict[str, nn.Module], convs: dict[str, ConvUse], norm_calls: dict[str, int]
+) -> None:
+    """Count conv calls in ``graph`` (traced from module ``prefix``) and note who uses each output."""
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        name = f"{prefix}.{node.target}" if prefix else str(node.target)
+        module = modules.get(name)
+        if isinstance(module, _NORM_TYPES):
+            norm_calls[name] = norm_calls.get(name, 0) + 1
+        if not isinstance(module, (_ConvNd, RepConv2d)):
+            continue
+        use = convs.setdefault(name, ConvUse(graph=prefix))
+        use.calls += 1
+        users = list(node.users)
+        for user in users:
+            target = f"{prefix}.{user.target}" if prefix and user.op == "call_module" else str(user.target)
+            use.users.append(f"{user.op}:{target}")
+        if use.calls == 1 and len(users) == 1 and users[0].op == "call_module":
+            bn_name = f"{prefix}.{users[0].target}" if prefix else str(users[0].target)
+            if isinstance(modules.get(bn_name), _BatchNorm):
+                use.next_bn = bn_name
+        if use.calls > 1:
+            use.next_bn = None
+
+
+def _graph_signature(graph: fx.Graph) -> list[tuple[str, str]]:
+    return [(n.op, str(n.target)) for n in graph.nodes]
+
+
+def _set_training_flags(model: nn.Module, flags: dict[str, bool] | bool) -> dict[str, bool]:
+    """Set every module's ``training`` flag directly (no ``train()`` overrides run); return the old ones."""
+    old = {name: m.training for name, m in model.named_modules()}
+    for name, m in model.named_modules():
+        m.training = flags if isinstance(flags, bool) else flags[name]
+    return old
+
+
+def _concrete_args_for(model: nn.Module, example_inputs: tuple | None) -> dict[str, Any] | None:
+    """Placeholders for tuple/list arguments, so code like ``len(inputs)`` traces (e.g. mmdet FPN)."""
+    if not example_inputs:
+        return None
+    import inspect
+
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    concrete: dict[str, Any] = {}
+    for param, value in zip(params, example_inputs):
+        if isinstance(value, (tuple, list)):
+            concrete[param.name] = type(value)(fx.PH for _ in value)
+    return concrete or None
+
+
+def _runtime_facts(model: nn.Module, example_inputs: tuple, convs: dict[str, ConvUse]) -> None:
+    """Run the model once (eval mode, no grad, flags restored) counting conv calls and shapes."""
+    handles = []
+    counts: Counter[str] = Counter()
+
+    def hook(name):
+        def record(mod, inputs, output):
+            counts[name] += 1
+            use = convs.setdefault(name, ConvUse())
+            if isinstance(inputs[0], torch.Tensor) and use.input_shape is None:
+                use.input_shape = tuple(inputs[0].shape)
+            if isinstance(output, torch.Tensor) and use.output_shape is None:
+                use.output_shape = tuple(output.shape)
+        return record
+
+    for name, m in model.named_modules():
+        if isinstance(m, (_ConvNd, RepConv2d)):
+            handles.append(m.register_forward_hook(hook(name)))
+    old = _set_training_flags(model, False)
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        _set_training_flags(model, old)
+        for h in handles:
+            h.remove()
+    for name, use in convs.items():
+        use.runtime_calls = counts.get(name, 0)
+
+
+def _conv_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every conv-like module outside re-parameterization blocks (blocks themselves included)."""
+    found: dict[str, nn.Module] = {}
+    skip: list[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(m, RepConv2d):
+            skip.append(name)
+            found[name] = m
+        elif isinstance(m, _ConvNd):
+            found[name] = m
+    return found
+
+
+def _trace_forest(
+    module: nn.Module, prefix: str, leaf_types, modules, convs, untraceable: dict[str, str], root_error: str
+) -> None:
+    """The root cannot be traced: trace each child on its own (recursing into containers)."""
+    for child_name, child in module.named_children():
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        if isinstance(child, (_ConvNd, RepConv2d)) or not any(
+            isinstance(m, (_ConvNd, RepConv2d)) for m in child.modules()
+        ):
+            continue
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            _trace_forest(child, name, leaf_types, modules, convs, untraceable, root_error, norm_calls)
+            continue
+        sub_untraceable: dict[str, str] = {}
+        try:
+            graph = _trace_with_leaf_fallback(child, leaf_types, None, sub_untraceable)
+        except Exception as exc:
+            untraceable[name] = f"{type(exc).__name__}: {exc}".split("\n")[0]
+            continue
+        for leaf, why in sub_untraceable.items():
+            untraceable[f"{name}.{leaf}"] = why
+        _record_graph(graph, name, modules, convs, norm_calls)
+
+
+def trace_model(
+    model: nn.Module,
+    example_inputs: tuple | None = None,
+    leaf_modules: Iterable[type[nn.Module]] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> TracedModel:
+    """Trace ``model`` (in training mode, then eval mode to compare) and return what the passes need.
+
+    Never changes the model: training flags are restored and nothing is registered on it.
+    Raises :class:`TraceFailure` when the model holds no convolution at all.
+    """
+    leaf_types = tuple(leaf_modules)
+    modules = dict(model.named_modules())
+    if not _conv_modules(model):
+        raise TraceFailure(f"{type(model).__name__} holds no convolution: nothing to re-parameterize")
+    if concrete_args is None:
+        concrete_args = _concrete_args_for(model, example_inputs)
+    untraceable: dict[str, str] = {}
+    convs: dict[str, ConvUse] = {}
+    norm_calls: dict[str, int] = {}
+    old = _set_training_flags(model, True)
+    try:
+        try:
+            graph = _trace_with_leaf_fallback(model, leaf_types, concrete_args, untraceable)
+        except Exception as exc:
+            graph = None
+            root_error = f"{type(exc).__name__}: {exc}".split("\n")[0]
+            log.info("the root module does not trace (%s); tracing its children one by one", root_error)
+            untraceable[""] = root_error
+            _trace_forest(model, "", leaf_types, modules, convs, untraceable, root_error, norm_calls)
+        differs = False
+        if graph is not None:
+            _record_graph(graph, "", modules, convs, norm_calls)
+            _set_training_flags(model, False)
+            try:
+                eval_graph = _trace_once(model, set(untraceable), leaf_types, concrete_args)
+                differs = _graph_signature(eval_graph) != _graph_signature(graph)
+            except Exception:
+                differs = True
+            if differs:
+                log.warning("%s traces to a different graph in eval mode than in train mode",
+                            type(model).__name__)
+    finally:
+        _set_training_flags(model, old)
+    if example_inputs is not None:
+        _runtime_facts(model, tuple(example_inputs), convs)
+    if graph is None and not convs:
+        raise TraceFailure(
+            f"nothing of {type(model).__name__} could be traced by torch.fx: {untraceable.get('')}. "
+            "Pass leaf_modules=[...] for custom layers, or example_inputs for tuple arguments."
+        )
+    return TracedModel(convs=convs, untraceable=untraceable, root_traced=graph is not None,
+                       graph_differs_in_eval=differs, norm_calls=norm_calls, graph=graph)

@@ -1,0 +1,141 @@
+"""Analysis pass: every conv site of a traced model, its geometry, and whether it can grow.
+
+A site is a conv-like module. It is eligible when it is an ``nn.Conv2d`` (subclasses included)
+called exactly once, with a trainable, unparametrized weight, outside any untraceable leaf, at a
+nesting depth below :data:`MAX_DEPTH`; in dbb mode a conv without bias must feed only a BatchNorm
+(which absorbs the bias the branches bring when the model is folded). Every other site carries the
+reason it is not eligible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..block import RepConv2d
+from ..tracing import ConvUse, TracedModel, _conv_modules
+from .base import PassReport
+
+__all__ = ["Site", "MAX_DEPTH", "analyse", "run"]
+
+#: Depth 0: convs of the model; depth 1: kxk convs inside a grown branch. Deeper ones do not grow.
+MAX_DEPTH = 2
+
+
+@dataclass
+class Site:
+    """One conv site: what it is, how the graph uses it, and whether (or why not) it can grow."""
+
+    name: str
+    module_type: str
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: Any
+    dilation: tuple[int, ...]
+    groups: int
+    bias: bool
+    depth: int = 0
+    calls: int | None = None
+    next_bn: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    output_shape: tuple[int, ...] | None = None
+    eligible: bool = False
+    reason: str | None = None
+    kinds: list[str] = field(default_factory=list)  # kinds that apply and are not present yet
+    grown: list[str] = field(default_factory=list)  # kinds present
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of this site."""
+        return asdict(self)
+
+
+def _describe(name: str, module: nn.Module, depth: int) -> Site:
+    conv = module._template if isinstance(module, RepConv2d) else module
+    return Site(
+        name=name, module_type=type(module).__name__, in_channels=conv.in_channels,
+        out_channels=conv.out_channels, kernel_size=tuple(conv.kernel_size), stride=tuple(conv.stride),
+        padding=conv.padding, dilation=tuple(conv.dilation), groups=conv.groups,
+        bias=module.bias is not None, depth=depth,
+    )
+
+
+def _why_not(site: Site, module: nn.Module, use: ConvUse | None, traced: TracedModel, mode: str) -> str | None:
+    """The first reason the site cannot grow, or None."""
+    if not isinstance(module, (nn.Conv2d, RepConv2d)):
+        return f"{type(module).__name__} is not a Conv2d (only 2-D convolutions are re-parameterized)"
+    if site.depth >= MAX_DEPTH:
+        return f"nested {site.depth} deep; growth stops at depth {MAX_DEPTH - 1}"
+    if site.depth == 0:
+        leaf = traced.leaf_containing(site.name)
+        if leaf is not None:
+            return f"inside {leaf!r}, which torch.fx could not trace ({traced.untraceable[leaf]})"
+        if use is None or (use.calls == 0 and use.runtime_calls is None):
+            if not traced.root_traced:
+                return (f"the model's forward could not be traced ({traced.untraceable.get('')}); "
+                        "pass example_inputs so that calls can be counted at run time")
+            return "never called in the traced graph"
+        calls = use.runtime_calls if use.runtime_calls is not None else use.calls
+        if use.runtime_calls is None and not traced.root_traced:
+            return (f"the model's forward could not be traced ({traced.untraceable.get('')}); "
+                    "pass example_inputs so that calls can be counted at run time")
+        if calls != 1:
+            return f"called {calls} times (a shared module); growing it would change every call"
+    if not module.weight.requires_grad:
+        return "frozen (weight.requires_grad is False, e.g. mmdet frozen_stages)"
+    if parametrize.is_parametrized(module):
+        return "its weight is parametrized (torch.nn.utils.parametrize); remove the parametrization first"
+    if mode == "dbb" and site.depth == 0 and module.bias is None and site.next_bn is None:
+        return ("dbb mode gives the conv a bias, and its output does not feed only a BatchNorm that could "
+                "absorb it at fold time; use mode='online'")
+    return None
+
+
+def analyse(traced: TracedModel, model: nn.Module, mode: str = "online") -> list[Site]:
+    """Every conv site of ``model`` (nested sites inside grown blocks included), in module order."""
+    sites: list[Site] = []
+
+    def visit(name: str, module: nn.Module, depth: int) -> None:
+        site = _describe(name, module, depth)
+        use = traced.convs.get(name) if depth == 0 else None
+        if use is not None:
+            site.calls = use.runtime_calls if use.runtime_calls is not None else use.calls
+            site.next_bn, site.input_shape, site.output_shape = use.next_bn, use.input_shape, use.output_shape
+        elif depth > 0:
+            site.calls = 1
+        site.reason = _why_not(site, module, use, traced, mode)
+        site.eligible = site.reason is None
+        if isinstance(module, RepConv2d):
+            site.grown = module.kinds
+            site.kinds = module.available_kinds() if site.eligible else []
+        elif site.eligible:
+            from ..geometry import ConvGeometry
+
+            site.kinds = ConvGeometry.from_conv(module).kinds()
+        sites.append(site)
+        if isinstance(module, RepConv2d):
+            for rel, inner in module.inner_convs().items():
+                visit(f"{name}.{rel}", inner, depth + 1)
+
+    for name, module in _conv_modules(model).items():
+        visit(name, module, 0)
+    return sites
+
+
+def run(traced: TracedModel, model: nn.Module, mode: str = "online") -> PassReport:
+    """The analysis as a pass: eligible sites under ``changed`` (nothing is changed), others skipped."""
+    report = PassReport("analysis")
+    sites = analyse(traced, model, mode)
+    for site in sites:
+        if site.eligible:
+            report.details.setdefault("eligible", []).append(site.name)
+        else:
+            report.skipped[site.name] = site.reason or ""
+    report.details["sites"] = sites
+    report.details["untraceable"] = dict(traced.untraceable)
+    report.details["graph_differs_in_eval"] = traced.graph_differs_in_eval
+    return report

@@ -1,0 +1,60 @@
+"""Fold pass: every re-parameterization block back to one conv of the original architecture.
+
+Each outermost :class:`~dyrep_fx.block.RepConv2d` becomes a conv of the user's original conv class and
+hyper-parameters holding the block's exact eval-mode kernel. A bias that the original conv did not
+have (dbb mode) is absorbed into the BatchNorm that the conv feeds: in eval mode
+``BN(x + b)`` equals ``BN'(x)`` with ``running_mean' = running_mean - b``. The folded model then has
+exactly the original state_dict keys.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..block import RepConv2d
+from ..tracing import TracedModel
+from .base import PassError, PassReport, Transaction, get_module
+
+__all__ = ["run"]
+
+
+def _outermost_blocks(model: nn.Module) -> list[str]:
+    names: list[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, RepConv2d) and not any(name.startswith(n + ".") for n in names):
+            names.append(name)
+    return names
+
+
+def run(traced: TracedModel, model: nn.Module) -> PassReport:
+    """Fold every block of ``model`` in place (eval-mode function kept exactly)."""
+    report = PassReport("fold")
+    names = _outermost_blocks(model)
+    absorb: dict[str, str] = {}
+    for name in names:
+        block = get_module(model, name)
+        if block._template.bias is None and block.bias is not None:
+            use = traced.convs.get(name)
+            if use is None or use.next_bn is None:
+                raise PassError(f"block {name!r} carries a bias its original conv lacks and does not feed "
+                                "only a BatchNorm; it cannot fold into the original architecture")
+            absorb[name] = use.next_bn
+    txn = Transaction(model)
+    try:
+        for name in names:
+            block = get_module(model, name)
+            conv = block.to_conv()
+            if name in absorb:
+                bn = get_module(model, absorb[name])
+                txn.save(bn)
+                with torch.no_grad():
+                    bn.running_mean.sub_(conv.bias)
+                conv.bias = None
+            txn.replace(name, conv)
+            report.changed[name] = f"folded {block.kinds or 'un-grown block'}" + (
+                f"; bias absorbed into {absorb[name]}" if name in absorb else "")
+    except Exception:
+        txn.rollback()
+        raise
+    return report

@@ -1,0 +1,89 @@
+"""Rep pass: grow re-parameterization branches at chosen conv sites (DyRep's Rep step).
+
+A plain conv at a site is replaced in place, at its qualified name, by a
+:class:`~dyrep_fx.block.RepConv2d` that reuses its Parameters; an existing block grows more branches.
+The model's function is unchanged (exactly in online mode; in eval mode in dbb mode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+from ..block import RepConv2d
+from ..tracing import TracedModel
+from .analysis import Site, analyse
+from .base import PassError, PassReport, Transaction, get_module
+
+__all__ = ["plan", "run"]
+
+
+def plan(
+    sites: Sequence[Site], names: Iterable[str] | None, kinds: Iterable[str] | None
+) -> dict[str, list[str]]:
+    """Which kinds to grow at which site; raises :class:`PassError` naming any site or kind refused.
+
+    ``names=None`` means every eligible site; ``kinds=None`` every kind that applies and is absent.
+    Explicit kinds must apply to every named site.
+    """
+    by_name = {s.name: s for s in sites}
+    if names is None:
+        chosen = [s for s in sites if s.eligible and s.depth == 0]
+    else:
+        chosen = []
+        for name in names:
+            if name not in by_name:
+                raise PassError(f"no conv site named {name!r}; see dyrep_fx.sites(model) for the names")
+            site = by_name[name]
+            if not site.eligible:
+                raise PassError(f"site {name!r} cannot grow: {site.reason}")
+            chosen.append(site)
+    wanted = None if kinds is None else list(kinds)
+    result: dict[str, list[str]] = {}
+    for site in chosen:
+        if wanted is None:
+            result[site.name] = list(site.kinds)
+            continue
+        for kind in wanted:
+            if kind in site.grown:
+                raise PassError(f"site {site.name!r} already has a {kind!r} branch")
+            if kind not in site.kinds:
+                raise PassError(f"branch {kind!r} does not apply to site {site.name!r} "
+                                f"({site.module_type} {site.kernel_size}, stride {site.stride}, "
+                                f"groups {site.groups}); it takes {site.kinds}")
+        result[site.name] = wanted
+    return result
+
+
+def run(
+    traced: TracedModel,
+    model: nn.Module,
+    *,
+    names: Iterable[str] | None = None,
+    kinds: Iterable[str] | None = None,
+    mode: str = "online",
+    init_scale: float = 0.01,
+) -> PassReport:
+    """Grow ``kinds`` at ``names`` (see :func:`plan`); all or nothing."""
+    todo = plan(analyse(traced, model, mode), names, kinds)
+    report = PassReport("rep")
+    txn = Transaction(model)
+    new_modules: dict[str, list[nn.Module]] = {}
+    try:
+        for name, site_kinds in todo.items():
+            if not site_kinds:
+                report.skipped[name] = "every applicable branch is already present"
+                continue
+            module = get_module(model, name)
+            txn.save(module)
+            if not isinstance(module, RepConv2d):
+                module = RepConv2d(module, mode=mode, init_scale=init_scale)
+                txn.replace(name, module)
+            new_modules[name] = module.grow(site_kinds)
+            report.changed[name] = "grew " + ", ".join(site_kinds)
+    except Exception:
+        txn.rollback()
+        raise
+    report.details["new_modules"] = new_modules
+    return report
