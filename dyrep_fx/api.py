@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import passes
@@ -179,12 +180,14 @@ def restore(model: nn.Module, spec: dict[str, Any], example_inputs: Sequence[Any
             raise PassError(f"structure grows {bad} at {name!r}, which does not take them ({known[name].reason or known[name].kinds})")
     txn = passes.base.Transaction(model)
     try:
-        for name, entry in spec["sites"].items():
-            txn.save(get_module(model, name))
-            original = get_module(model, name)
-            _restore_block(model, name, entry, state.mode, state.init_scale)
-            if get_module(model, name) is not original:
-                txn._modules.append((name, original))
+        # Branch values are about to be overwritten by a state_dict: don't consume the caller's RNG.
+        with torch.random.fork_rng(devices=[]):
+            for name, entry in spec["sites"].items():
+                original = get_module(model, name)
+                txn.save(original)
+                _restore_block(model, name, entry, state.mode, state.init_scale)
+                if get_module(model, name) is not original:
+                    txn.record_replacement(name, original)
     except Exception:
         txn.rollback()
         raise

@@ -1,8 +1,8 @@
 """Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package, read without any network access.
 
-The package installs the four original IDX files, gzip-compressed, under
-``/usr/share/datasets/fashion-mnist``. This module parses them with :mod:`gzip` and :mod:`numpy` (no torchvision
-dataset, which wants the uncompressed files in its own layout) and wraps them in torch ``DataLoader`` objects.
+The package installs the four original IDX files, gzip-compressed, in ``/usr/share/datasets/fashion-mnist``.
+This module parses them with :mod:`gzip` and :mod:`numpy` (not torchvision's dataset class, which wants the
+uncompressed files in its own layout) and wraps them in torch ``DataLoader`` objects.
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ def fashion_mnist_root(root: str | os.PathLike[str] | None = None) -> Path:
             f"Fashion-MNIST not found in {path} (from {source}): missing {', '.join(missing)}. "
             "Install Debian's dataset-fashion-mnist package (as root: "
             "`apt-get update && apt-get install -y dataset-fashion-mnist`), which puts the files in "
-            f"{DEBIAN_FASHION_MNIST_DIR}, or set the environment variable {FASHION_MNIST_ENV} (or pass root=) "
-            "to a directory holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+            f"{DEBIAN_FASHION_MNIST_DIR}, or set the environment variable {FASHION_MNIST_ENV} "
+            "(or pass root=) to a directory holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
             "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz."
         )
     return path
@@ -118,8 +118,8 @@ def read_idx(path: str | os.PathLike[str], expected_magic: int | None = None) ->
         A read-only ``uint8`` array whose shape is the one stored in the header.
 
     Raises:
-        IDXFormatError: if the file cannot be decompressed, has the wrong magic number, stores another data type
-            than unsigned bytes, or holds a different number of bytes than its header announces.
+        IDXFormatError: if the file cannot be decompressed, has the wrong magic number, stores another data
+            type than unsigned bytes, or holds a different number of bytes than its header announces.
     """
     path = Path(path)
     try:
@@ -177,13 +177,17 @@ def _balanced_indices(labels: np.ndarray, limit: int) -> np.ndarray:
     """Indices of the first ``limit // 10`` samples of every class, in file order."""
     num_classes = len(FASHION_MNIST_CLASSES)
     if limit <= 0 or limit % num_classes:
-        raise ValueError(f"limit must be a positive multiple of {num_classes} (a class-balanced subset), got {limit}")
+        raise ValueError(
+            f"limit must be a positive multiple of {num_classes} (a class-balanced subset), got {limit}"
+        )
     per_class = limit // num_classes
     chosen = []
     for c in range(num_classes):
         idx = np.flatnonzero(labels == c)
         if idx.size < per_class:
-            raise ValueError(f"limit={limit} needs {per_class} samples of class {c}, the split has {idx.size}")
+            raise ValueError(
+                f"limit={limit} needs {per_class} samples of class {c}, the split has {idx.size}"
+            )
         chosen.append(idx[:per_class])
     return np.sort(np.concatenate(chosen))
 
@@ -202,8 +206,8 @@ def load_fashion_mnist(
             ``limit // 10`` images of each class, kept in file order. Must be a positive multiple of 10.
 
     Returns:
-        ``(images, labels)``: a ``uint8`` tensor of shape ``N x 28 x 28`` and an ``int64`` tensor of shape ``N``.
-        Both own their memory.
+        ``(images, labels)``: a ``uint8`` tensor of shape ``N x 28 x 28`` and an ``int64`` tensor of shape
+        ``N``. Both own their memory.
     """
     image_name, label_name = _split_files(split)
     directory = fashion_mnist_root(root)
@@ -257,7 +261,9 @@ def fashion_mnist_loaders(
         dataset = TensorDataset(_to_float(images, normalize), labels)
         if split == "train":
             generator = torch.Generator().manual_seed(seed)
-            loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, num_workers=0)
+            loader = DataLoader(
+                dataset, batch_size=batch_size, shuffle=True, generator=generator, num_workers=0
+            )
         else:
             loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
         loaders.append(loader)

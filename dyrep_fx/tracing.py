@@ -237,7 +237,8 @@ def _conv_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _trace_forest(
-    module: nn.Module, prefix: str, leaf_types, modules, convs, untraceable: dict[str, str], root_error: str
+    module: nn.Module, prefix: str, leaf_types, modules, convs, untraceable: dict[str, str], root_error: str,
+    norm_calls: dict[str, int],
 ) -> None:
     """The root cannot be traced: trace each child on its own (recursing into containers)."""
     for child_name, child in module.named_children():

@@ -60,6 +60,10 @@ class Transaction:
         self._modules.append((name, get_module(self.model, name)))
         set_module(self.model, name, module)
 
+    def record_replacement(self, name: str, old: nn.Module) -> None:
+        """Note that the module at ``name`` was replaced by other code; rollback puts ``old`` back."""
+        self._modules.append((name, old))
+
     def save(self, module: nn.Module) -> None:
         """Remember ``module``'s tree (which parameters, buffers, children) and every tensor's value."""
         for m in module.modules():

@@ -1,4 +1,4 @@
-"""Tests of :mod:`dyrep_fx.data` against the real Fashion-MNIST files of Debian's ``dataset-fashion-mnist``."""
+"""Tests of :mod:`dyrep_fx.data` on the real Fashion-MNIST files of Debian's ``dataset-fashion-mnist``."""
 
 from __future__ import annotations
 
@@ -133,21 +133,30 @@ def test_bad_limit(limit: int) -> None:
         load_fashion_mnist("test", limit=limit)
 
 
+def _epoch_labels(loader: torch.utils.data.DataLoader) -> torch.Tensor:
+    return torch.cat([y for _, y in loader])
+
+
 def test_loaders() -> None:
     train, test = fashion_mnist_loaders(32, train_limit=200, test_limit=100, seed=3)
     assert train.num_workers == 0 and test.num_workers == 0
-    x, y = next(iter(train))
+    x, y = next(iter(test))
     assert x.shape == (32, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
-    assert sum(len(b[1]) for b in train) == 200 and sum(len(b[1]) for b in test) == 100
     # Normalised pixels: the background (0) maps to -mean/std.
     assert x.min().item() == pytest.approx(-0.2860 / 0.3530, abs=1e-5)
-    # Seeded shuffling: same seed, same order; another seed, another order; test set in file order.
+    assert len(train.dataset) == 200 and len(test.dataset) == 100
+    # The test set stays in file order.
+    _, test_labels = load_fashion_mnist("test", limit=100)
+    assert torch.equal(_epoch_labels(test), test_labels)
+    # Seeded shuffling: every epoch has its own order, and the sequence of epochs depends on the seed only.
     same, _ = fashion_mnist_loaders(32, train_limit=200, test_limit=100, seed=3)
     other, _ = fashion_mnist_loaders(32, train_limit=200, test_limit=100, seed=4)
-    assert torch.equal(torch.cat([b[1] for b in train]), torch.cat([b[1] for b in same]))
-    assert not torch.equal(torch.cat([b[1] for b in train]), torch.cat([b[1] for b in other]))
-    _, test_labels = load_fashion_mnist("test", limit=100)
-    assert torch.equal(torch.cat([b[1] for b in test]), test_labels)
+    epochs = [_epoch_labels(train) for _ in range(2)]
+    assert torch.equal(torch.sort(epochs[0]).values, torch.sort(train.dataset.tensors[1]).values)
+    assert not torch.equal(epochs[0], epochs[1])
+    for e in epochs:
+        assert torch.equal(e, _epoch_labels(same))
+    assert not torch.equal(epochs[0], _epoch_labels(other))
 
 
 def test_loaders_unnormalized() -> None:
@@ -178,7 +187,11 @@ def test_wrong_size(tmp_path: Path) -> None:
     images = np.zeros((5, 28, 28), np.uint8)
     path = root / "t10k-images-idx3-ubyte.gz"
     with gzip.open(path, "wb") as f:
-        f.write((0x803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (10, 28, 28)) + images.tobytes())
+        f.write(
+            (0x803).to_bytes(4, "big")
+            + b"".join(d.to_bytes(4, "big") for d in (10, 28, 28))
+            + images.tobytes()
+        )
     with pytest.raises(IDXFormatError, match="announces shape"):
         load_fashion_mnist("test", root=root)
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from strategies import rel_err
 from torch import nn
@@ -149,7 +149,9 @@ def _agree_for_sizes(k_small, small, big_kernel, big, sizes, cin=2):
         x = torch.randn(1, cin, h, w, dtype=D)
         ys = F.conv2d(_pad(x, small["padding"]), k_small, None, small["stride"], 0, small["dilation"])
         yb = F.conv2d(_pad(x, big["padding"]), big_kernel, None, big["stride"], 0, big["dilation"])
-        if ys.shape != yb.shape or ys.numel() == 0 or rel_err(yb, ys) > 1e-10:
+        if ys.shape != yb.shape or ys.numel() == 0:
+            return False
+        if not torch.allclose(yb, ys, rtol=0, atol=1e-10 * max(1.0, float(ys.abs().max()))):
             return False
     return True
 
@@ -162,7 +164,7 @@ def _test_sizes(small, big):
         for spec in (small, big):
             span = spec["dilation"][i] * (spec["kernel_size"][i] - 1) + 1
             need.append(span - sum(spec["padding"][i]))
-        lo.append(max(need))
+        lo.append(max(need) + 2)
     n = max(small["stride"] + big["stride"]) + 1
     return [(lo[0] + i, lo[1] + j) for i in range(n) for j in range(n)]
 
@@ -203,11 +205,13 @@ def test_align_kernel_agrees_exactly_when_an_embedding_exists(hax, wax, bias_to_
         e = align_kernel(k, small, big)
     except AlignmentError as err:
         check()
+        event(f"refused: {str(err).split(':')[1].split('(')[0].strip()}")
         assert not exists, f"align_kernel refused an alignable pair: {err}"
         msg = str(err)
         assert ("height" in msg or "width" in msg) and len(msg) > 15
         return
     check()
+    event("aligned")
     assert exists, "align_kernel returned a kernel although no embedding makes the convs agree"
     assert e.shape[-2:] == big["kernel_size"]
     assert _agree_for_sizes(k, small, e, big, sizes)
@@ -342,12 +346,12 @@ def test_avg_kernel_equals_avg_pool(c_g, k, stride, data):
 
 def test_avg_kernel_pattern():
     w = avg_kernel(4, 2, (3, 2), dtype=D)
-    assert torch.equal(w.sum((2, 3)), torch.tensor([[1.0, 0], [0, 1], [1, 0], [0, 1]], dtype=D))
+    assert torch.allclose(w.sum((2, 3)), torch.tensor([[1.0, 0], [0, 1], [1, 0], [0, 1]], dtype=D))
     assert torch.allclose(w[0, 0], torch.full((3, 2), 1 / 6, dtype=D))
 
 
 # ---------------------------------------------------------------------------- identity_offset/kernel
-def _onehot_is_identity(size, dilation, pads, t, n=7):
+def _onehot_is_identity(size, dilation, pads, t, n=24):
     x = torch.randn(1, 1, 1, n, dtype=D)
     k = torch.zeros(1, 1, 1, size, dtype=D)
     k[..., t] = 1
@@ -369,8 +373,8 @@ def test_identity_offset_brute_force(size, dilation, before, after):
 @pytest.mark.parametrize(
     "k,d,expected",
     [(3, 1, 1), (4, 1, 1), (2, 1, 0), (5, 2, 2), (1, 3, 0), (6, 1, 2),
-     # an even kernel with an odd dilation > 1: 'same' pads (4, 5) / (1, 2), no one-hot tap is the identity
-     (4, 3, None), (2, 3, None)],
+     # an even kernel with a dilation > 1: the padding before is not a multiple of d, no identity tap
+     (4, 3, None), (2, 3, None), (2, 2, None), (4, 2, None)],
 )
 def test_identity_offset_same_padding(k, d, expected):
     """torch's 'same' padding (the odd pixel goes after), including the asymmetric cases."""
@@ -399,8 +403,8 @@ def test_identity_kernel_returns_the_input(c_g, k, d, same, data):
             pads.append((t * d[i], (k[i] - 1 - t) * d[i]))
     offs = tuple(identity_offset(k[i], d[i], *pads[i]) for i in range(2))
     for i in range(2):
-        if offs[i] is None:  # only 'same' with an even kernel and an odd dilation > 1 has no identity tap
-            assert same and k[i] % 2 == 0 and d[i] % 2 == 1 and d[i] > 1
+        if offs[i] is None:  # only 'same' with an even kernel and a dilation > 1 has no identity tap
+            assert same and k[i] % 2 == 0 and d[i] > 1
             assert not any(_onehot_is_identity(k[i], d[i], pads[i], t) for t in range(k[i]))
     if None in offs:
         return

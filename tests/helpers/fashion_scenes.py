@@ -1,14 +1,17 @@
-"""Small detection / segmentation scenes made of real Fashion-MNIST items, and mm models built from shipped configs.
+"""Detection / segmentation scenes made of real Fashion-MNIST items, and mm models from shipped configs.
 
-Each scene is a ``size x size`` RGB canvas cut into a ``grid x grid`` layout; every cell holds one Fashion-MNIST
-image, upscaled to the cell. Ground truth comes from the item's own pixels: its box is the bounding box of the
-pixels above ``threshold``, and its semantic mask labels those pixels with the item's class.
+Each scene is a ``size x size`` RGB canvas cut into a ``grid x grid`` layout; every cell holds one
+Fashion-MNIST image, upscaled to the cell. Ground truth comes from the item's own pixels: its box is the
+bounding box of the pixels above ``threshold``, and its semantic mask labels those pixels with its class.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +35,7 @@ class Scene:
 
 
 def fashion_scenes(num: int = 2, size: int = 128, grid: int = 2, threshold: int = 20) -> list[Scene]:
-    """``num`` scenes from the first ``num * grid**2`` test images of a class-balanced subset (deterministic)."""
+    """``num`` scenes made of the test images of a class-balanced subset (deterministic)."""
     per_scene = grid * grid
     needed = num * per_scene
     limit = -(-needed // 10) * 10
@@ -56,7 +59,14 @@ def fashion_scenes(num: int = 2, size: int = 128, grid: int = 2, threshold: int 
             fg = tile > threshold
             ys, xs = torch.nonzero(fg, as_tuple=True)
             semantic[y0 : y0 + cell, x0 : x0 + cell][fg] = labels[i]
-            boxes.append([x0 + xs.min().item(), y0 + ys.min().item(), x0 + xs.max().item() + 1, y0 + ys.max().item() + 1])
+            boxes.append(
+                [
+                    x0 + xs.min().item(),
+                    y0 + ys.min().item(),
+                    x0 + xs.max().item() + 1,
+                    y0 + ys.max().item() + 1,
+                ]
+            )
             cls.append(labels[i].item())
         scenes.append(
             Scene(
@@ -75,7 +85,7 @@ def _meta(scene: Scene) -> dict[str, Any]:
 
 
 def det_batch(scenes: list[Scene]) -> dict[str, list]:
-    """An mmdet batch (``inputs`` + ``DetDataSample`` with ``gt_instances``), as a dataloader would give it."""
+    """An mmdet batch (``inputs`` + ``DetDataSample`` with ``gt_instances``), as a dataloader gives it."""
     from mmdet.structures import DetDataSample
     from mmengine.structures import InstanceData
 
@@ -111,6 +121,20 @@ def shipped_config(package: str, rel: str) -> Any:
     return Config.fromfile(path)
 
 
+@contextlib.contextmanager
+def quiet_mmengine() -> Iterator[None]:
+    """Silence mmengine's INFO log (``init_weights`` logs one record per parameter)."""
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _sync_bn_to_bn(node: Any) -> None:
     """Replace every ``type='SyncBN'`` in a nested config by ``'BN'`` (in place)."""
     if isinstance(node, dict):
@@ -132,12 +156,13 @@ def build_mmdet(rel: str) -> torch.nn.Module:
     cfg = shipped_config("mmdet", rel)
     cfg.model.backbone.init_cfg = None
     model = MODELS.build(cfg.model)
-    model.init_weights()
+    with quiet_mmengine():
+        model.init_weights()
     return model
 
 
 def build_mmseg(rel: str, size: int) -> torch.nn.Module:
-    """Build a segmentor from an mmseg shipped config, without pretrained weights, with BN and ``size`` inputs."""
+    """Build a segmentor from an mmseg shipped config: no pretrained weights, BN, ``size``-square inputs."""
     from mmengine.registry import init_default_scope
     from mmseg.registry import MODELS
 
@@ -148,5 +173,6 @@ def build_mmseg(rel: str, size: int) -> torch.nn.Module:
     model_cfg.data_preprocessor.size = (size, size)
     _sync_bn_to_bn(model_cfg)
     model = MODELS.build(model_cfg)
-    model.init_weights()
+    with quiet_mmengine():
+        model.init_weights()
     return model

@@ -1,0 +1,284 @@
+"""``DyRep``: the training controller that grows and prunes a transformed model during training.
+
+Per interval (epochs or iterations, the caller's unit) it collects synflow saliency from the
+optimizer (:mod:`dyrep_fx.saliency`); when a step is due it grows the most salient eligible sites
+(Rep), cuts unimportant branches everywhere (Dep), calibrates new BatchNorms in dbb mode, keeps the
+optimizer (and any attached EMA copies) consistent, and reports what changed.
+
+    ctl = dyrep_fx.DyRep(model, optimizer, interval=5, until=100, calib_loader=train_loader)
+    for epoch in range(epochs):
+        train_one_epoch(model, optimizer)
+        if ctl.step().changed and ddp:          # after a change, DDP must be rebuilt
+            model_ddp = dyrep_fx.distributed.rewrap_ddp(model_ddp)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import api, passes
+from .block import RepConv2d
+from .calibration import calibrate_batchnorms, default_forward
+from .distributed import broadcast_module, check_same_on_all_ranks
+from .optim_sync import GroupChooser, apply_layout, default_group, layout, sync_optimizer
+from .saliency import SaliencyCollector
+
+__all__ = ["DyRep", "StepResult", "DYREP_KINDS"]
+
+#: The branch set of DyRep's DBB variant (the main kxk is the block's own kernel); OREPA's
+#: ``prior`` is opt-in through ``kinds=``.
+DYREP_KINDS: tuple[str, ...] = ("1x1", "1x1_kxk", "1x1_avg", "1xk", "kx1", "identity")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    """What one call of :meth:`DyRep.step` did."""
+
+    unit: int
+    due: bool
+    grown: dict[str, list[str]] = field(default_factory=dict)
+    cut: dict[str, list[str]] = field(default_factory=dict)
+    saliency: dict[str, float] = field(default_factory=dict)
+    calibrated_batches: int = 0
+
+    @property
+    def changed(self) -> bool:
+        """True when the structure changed (DDP wrappers must then be rebuilt)."""
+        return bool(self.grown or self.cut)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class DyRep:
+    """Dynamic re-parameterization during training (DyRep, CVPR 2022) for a transformed model.
+
+    Args:
+        model: the model (or its DDP wrapper); transformed here if it was not yet.
+        optimizer: the torch optimizer training it; kept consistent in place.
+        interval: a step is due every ``interval`` calls of :meth:`step` (paper: 5 epochs).
+        until: no growth or cut after this many calls (paper: 100 of 120 epochs); ``None`` = never stop.
+        topk: sites grown per step (paper: 1).
+        kinds: branch kinds to grow where they apply (default: DyRep's set; ``None``: every kind).
+        metric: ``"synflow"`` (signed, as the reference) or ``"abs"``.
+        std_gate, threshold: the Dep criterion (see :func:`dyrep_fx.passes.dep.select_cuts`).
+        calib_loader, calib_batches, forward_fn: dbb-mode BatchNorm calibration data (paper: 20 batches).
+        group_chooser: which optimizer group a new Parameter joins (see :mod:`dyrep_fx.optim_sync`).
+        seed: seeds branch initialisation per step, so runs and resumes are reproducible.
+        mode, init_scale, example_inputs: passed to :func:`dyrep_fx.transform` when needed.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        interval: int = 5,
+        until: int | None = None,
+        topk: int = 1,
+        kinds: Iterable[str] | None = DYREP_KINDS,
+        metric: str = "synflow",
+        std_gate: float = 0.02,
+        threshold: float = 0.1,
+        calib_loader: Iterable | None = None,
+        calib_batches: int = 20,
+        forward_fn: Callable[[nn.Module, Any], Any] = default_forward,
+        group_chooser: GroupChooser = default_group,
+        seed: int = 0,
+        mode: str = "online",
+        init_scale: float = 0.01,
+        example_inputs: tuple | None = None,
+    ) -> None:
+        if interval < 1:
+            raise ValueError("interval must be >= 1")
+        self.model = _unwrap(model)
+        if "_dyrep_fx" not in self.model.__dict__:
+            api.transform(self.model, example_inputs, mode=mode, init_scale=init_scale)
+        self.mode = self.model.__dict__["_dyrep_fx"].mode
+        self.optimizer = optimizer
+        self.interval, self.until, self.topk = interval, until, topk
+        self.kinds = None if kinds is None else list(kinds)
+        self.std_gate, self.threshold = std_gate, threshold
+        self.calib_loader, self.calib_batches, self.forward_fn = calib_loader, calib_batches, forward_fn
+        self.group_chooser = group_chooser
+        self.seed = seed
+        self.units = 0
+        self.steps_done = 0
+        self.history: list[dict[str, Any]] = []
+        self._emas: list[nn.Module] = []
+        self.saliency = SaliencyCollector(optimizer, metric)
+        self._watch()
+
+    # -- what can grow -------------------------------------------------------------------------
+    def candidates(self) -> list[str]:
+        """Sites that can still grow: eligible, with kinds left to add."""
+        return [s.name for s in api.sites(self.model) if s.eligible and s.kinds and
+                (self.kinds is None or any(k in s.kinds for k in self.kinds))]
+
+    def _watch(self) -> None:
+        pairs = []
+        for name in self.candidates():
+            module = self.model.get_submodule(name)
+            pairs.append((name, module.weight))
+        self.saliency.watch(pairs)
+
+    def is_due(self) -> bool:
+        """Whether the next :meth:`step` call will change the structure (if anything qualifies)."""
+        unit = self.units + 1
+        return unit % self.interval == 0 and (self.until is None or unit <= self.until)
+
+    # -- the step --------------------------------------------------------------------------------
+    def step(self) -> StepResult:
+        """Call once per unit (epoch or N iterations). When due: grow, cut, calibrate, sync."""
+        due = self.is_due()
+        self.units += 1
+        result = StepResult(unit=self.units, due=due)
+        if not due:
+            return result
+        result.saliency = self.saliency.mean()
+        targets = self._choose(result.saliency)
+        check_same_on_all_ranks({"grow": targets}, "the DyRep growth decision")
+        before = {id(p) for p in self.model.parameters()}
+        source_weights: dict[str, nn.Parameter] = {}
+        grown_blocks: dict[str, RepConv2d] = {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._step_seed())
+            for name in targets:
+                source_weights[name] = self.model.get_submodule(name).weight
+                report = api.grow(self.model, [name], self._kinds_for(name))
+                if report.changed:
+                    result.grown[name] = report.changed[name].removeprefix("grew ").split(", ")
+                    grown_blocks[name] = self.model.get_submodule(name)
+        for block in grown_blocks.values():
+            broadcast_module(block)
+        result.calibrated_batches = self._calibrate(grown_blocks)
+        cut_report = passes.dep.run(api._state(self.model).traced, self.model, std_gate=self.std_gate,
+                                    threshold=self.threshold)
+        result.cut = {name: what.removeprefix("cut ").split(", ") for name, what in cut_report.changed.items()}
+        self._sync_optimizer(before, source_weights)
+        self._sync_emas(grown_blocks, result.cut)
+        self.steps_done += 1
+        self._record(result)
+        self._watch()
+        return result
+
+    def _choose(self, saliency: dict[str, float]) -> list[str]:
+        ranked = sorted((v, n) for n, v in saliency.items() if n in set(self.candidates()))
+        return [n for _, n in reversed(ranked)][: self.topk]
+
+    def _kinds_for(self, name: str) -> list[str] | None:
+        if self.kinds is None:
+            return None
+        available = next(s.kinds for s in api.sites(self.model) if s.name == name)
+        return [k for k in self.kinds if k in available]
+
+    def _step_seed(self) -> int:
+        digest = hashlib.sha256(f"{self.seed}:{self.steps_done}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+    def _calibrate(self, grown: dict[str, RepConv2d]) -> int:
+        """dbb mode: fit the new BatchNorms on data, then re-balance so the function is unchanged."""
+        if self.mode != "dbb" or not grown or self.calib_loader is None:
+            return 0
+        targets = {name: tuple(t.detach().clone() if t is not None else None for t in block.equivalent())
+                   for name, block in grown.items()}
+        bns = [m for block in grown.values() for b in block.branches.values() for m in b.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        used = calibrate_batchnorms(self.model, bns, self.calib_loader, self.calib_batches, self.forward_fn)
+        for name, block in grown.items():
+            block.rebalance(*targets[name])
+        return used
+
+    def _sync_optimizer(self, before: set[int], source_weights: dict[str, nn.Parameter]) -> None:
+        new = []
+        for name, p in self.model.named_parameters():
+            if id(p) in before:
+                continue
+            site = max((s for s in source_weights if name.startswith(s + ".")), key=len, default=None)
+            new.append((name, p, source_weights.get(site) if site else None))
+        sync_optimizer(self.optimizer, self.model, new, self.group_chooser)
+
+    def _record(self, result: StepResult) -> None:
+        counts = {name: len(b.kinds) for name, b in api.blocks(self.model).items()}
+        event = {"unit": result.unit, "grown": result.grown, "cut": result.cut, "branches": counts}
+        self.history.append(event)
+        for name, kinds in result.grown.items():
+            log.info("DyRep step %d (unit %d): grew %s with %s (saliency %.4g)", self.steps_done, result.unit,
+                     name, kinds, result.saliency.get(name, float("nan")))
+        for name, kinds in result.cut.items():
+            log.info("DyRep step %d (unit %d): cut %s from %s", self.steps_done, result.unit, kinds, name)
+        if not result.grown and not result.cut:
+            log.info("DyRep step %d (unit %d): no change", self.steps_done, result.unit)
+
+    # -- EMA -------------------------------------------------------------------------------------
+    def attach_ema(self, ema_module: nn.Module) -> None:
+        """Keep ``ema_module`` (e.g. ``AveragedModel(model).module``) in step with every change.
+
+        New branches in the EMA copy start from the live model's values; its main kernels are
+        re-balanced so the EMA function is unchanged; cuts absorb the EMA's own averaged values.
+        """
+        ema_module = _unwrap(ema_module)
+        if "_dyrep_fx" not in ema_module.__dict__:
+            api.restore(ema_module, api.structure(self.model))
+        self._emas.append(ema_module)
+
+    @torch.no_grad()
+    def _sync_emas(self, grown: dict[str, RepConv2d], cut: dict[str, list[str]]) -> None:
+        for ema in self._emas:
+            for name, live in grown.items():
+                target = api.blocks(ema).get(name)
+                before = (target.equivalent() if target is not None else
+                          (ema.get_submodule(name).weight, ema.get_submodule(name).bias))
+                before = tuple(None if t is None else t.detach().clone() for t in before)
+                api.grow(ema, [name], [k for k in live.kinds if target is None or k not in target.branches])
+                block = ema.get_submodule(name)
+                for kind, branch in live.branches.items():
+                    for dst, src in zip(block.branches[kind].state_dict().values(), branch.state_dict().values()):
+                        dst.copy_(src)
+                block.rebalance(*before)
+            for name in sorted(cut, key=lambda n: -n.count(".")):
+                api.cut(ema, name, cut[name])
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data: the structure, counters, history, interval saliency and optimizer layout."""
+        return {
+            "structure": api.structure(self.model),
+            "units": self.units,
+            "steps_done": self.steps_done,
+            "history": self.history,
+            "saliency": self.saliency.state_dict(),
+            "optimizer_layout": layout(self.optimizer, self.model),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Rebuild the saved structure on this (fresh) model and restore counters and optimizer layout.
+
+        Load the model's and optimizer's own state dicts after this call.
+        """
+        spec = state["structure"]
+        if api.blocks(self.model) and api.structure(self.model)["sites"] != spec["sites"]:
+            raise ValueError("the model already has a different grown structure; load into a fresh model")
+        api.restore(self.model, spec)
+        apply_layout(self.optimizer, self.model, state["optimizer_layout"])
+        self.units = state["units"]
+        self.steps_done = state["steps_done"]
+        self.history = list(state["history"])
+        for ema in self._emas:
+            api.restore(ema, spec)
+        self._watch()
+        self.saliency.load_state_dict(state["saliency"])
+
+    def close(self) -> None:
+        """Remove the optimizer hook."""
+        self.saliency.remove()

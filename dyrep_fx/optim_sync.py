@@ -1,0 +1,93 @@
+"""Keep an optimizer consistent with a model whose structure changed, in place.
+
+Surviving Parameters keep their state (momentum, Adam moments) because blocks reuse Parameter
+objects; removed Parameters leave their group and the optimizer state; new Parameters join the
+group of the conv they grew from, or -- for 1-D (norm-like) Parameters -- the group holding the
+model's normalisation weights, since no-weight-decay groups for norms and biases are common.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["GroupChooser", "default_group", "sync_optimizer", "layout", "apply_layout"]
+
+#: ``chooser(optimizer, model, param_name, param, source_weight) -> group index``.
+GroupChooser = Callable[[torch.optim.Optimizer, nn.Module, str, nn.Parameter, nn.Parameter | None], int]
+
+_NORMS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def _group_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
+    return {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+
+
+def default_group(
+    optimizer: torch.optim.Optimizer, model: nn.Module, name: str, param: nn.Parameter,
+    source_weight: nn.Parameter | None,
+) -> int:
+    """1-D parameters go where the model's norm weights are; kernels go with the conv they grew from."""
+    where = _group_index(optimizer)
+    if param.dim() <= 1:
+        for m in model.modules():
+            if isinstance(m, _NORMS) and getattr(m, "weight", None) is not None and id(m.weight) in where:
+                return where[id(m.weight)]
+    if source_weight is not None and id(source_weight) in where:
+        return where[id(source_weight)]
+    return 0
+
+
+def sync_optimizer(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    new_params: Iterable[tuple[str, nn.Parameter, nn.Parameter | None]],
+    chooser: GroupChooser = default_group,
+) -> dict[str, list[str]]:
+    """Drop Parameters the model no longer has; add ``new_params`` ``(name, param, source weight)``.
+
+    Returns ``{"added": [...], "removed": [count as str]}`` for logging.
+    """
+    alive = {id(p) for p in model.parameters()}
+    removed = 0
+    for group in optimizer.param_groups:
+        keep = []
+        for p in group["params"]:
+            if id(p) in alive:
+                keep.append(p)
+            else:
+                optimizer.state.pop(p, None)
+                removed += 1
+        group["params"] = keep
+    where = _group_index(optimizer)
+    added = []
+    for name, param, source in new_params:
+        if id(param) in where or not param.requires_grad:
+            continue
+        index = chooser(optimizer, model, name, param, source)
+        optimizer.param_groups[index]["params"].append(param)
+        where[id(param)] = index
+        added.append(name)
+    return {"added": added, "removed": [str(removed)]}
+
+
+def layout(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[list[str]]:
+    """The names of each group's Parameters, in order (what a checkpoint needs to map state back)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"] if id(p) in names] for g in optimizer.param_groups]
+
+
+def apply_layout(optimizer: torch.optim.Optimizer, model: nn.Module, saved: list[list[str]]) -> None:
+    """Make each group hold exactly the named Parameters, in the saved order, so state loads by position."""
+    if len(saved) != len(optimizer.param_groups):
+        raise ValueError(f"checkpoint has {len(saved)} optimizer groups, the optimizer has "
+                         f"{len(optimizer.param_groups)}")
+    params = dict(model.named_parameters())
+    missing = [n for group in saved for n in group if n not in params]
+    if missing:
+        raise ValueError(f"checkpoint's optimizer holds parameters the model lacks: {missing[:5]}")
+    for group, names in zip(optimizer.param_groups, saved):
+        group["params"] = [params[n] for n in names]
