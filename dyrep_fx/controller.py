@@ -75,7 +75,11 @@ class DyRep:
         calib_loader, calib_batches, forward_fn: dbb-mode BatchNorm calibration data (paper: 20 batches).
         group_chooser: which optimizer group a new Parameter joins (see :mod:`dyrep_fx.optim_sync`).
         seed: seeds branch initialisation per step, so runs and resumes are reproducible.
-        mode, init_scale, example_inputs: passed to :func:`dyrep_fx.transform` when needed.
+        targets: qualified names of the submodules to re-parameterize (each traced on its own, e.g.
+            ``["backbone", "neck"]`` of a detector); ``None`` = the whole model. Site names are
+            then relative to ``model`` (``"backbone.layer1.0.conv1"``).
+        mode, init_scale: passed to :func:`dyrep_fx.transform` when a target is not transformed yet.
+        example_inputs: for that transform; a tuple, or ``{target: tuple}`` with ``targets``.
     """
 
     def __init__(
@@ -97,14 +101,23 @@ class DyRep:
         seed: int = 0,
         mode: str = "online",
         init_scale: float = 0.01,
-        example_inputs: tuple | None = None,
+        example_inputs: tuple | dict[str, tuple] | None = None,
+        targets: Iterable[str] | None = None,
     ) -> None:
         if interval < 1:
             raise ValueError("interval must be >= 1")
         self.model = _unwrap(model)
-        if "_dyrep_fx" not in self.model.__dict__:
-            api.transform(self.model, example_inputs, mode=mode, init_scale=init_scale)
-        self.mode = self.model.__dict__["_dyrep_fx"].mode
+        self.roots: dict[str, nn.Module] = {}
+        for prefix in ([""] if targets is None else list(targets)):
+            root = self.model.get_submodule(prefix) if prefix else self.model
+            if "_dyrep_fx" not in root.__dict__:
+                inputs = example_inputs.get(prefix) if isinstance(example_inputs, dict) else example_inputs
+                api.transform(root, inputs, mode=mode, init_scale=init_scale)
+            self.roots[prefix] = root
+        modes = {root.__dict__["_dyrep_fx"].mode for root in self.roots.values()}
+        if len(modes) != 1:
+            raise ValueError(f"targets were transformed in different modes: {sorted(modes)}")
+        self.mode = modes.pop()
         self.optimizer = optimizer
         self.interval, self.until, self.topk = interval, until, topk
         self.kinds = None if kinds is None else list(kinds)
@@ -120,9 +133,31 @@ class DyRep:
         self._watch()
 
     # -- what can grow -------------------------------------------------------------------------
+    @staticmethod
+    def _join(prefix: str, name: str) -> str:
+        return f"{prefix}.{name}" if prefix else name
+
+    def _split(self, name: str) -> tuple[str, nn.Module, str]:
+        """``(prefix, root, local name)`` of a site name."""
+        for prefix in sorted(self.roots, key=len, reverse=True):
+            if not prefix:
+                return "", self.roots[""], name
+            if name.startswith(prefix + "."):
+                return prefix, self.roots[prefix], name[len(prefix) + 1:]
+        raise KeyError(f"{name!r} is in none of the targets {list(self.roots)}")
+
+    def sites(self) -> list[Any]:
+        """Every site of every target, with names relative to the model."""
+        found = []
+        for prefix, root in self.roots.items():
+            for site in api.sites(root):
+                site.name = self._join(prefix, site.name)
+                found.append(site)
+        return found
+
     def candidates(self) -> list[str]:
         """Sites that can still grow: eligible, with kinds left to add."""
-        return [s.name for s in api.sites(self.model) if s.eligible and s.kinds and
+        return [s.name for s in self.sites() if s.eligible and s.kinds and
                 (self.kinds is None or any(k in s.kinds for k in self.kinds))]
 
     def _watch(self) -> None:
@@ -155,16 +190,19 @@ class DyRep:
             torch.manual_seed(self._step_seed())
             for name in targets:
                 source_weights[name] = self.model.get_submodule(name).weight
-                report = api.grow(self.model, [name], self._kinds_for(name))
+                _, root, local = self._split(name)
+                report = api.grow(root, [local], self._kinds_for(name))
                 if report.changed:
-                    result.grown[name] = report.changed[name].removeprefix("grew ").split(", ")
+                    result.grown[name] = report.changed[local].removeprefix("grew ").split(", ")
                     grown_blocks[name] = self.model.get_submodule(name)
         for block in grown_blocks.values():
             broadcast_module(block)
         result.calibrated_batches = self._calibrate(grown_blocks)
-        cut_report = passes.dep.run(api._state(self.model).traced, self.model, std_gate=self.std_gate,
-                                    threshold=self.threshold)
-        result.cut = {name: what.removeprefix("cut ").split(", ") for name, what in cut_report.changed.items()}
+        for prefix, root in self.roots.items():
+            cut_report = passes.dep.run(api._state(root).traced, root, std_gate=self.std_gate,
+                                        threshold=self.threshold)
+            for local, what in cut_report.changed.items():
+                result.cut[self._join(prefix, local)] = what.removeprefix("cut ").split(", ")
         self._sync_optimizer(before, source_weights)
         self._sync_emas(grown_blocks, result.cut)
         self.steps_done += 1
@@ -179,7 +217,7 @@ class DyRep:
     def _kinds_for(self, name: str) -> list[str] | None:
         if self.kinds is None:
             return None
-        available = next(s.kinds for s in api.sites(self.model) if s.name == name)
+        available = next(s.kinds for s in self.sites() if s.name == name)
         return [k for k in self.kinds if k in available]
 
     def _step_seed(self) -> int:
@@ -228,32 +266,37 @@ class DyRep:
         re-balanced so the EMA function is unchanged; cuts absorb the EMA's own averaged values.
         """
         ema_module = _unwrap(ema_module)
-        if "_dyrep_fx" not in ema_module.__dict__:
-            api.restore(ema_module, api.structure(self.model))
+        for prefix, root in self.roots.items():
+            ema_root = ema_module.get_submodule(prefix) if prefix else ema_module
+            if "_dyrep_fx" not in ema_root.__dict__:
+                api.restore(ema_root, api.structure(root))
         self._emas.append(ema_module)
 
     @torch.no_grad()
     def _sync_emas(self, grown: dict[str, RepConv2d], cut: dict[str, list[str]]) -> None:
         for ema in self._emas:
             for name, live in grown.items():
+                prefix, _, local = self._split(name)
+                ema_root = ema.get_submodule(prefix) if prefix else ema
                 target = api.blocks(ema).get(name)
                 before = (target.equivalent() if target is not None else
                           (ema.get_submodule(name).weight, ema.get_submodule(name).bias))
                 before = tuple(None if t is None else t.detach().clone() for t in before)
-                api.grow(ema, [name], [k for k in live.kinds if target is None or k not in target.branches])
+                api.grow(ema_root, [local], [k for k in live.kinds if target is None or k not in target.branches])
                 block = ema.get_submodule(name)
                 for kind, branch in live.branches.items():
                     for dst, src in zip(block.branches[kind].state_dict().values(), branch.state_dict().values()):
                         dst.copy_(src)
                 block.rebalance(*before)
             for name in sorted(cut, key=lambda n: -n.count(".")):
-                api.cut(ema, name, cut[name])
+                prefix, _, local = self._split(name)
+                api.cut(ema.get_submodule(prefix) if prefix else ema, local, cut[name])
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Plain data: the structure, counters, history, interval saliency and optimizer layout."""
         return {
-            "structure": api.structure(self.model),
+            "structures": {prefix: api.structure(root) for prefix, root in self.roots.items()},
             "units": self.units,
             "steps_done": self.steps_done,
             "history": self.history,
@@ -266,18 +309,28 @@ class DyRep:
 
         Load the model's and optimizer's own state dicts after this call.
         """
-        spec = state["structure"]
-        if api.blocks(self.model) and api.structure(self.model)["sites"] != spec["sites"]:
-            raise ValueError("the model already has a different grown structure; load into a fresh model")
-        api.restore(self.model, spec)
+        self.restore_structure(state["structures"])
         apply_layout(self.optimizer, self.model, state["optimizer_layout"])
         self.units = state["units"]
         self.steps_done = state["steps_done"]
         self.history = list(state["history"])
         for ema in self._emas:
-            api.restore(ema, spec)
+            for prefix, spec in state["structures"].items():
+                api.restore(ema.get_submodule(prefix) if prefix else ema, spec)
         self._watch()
         self.saliency.load_state_dict(state["saliency"])
+
+    def restore_structure(self, structures: dict[str, dict[str, Any]]) -> None:
+        """Rebuild saved structures (``{target: spec}``) on fresh targets; all checked before any change."""
+        if set(structures) != set(self.roots):
+            raise ValueError(f"checkpoint structure is for targets {sorted(structures)}, this controller has "
+                             f"{sorted(self.roots)}")
+        for prefix, root in self.roots.items():
+            if api.blocks(root) and api.structure(root)["sites"] != structures[prefix]["sites"]:
+                raise ValueError(f"target {prefix or 'model'!r} already has a different grown structure; "
+                                 "load into a freshly built model")
+        for prefix, root in self.roots.items():
+            api.restore(root, structures[prefix])
 
     def close(self) -> None:
         """Remove the optimizer hook."""
