@@ -17,6 +17,7 @@ from torch import nn
 
 from . import passes
 from .block import MODES, RepConv2d
+from .geometry import ConvGeometry
 from .passes.analysis import Site
 from .passes.base import PassError, PassReport, get_module
 from .tracing import TracedModel, trace_model
@@ -158,6 +159,34 @@ def _restore_block(model: nn.Module, name: str, spec: dict[str, Any], mode: str,
         _restore_block(module, rel, inner, mode, init_scale)
 
 
+def _check_restorable(model: nn.Module, name: str, entry: dict[str, Any]) -> None:
+    """The site exists, is a 2-D conv, and every kind (nested ones too) applies to its geometry.
+
+    Eligibility is not re-checked: it was when the structure grew (a fresh model may not trace as
+    fully without example inputs, e.g. an FPN neck, yet its convs take the structure all the same).
+    """
+    try:
+        module = get_module(model, name)
+    except PassError as exc:
+        raise PassError(f"structure names site {name!r}, which this model does not have") from exc
+    if not isinstance(module, (nn.Conv2d, RepConv2d)):
+        raise PassError(f"structure names {name!r}, which is a {type(module).__name__}, not a Conv2d")
+    geometry = module.geometry if isinstance(module, RepConv2d) else ConvGeometry.from_conv(module)
+    bad = [k for k in entry.get("kinds", []) if k not in geometry.kinds()]
+    if bad:
+        raise PassError(f"structure grows {bad} at {name!r}, which does not take them "
+                        f"(it takes {geometry.kinds()})")
+    for rel, inner in entry.get("nested", {}).items():
+        if rel != "branches.1x1_kxk.conv2" or "1x1_kxk" not in entry.get("kinds", []):
+            raise PassError(f"structure nests {rel!r} under {name!r}, which has no such inner conv")
+        inner_geometry = ConvGeometry.from_conv(nn.Conv2d(
+            geometry.in_channels, geometry.out_channels, geometry.kernel_size, geometry.stride, 0,
+            geometry.dilation, geometry.groups, bias=False, device="meta"))
+        bad = [k for k in inner.get("kinds", []) if k not in inner_geometry.kinds()]
+        if bad:
+            raise PassError(f"structure grows {bad} at {name}.{rel}, which does not take them")
+
+
 def restore(model: nn.Module, spec: dict[str, Any], example_inputs: Sequence[Any] | None = None) -> nn.Module:
     """Rebuild the structure ``spec`` (from :func:`structure`) on a freshly built model, in place.
 
@@ -171,13 +200,8 @@ def restore(model: nn.Module, spec: dict[str, Any], example_inputs: Sequence[Any
     state = _state(model)
     if state.mode != spec["mode"]:
         raise PassError(f"structure is for {spec['mode']!r} mode but the model is in {state.mode!r} mode")
-    known = {s.name: s for s in sites(model)}
     for name, entry in spec["sites"].items():
-        if name not in known:
-            raise PassError(f"structure names site {name!r}, which this model does not have")
-        bad = [k for k in entry.get("kinds", []) if k not in known[name].kinds + known[name].grown]
-        if bad:
-            raise PassError(f"structure grows {bad} at {name!r}, which does not take them ({known[name].reason or known[name].kinds})")
+        _check_restorable(model, name, entry)
     txn = passes.base.Transaction(model)
     try:
         # Branch values are about to be overwritten by a state_dict: don't consume the caller's RNG.

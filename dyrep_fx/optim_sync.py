@@ -74,20 +74,34 @@ def sync_optimizer(
     return {"added": added, "removed": [str(removed)]}
 
 
-def layout(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[list[str]]:
-    """The names of each group's Parameters, in order (what a checkpoint needs to map state back)."""
+def _plain(value):
+    return value if isinstance(value, (int, float, str, bool, type(None), tuple, list)) else repr(value)
+
+
+def layout(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, list]:
+    """Each group's Parameter names in order, and its options (what a checkpoint needs to map state back)."""
     names = {id(p): n for n, p in model.named_parameters()}
-    return [[names[id(p)] for p in g["params"] if id(p) in names] for g in optimizer.param_groups]
+    return {
+        "params": [[names[id(p)] for p in g["params"] if id(p) in names] for g in optimizer.param_groups],
+        "options": [{k: _plain(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+    }
 
 
-def apply_layout(optimizer: torch.optim.Optimizer, model: nn.Module, saved: list[list[str]]) -> None:
-    """Make each group hold exactly the named Parameters, in the saved order, so state loads by position."""
-    if len(saved) != len(optimizer.param_groups):
-        raise ValueError(f"checkpoint has {len(saved)} optimizer groups, the optimizer has "
+def apply_layout(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict[str, list]) -> None:
+    """Make each group hold exactly the named Parameters, in the saved order, so state loads by position.
+
+    Groups the run added after the optimizer was built (e.g. one per new Parameter under mmengine's
+    ``paramwise_cfg``) are added again with their saved options.
+    """
+    groups = saved["params"]
+    if len(groups) < len(optimizer.param_groups):
+        raise ValueError(f"checkpoint has {len(groups)} optimizer groups, the optimizer has "
                          f"{len(optimizer.param_groups)}")
     params = dict(model.named_parameters())
-    missing = [n for group in saved for n in group if n not in params]
+    missing = [n for group in groups for n in group if n not in params]
     if missing:
         raise ValueError(f"checkpoint's optimizer holds parameters the model lacks: {missing[:5]}")
-    for group, names in zip(optimizer.param_groups, saved):
+    for group, names in zip(optimizer.param_groups, groups):
         group["params"] = [params[n] for n in names]
+    for names, options in list(zip(groups, saved["options"]))[len(optimizer.param_groups):]:
+        optimizer.add_param_group({**options, "params": [params[n] for n in names]})

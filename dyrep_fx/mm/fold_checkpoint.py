@@ -1,0 +1,66 @@
+"""``dyrep-fx fold CONFIG CHECKPOINT -o OUT``: a DyRepHook training checkpoint -> a plain deploy checkpoint.
+
+The model is built from the config as it is (the DyRepHook entry only matters for training), the
+saved structure is rebuilt on it, the weights (or the EMA weights) are loaded, the targets are
+folded, and ``{'meta', 'state_dict'}`` is saved: it loads with ``strict=True`` into the model of the
+unmodified config.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from mmengine.config import Config
+from mmengine.registry import MODELS, init_default_scope
+from mmengine.utils import import_modules_from_strings
+from torch import nn
+
+from .. import api
+from .checkpoint import load_mmengine_checkpoint
+from .hook import STATE_KEY, fold_targets
+
+__all__ = ["build_model_from_config", "fold_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+
+def build_model_from_config(config: str | Config) -> nn.Module:
+    """Build the config's model (no pretrained download: ``init_weights`` is not called)."""
+    cfg = config if isinstance(config, Config) else Config.fromfile(config)
+    if cfg.get("custom_imports"):
+        import_modules_from_strings(**cfg["custom_imports"])
+    init_default_scope(cfg.get("default_scope", "mmdet"))
+    return MODELS.build(cfg.model)
+
+
+def _ema_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
+    ema = checkpoint.get("ema_state_dict")
+    if ema is None:
+        raise ValueError("the checkpoint holds no EMA weights (no 'ema_state_dict'; was EMAHook in the config?)")
+    # mmengine's ExponentialMovingAverage keeps the model under 'module.' plus a 'steps' counter.
+    return {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
+
+
+def fold_checkpoint(config: str, checkpoint: str, out: str, use_ema: bool = False) -> Path:
+    """Fold ``checkpoint`` (trained with DyRepHook on ``config``) and write the plain checkpoint to ``out``."""
+    ckpt = load_mmengine_checkpoint(checkpoint)
+    state = ckpt.get(STATE_KEY)
+    if state is None:
+        raise ValueError(f"{checkpoint} holds no DyRep structure (no {STATE_KEY!r} entry); was it saved by "
+                         "DyRepHook?")
+    model = build_model_from_config(config)
+    structures = state["structures"]
+    for target, spec in structures.items():
+        api.restore(model.get_submodule(target) if target else model, spec)
+    weights = _ema_state_dict(ckpt) if use_ema else ckpt["state_dict"]
+    model.load_state_dict(weights, strict=True)
+    model.eval()
+    deploy = fold_targets(model, list(structures))
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"meta": {"dyrep_fx": "folded", "source": str(checkpoint), "ema": use_ema},
+                "state_dict": deploy.state_dict()}, path)
+    log.info("folded %s -> %s", checkpoint, path)
+    return path

@@ -1,0 +1,262 @@
+"""``DyRepHook``: DyRep for mmdet / mmseg training through one entry in ``custom_hooks``.
+
+    custom_imports = dict(imports=["dyrep_fx.mm"], allow_failed_imports=False)
+    custom_hooks = [dict(type="DyRepHook", targets=["backbone"], interval=1000)]
+
+Events used:
+
+* ``after_load_checkpoint`` (resume / load_from of a DyRep checkpoint): rebuild the saved structure
+  before mmengine loads the weights and optimizer state into it;
+* ``before_train``: trace the targets (after weights are initialised or loaded) and start the
+  controller; attach the EMA model of an ``EMAHook``;
+* ``after_train_iter`` / ``after_train_epoch``: one controller step per unit; after a change the
+  optimizer is updated in place (honouring ``paramwise_cfg``) and a DDP wrapper is rebuilt;
+* ``before_save_checkpoint``: put the structure and controller state into the checkpoint;
+* ``after_run``: fold and save a deploy checkpoint that loads strictly into the unmodified config.
+
+Saliency never needs ``after_train_iter``'s gradients (mmengine zeroes them inside
+``update_params``): the controller reads them in an optimizer step pre-hook, unscaled under AMP.
+"""
+
+from __future__ import annotations
+
+import copy
+import os.path as osp
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from mmengine.dist import is_main_process
+from mmengine.hooks import EMAHook, Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS, OPTIM_WRAPPER_CONSTRUCTORS
+from torch import nn
+
+from .. import api
+from ..controller import DYREP_KINDS, DyRep
+from ..tracing import _set_training_flags
+
+__all__ = ["DyRepHook"]
+
+STATE_KEY = "dyrep_fx"
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if is_model_wrapper(model) else model
+
+
+def mm_forward(model: nn.Module, batch: Any) -> Any:
+    """Forward an mmengine data batch through the model in ``tensor`` mode (for BN calibration)."""
+    data = model.data_preprocessor(batch, True)
+    return model(**data, mode="tensor")
+
+
+def capture_target_inputs(model: nn.Module, batch: Any, targets: Sequence[str]) -> dict[str, tuple]:
+    """The positional inputs each target submodule receives on one real batch (eval mode, no grad)."""
+    captured: dict[str, tuple] = {}
+    handles = []
+    for name in targets:
+        def record(mod, args, name=name):
+            captured.setdefault(name, tuple(args))
+        handles.append(model.get_submodule(name).register_forward_pre_hook(record))
+    flags = _set_training_flags(model, False)
+    try:
+        with torch.no_grad():
+            mm_forward(model, batch)
+    finally:
+        _set_training_flags(model, flags)
+        for h in handles:
+            h.remove()
+    return captured
+
+
+class _ParamwiseChooser:
+    """Put each new Parameter in its own group built by the config's optimizer constructor.
+
+    mmengine builds one group per Parameter when ``paramwise_cfg`` is set (``norm_decay_mult``,
+    ``bias_decay_mult``, ``custom_keys``...); new Parameters get the same treatment. Branch scales
+    stand in for the BatchNorm gammas of DBB, so they take ``norm_decay_mult`` like norm weights.
+    """
+
+    def __init__(self, optim_wrapper_cfg: dict) -> None:
+        cfg = copy.deepcopy(dict(optim_wrapper_cfg))
+        self.paramwise_cfg = cfg.pop("paramwise_cfg", None) or {}
+        ctor_type = cfg.pop("constructor", "DefaultOptimWrapperConstructor")
+        self.constructor = OPTIM_WRAPPER_CONSTRUCTORS.build(
+            dict(type=ctor_type, optim_wrapper_cfg=cfg, paramwise_cfg=self.paramwise_cfg))
+
+    def __call__(self, optimizer, model, name, param, source_weight) -> int:
+        owner_name = name.rpartition(".")[0]
+        owner = model.get_submodule(owner_name) if owner_name else model
+        groups: list[dict] = []
+        self.constructor.add_params(groups, owner, prefix=owner_name)
+        group = next(g for g in groups if g["params"][0] is param)
+        norm_mult = self.paramwise_cfg.get("norm_decay_mult")
+        if name.rpartition(".")[2] in ("scale", "main_scale") and norm_mult is not None \
+                and self.constructor.base_wd is not None:
+            group["weight_decay"] = self.constructor.base_wd * norm_mult
+        group["params"] = []
+        optimizer.add_param_group(group)
+        return len(optimizer.param_groups) - 1
+
+
+@HOOKS.register_module()
+class DyRepHook(Hook):
+    """Grow and prune re-parameterization branches in the targets during mmengine training.
+
+    Args:
+        targets: submodules to re-parameterize (default ``["backbone"]``; e.g. add ``"neck"``).
+        interval: a DyRep step every ``interval`` iterations (or epochs with ``by_epoch=True``).
+        by_epoch: count epochs instead of iterations.
+        until: no growth or cut after this many units (default: never stop).
+        topk, kinds, metric, std_gate, threshold, calib_batches, seed: see :class:`dyrep_fx.DyRep`.
+        mode: ``"online"`` (one conv per site) or ``"dbb"`` (branches with BatchNorms).
+        init_scale: initial scale of new branches.
+        deploy: at the end, fold and save ``deploy_filename`` (and ``ema_`` + it with an EMAHook)
+            in ``work_dir``; it loads with ``strict=True`` into the model of the unmodified config.
+    """
+
+    priority = "ABOVE_NORMAL"  # before EMAHook, so the EMA model is synced before it averages
+
+    def __init__(
+        self,
+        targets: Sequence[str] = ("backbone",),
+        interval: int = 1000,
+        by_epoch: bool = False,
+        until: int | None = None,
+        topk: int = 1,
+        kinds: Sequence[str] | None = DYREP_KINDS,
+        mode: str = "online",
+        init_scale: float = 0.01,
+        metric: str = "synflow",
+        std_gate: float = 0.02,
+        threshold: float = 0.1,
+        calib_batches: int = 20,
+        seed: int = 0,
+        deploy: bool = True,
+        deploy_filename: str = "dyrep_deploy.pth",
+    ) -> None:
+        self.targets = list(targets)
+        self.by_epoch = by_epoch
+        self.deploy = deploy
+        self.deploy_filename = deploy_filename
+        self.options = dict(interval=interval, until=until, topk=topk, kinds=None if kinds is None else list(kinds),
+                            metric=metric, std_gate=std_gate, threshold=threshold, calib_batches=calib_batches,
+                            seed=seed, mode=mode, init_scale=init_scale)
+        self.controller: DyRep | None = None
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def _controller(self, runner) -> DyRep:
+        if self.controller is not None:
+            return self.controller
+        model = _unwrap(runner.model)
+        missing = [t for t in self.targets if not hasattr(model, t.split(".")[0])]
+        if missing:
+            raise ValueError(f"DyRepHook targets {missing} are not submodules of {type(model).__name__}")
+        batch = next(iter(runner.train_dataloader))
+        inputs = capture_target_inputs(model, batch, self.targets)
+        optim_cfg = runner.cfg.get("optim_wrapper") or {}
+        chooser = _ParamwiseChooser(optim_cfg) if optim_cfg.get("paramwise_cfg") else None
+        extra = {"group_chooser": chooser} if chooser is not None else {}
+        self.controller = DyRep(model, runner.optim_wrapper.optimizer, targets=self.targets,
+                                example_inputs=inputs, calib_loader=runner.train_dataloader,
+                                forward_fn=mm_forward, **self.options, **extra)
+        self._log_sites(runner)
+        for hook in runner.hooks:
+            if isinstance(hook, EMAHook) and hasattr(hook, "ema_model"):
+                self.controller.attach_ema(hook.ema_model.module)
+        return self.controller
+
+    def _log_sites(self, runner) -> None:
+        sites = self.controller.sites()
+        eligible = [s for s in sites if s.eligible]
+        runner.logger.info(f"DyRepHook: {len(sites)} conv sites in {self.targets}, {len(eligible)} can grow "
+                           f"({self.controller.mode} mode)")
+        reasons: dict[str, int] = {}
+        for s in sites:
+            if not s.eligible:
+                reasons[s.reason or ""] = reasons.get(s.reason or "", 0) + 1
+        for reason, count in reasons.items():
+            runner.logger.info(f"DyRepHook: {count} sites not grown: {reason}")
+
+    def before_train(self, runner) -> None:
+        self._controller(runner)
+        self._publish(runner)
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        state = checkpoint.get(STATE_KEY)
+        if state is None:
+            return
+        ctl = self._controller(runner)
+        ctl.load_state_dict(state)
+        self._rewrap(runner)
+        runner.logger.info(f"DyRepHook: restored the grown structure ({len(api.blocks(ctl.model))} blocks) "
+                           "before loading the checkpoint's weights")
+
+    # -- steps -------------------------------------------------------------------------------------
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if not self.by_epoch:
+            self._step(runner)
+
+    def after_train_epoch(self, runner) -> None:
+        if self.by_epoch:
+            self._step(runner)
+
+    def _step(self, runner) -> None:
+        ctl = self._controller(runner)
+        result = ctl.step()
+        if not result.due:
+            return
+        for name, kinds in result.grown.items():
+            runner.logger.info(f"DyRepHook unit {result.unit}: grew {name} with {', '.join(kinds)} "
+                               f"(saliency {result.saliency.get(name, float('nan')):.4g})")
+        for name, kinds in result.cut.items():
+            runner.logger.info(f"DyRepHook unit {result.unit}: cut {', '.join(kinds)} from {name}")
+        if result.changed:
+            self._rewrap(runner)
+        self._publish(runner)
+
+    def _publish(self, runner) -> None:
+        blocks = api.blocks(self.controller.model)
+        hub = runner.message_hub
+        hub.update_scalar("train/dyrep_blocks", sum(1 for b in blocks.values() if b.grown))
+        hub.update_scalar("train/dyrep_branches", sum(len(b.kinds) for b in blocks.values()))
+
+    def _rewrap(self, runner) -> None:
+        """DDP registers parameters at construction: rebuild the wrapper after a structural change."""
+        if not is_model_wrapper(runner.model) or not isinstance(runner.model, nn.parallel.DistributedDataParallel):
+            return
+        runner.model = runner.wrap_model(runner.cfg.get("model_wrapper_cfg"), _unwrap(runner.model))
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        if self.controller is not None:
+            checkpoint[STATE_KEY] = self.controller.state_dict()
+
+    def after_run(self, runner) -> None:
+        if not self.deploy or self.controller is None or not is_main_process():
+            return
+        path = osp.join(runner.work_dir, self.deploy_filename)
+        self.save_deploy(self.controller.model, path)
+        runner.logger.info(f"DyRepHook: folded deploy checkpoint written to {path}")
+        for hook in runner.hooks:
+            if isinstance(hook, EMAHook) and hasattr(hook, "ema_model"):
+                ema_path = osp.join(runner.work_dir, "ema_" + self.deploy_filename)
+                self.save_deploy(hook.ema_model.module, ema_path)
+                runner.logger.info(f"DyRepHook: folded EMA deploy checkpoint written to {ema_path}")
+
+    def save_deploy(self, model: nn.Module, path: str) -> None:
+        """Fold a copy of ``model``'s targets and save ``{'meta', 'state_dict'}`` to ``path``."""
+        deploy = fold_targets(model, self.targets)
+        torch.save({"meta": {"dyrep_fx": "folded", "targets": self.targets},
+                    "state_dict": deploy.state_dict()}, path)
+
+
+def fold_targets(model: nn.Module, targets: Sequence[str]) -> nn.Module:
+    """A deep copy of ``model`` with every transformed target folded back to its original architecture."""
+    deploy = copy.deepcopy(_unwrap(model))
+    for name in targets:
+        target = deploy.get_submodule(name)
+        if "_dyrep_fx" in target.__dict__:
+            api.fold(target, inplace=True)
+    return deploy
