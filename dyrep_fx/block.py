@@ -184,6 +184,8 @@ class RepConv2d(nn.Module):
 
     def importance(self) -> dict[str, float]:
         """Each branch's importance: its mean |scale| (or last-BN |gamma|) relative to the main branch's."""
+        if not self.grown:
+            return {}
         main = self._main_gamma().detach().abs().mean()
         return {kind: float(b.gamma().detach().abs().mean() / main) for kind, b in self.branches.items()}
 
@@ -200,6 +202,10 @@ class RepConv2d(nn.Module):
         conv._parameters = {}
         conv._buffers = dict(self._template._buffers)
         conv._modules = dict(self._template._modules)
+        # Hook registries are per module: the copy gets its own (holding the original's hooks).
+        for key, value in list(vars(conv).items()):
+            if "hook" in key and isinstance(value, dict):
+                setattr(conv, key, type(value)(value))
         conv.weight = nn.Parameter(weight.detach().clone(), requires_grad=self.weight.requires_grad)
         conv.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         conv.train(self.training)

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from strategies import ConvCfg, conv_cfgs, perturb, randomize_bns, rel_err, shuffle_state
 from torch import nn
@@ -119,7 +119,7 @@ def run_sequence(cfg: ConvCfg, mode: str, train: bool, dtype: torch.dtype, tol: 
 
 # ------------------------------------------------------------------------------- exactness: float64
 @pytest.mark.parametrize("mode,train", EXACT_MODES)
-@settings(max_examples=30, **SLOW_OK)
+@settings(max_examples=50, **SLOW_OK)
 @given(cfg=conv_cfgs(), data=st.data(), seed=seeds)
 def test_sequence_exact_float64(mode, train, cfg, data, seed):
     torch.manual_seed(seed)
@@ -214,6 +214,10 @@ def test_rebalance_sets_the_equivalent(mode, cfg, seed):
 @settings(max_examples=12, **SLOW_OK)
 @given(cfg=conv_cfgs(padding_modes=("zeros", "reflect")), seed=seeds)
 def test_gradients_reach_every_branch_parameter(mode, cfg, seed):
+    if mode == "dbb":
+        # With one input channel per group every 1x1 stage is a per-channel scale, which a train-mode
+        # BatchNorm normalises away: those gradients are zero by mathematics, not by a bug.
+        assume(cfg.cin // cfg.groups >= 2)
     torch.manual_seed(seed)
     blk = RepConv2d(cfg.build(), mode).train()
     grow_everything(blk, mode, depth=3)
@@ -400,6 +404,27 @@ def test_parameters_state_dict_and_to_conv(mode, cfg, data, seed):
         assert set(blk.state_dict()) <= {"weight", "bias"}
     # The template conv is untouched by folding: it still holds the original Parameters.
     assert conv.weight is weight and conv._parameters.get("bias") is bias
+
+
+def test_to_conv_results_are_independent_modules():
+    """Two folds and the original conv are separate modules: a hook on one must not fire on the others."""
+    torch.manual_seed(0)
+    conv = TaggedConv(4, 4, 3, padding=1)
+    blk = RepConv2d(conv)
+    blk.grow(["1x1"])
+    first, second = blk.to_conv(), blk.to_conv()
+    assert first is not second and first.weight is not second.weight
+    seen = []
+    first.register_forward_hook(lambda m, i, o: seen.append(m))
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        second(x)
+        conv(x)
+        blk(x)
+    assert seen == [], "a hook registered on one folded conv fired on another module"
+    with torch.no_grad():
+        first(x)
+    assert seen == [first]
 
 
 # --------------------------------------------------------------------------------- available kinds

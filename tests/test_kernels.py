@@ -35,8 +35,8 @@ FAST = settings(max_examples=60, deadline=None)
 
 def _pad(x, pads):
     """Zero-pad ``x`` by ``((top, bottom), (left, right))``."""
-    (t, b), (l, r) = pads
-    return F.pad(x, (l, r, t, b))
+    (top, bottom), (left, right) = pads
+    return F.pad(x, (left, right, top, bottom))
 
 
 def _unchanged(*tensors):

@@ -1,0 +1,146 @@
+"""Shared pieces of the OpenMMLab tests in ``tests/mm``: the configs in ``mm_configs/``, small-run settings, and
+a hook that records what the model looked like while the real Runner trained it."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = ROOT / "mm_configs"
+
+#: Environment variables the configs read their data folders and checkpoint path from.
+DEEPFOREST_ENV = "DYREP_DEEPFOREST"
+FASHION_SEG_ENV = "DYREP_FASHION_SEG"
+BACKBONE_CKPT_ENV = "DYREP_BACKBONE_CKPT"
+
+
+@contextlib.contextmanager
+def environ(**values: str) -> Iterator[None]:
+    """Set environment variables inside the block only."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def load_config(rel: str, **env: str) -> Any:
+    """``Config.fromfile(mm_configs/<rel>)`` with the given environment variables set while it parses."""
+    from mmengine.config import Config
+
+    with environ(**env):
+        return Config.fromfile(str(CONFIG_DIR / rel))
+
+
+def small_run(cfg: Any, work_dir: Path, max_iters: int, interval: int | None = None, **hook_options: Any) -> Any:
+    """A copy of ``cfg`` that trains ``max_iters`` iterations in ``work_dir`` quietly, validates and saves a
+    checkpoint at the end; its DyRepHook (if any) steps every ``interval`` iterations, never stopping."""
+    cfg = copy.deepcopy(cfg)
+    cfg.work_dir = str(work_dir)
+    cfg.experiment_name = f"{work_dir.name}_{uuid.uuid4().hex[:8]}"  # a fresh MessageHub / logger per run
+    cfg.log_level = "WARNING"
+    cfg.launcher = "none"
+    cfg.train_cfg.max_iters = max_iters
+    cfg.train_cfg.val_interval = max_iters
+    cfg.default_hooks.checkpoint.interval = max_iters
+    cfg.default_hooks.logger.interval = 1
+    for hook in cfg.get("custom_hooks", []):
+        if hook["type"] == "DyRepHook" and interval is not None:
+            hook.update(interval=interval, until=None, **hook_options)
+    return cfg
+
+
+def without_dyrep(cfg: Any) -> Any:
+    """The same config without its DyRepHook: the unmodified model the deploy checkpoint must load into."""
+    cfg = copy.deepcopy(cfg)
+    cfg.custom_hooks = [h for h in cfg.get("custom_hooks", []) if h["type"] != "DyRepHook"]
+    return cfg
+
+
+def build_model(cfg: Any) -> nn.Module:
+    """Build ``cfg.model`` in the config's default scope (no weights initialised, no download)."""
+    from mmengine.registry import MODELS, init_default_scope
+    from mmengine.utils import import_modules_from_strings
+
+    if cfg.get("custom_imports"):
+        import_modules_from_strings(**cfg.custom_imports)
+    init_default_scope(cfg.get("default_scope", "mmdet"))
+    return MODELS.build(copy.deepcopy(cfg.model))
+
+
+def find_hook(runner: Any, name: str) -> Any:
+    """The runner's hook of class ``name``."""
+    return next(h for h in runner.hooks if type(h).__name__ == name)
+
+
+def bn_modes(module: nn.Module) -> dict[str, bool]:
+    """``training`` flag of every BatchNorm in ``module``."""
+    return {name: m.training for name, m in module.named_modules() if isinstance(m, _BatchNorm)}
+
+
+def flat_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a nested model output (``mode='tensor'``), in order."""
+    if torch.is_tensor(out):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in flat_tensors(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in flat_tensors(v)]
+    return []
+
+
+@torch.no_grad()
+def tensor_outputs(model: nn.Module, batch: Any) -> list[torch.Tensor]:
+    """The model's raw outputs (``mode='tensor'``) on one dataloader batch, in eval mode."""
+    was = model.training
+    model.eval()
+    try:
+        data = model.data_preprocessor(batch, False)
+        return flat_tensors(model(**data, mode="tensor"))
+    finally:
+        model.train(was)
+
+
+def make_recorder(backbone: str = "backbone") -> Any:
+    """A hook (register it with ``runner.register_hook(rec, 'LOWEST')``) recording, per training iteration,
+    the model's mode and its backbone's BatchNorm modes as the forward sees them, and the loss."""
+    from mmengine.hooks import Hook
+
+    class TrainRecorder(Hook):
+        def __init__(self) -> None:
+            self.iters: list[dict[str, Any]] = []
+            self.before_train_state: dict[str, torch.Tensor] | None = None
+
+        def before_train(self, runner) -> None:
+            self.before_train_state = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
+            model = runner.model
+            self.iters.append({"iter": runner.iter, "training": model.training,
+                               "bn": bn_modes(model.get_submodule(backbone))})
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+            self.iters[-1]["loss"] = float(outputs["loss"]) if outputs and "loss" in outputs else math.nan
+
+    return TrainRecorder()
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
+    """``id(param) -> its param group`` over every group of ``optimizer``."""
+    return {id(p): group for group in optimizer.param_groups for p in group["params"]}

@@ -1,0 +1,163 @@
+"""One rank of a DDP training run with DyRep on gloo (CPU); launched by tests/test_distributed.py.
+
+    python -m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 --master_port PORT \\
+        tests/scripts/ddp_worker.py --out DIR --mode online
+
+Every rank sees different data and has a different torch seed and DyRep seed, so any branch
+initialisation that is not broadcast differs between ranks. After each structural change the DDP
+wrapper is rebuilt with ``dyrep_fx.distributed.rewrap_ddp``. The Python-level collectives are
+counted per phase (training iterations / ``DyRep.step``). Each rank writes ``DIR/rank<r>.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import dyrep_fx
+from dyrep_fx.distributed import rewrap_ddp
+
+UNITS = 5
+ITERS = 2
+CUT_BEFORE_UNIT = 5  # before this unit's step, spread the first block's branch scales so that it cuts
+#: BatchNorms a new branch of each kind brings in dbb mode (each is calibrated: 2 all_reduces)
+BNS_PER_KIND = {"1x1": 1, "1x1_kxk": 2, "1x1_avg": 2, "1xk": 1, "kx1": 1, "identity": 1, "prior": 2}
+COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_object", "broadcast_object_list",
+               "reduce", "barrier", "all_gather_into_tensor", "reduce_scatter")
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def batch(rank: int, i: int):
+    g = torch.Generator().manual_seed(10_000 * (rank + 1) + i)  # different data on every rank
+    return torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
+
+
+class Counter:
+    """Counts Python-level collectives by phase (DDP's own gradient all-reduce runs in C++, not here)."""
+
+    def __init__(self) -> None:
+        self.phase = "setup"
+        self.counts: dict[str, dict[str, int]] = {}
+        self.originals = {}
+        for name in COLLECTIVES:
+            if hasattr(dist, name):
+                fn = getattr(dist, name)
+                self.originals[name] = fn
+                setattr(dist, name, self._wrap(name, fn))
+
+    def _wrap(self, name, fn):
+        def wrapper(*args, **kwargs):
+            per_phase = self.counts.setdefault(self.phase, {})
+            per_phase[name] = per_phase.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+
+def same_on_all_ranks(tensors: list[torch.Tensor]) -> bool:
+    """Bitwise equality of a list of tensors across ranks (uses the real, uncounted collective)."""
+    flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    COUNTER.originals["all_gather"](gathered, flat)
+    return all(torch.equal(gathered[0], g) for g in gathered)
+
+
+COUNTER: Counter
+
+
+def main() -> None:
+    global COUNTER
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--mode", default="online")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    COUNTER = Counter()
+    torch.manual_seed(100 + rank)
+
+    model = Net().double()
+    ddp = DDP(model)  # rank 0's initial weights everywhere
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    calib = [batch(rank, 900 + i) for i in range(3)]
+    ctl = dyrep_fx.DyRep(ddp, opt, interval=1, mode=args.mode, calib_loader=calib, calib_batches=3, seed=rank)
+    assert ctl.model is model
+
+    steps = []
+    losses = []
+    for unit in range(UNITS):
+        COUNTER.phase = "train"
+        for it in range(ITERS):
+            x, y = batch(rank, unit * ITERS + it)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(ddp(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        if unit + 1 == CUT_BEFORE_UNIT:
+            block = next(iter(dyrep_fx.blocks(model).values()))
+            with torch.no_grad():
+                for i, branch in enumerate(block.branches.values()):
+                    branch.gamma().mul_(50.0 if i % 2 else 0.01)
+        COUNTER.phase = f"step{unit + 1}"
+        result = ctl.step()
+        COUNTER.phase = "check"
+        new_bns = sum(BNS_PER_KIND[kind] for kinds in result.grown.values() for kind in kinds)
+        grown_blocks = [model.get_submodule(name) for name in result.grown]
+        steps.append({
+            "unit": result.unit, "grown": result.grown, "cut": result.cut, "new_bns": new_bns,
+            # right after the step, before DDP is rebuilt (which would hide differences)
+            "params_same": same_on_all_ranks(list(model.parameters())),
+            "grown_state_same": same_on_all_ranks([t for b in grown_blocks for t in b.state_dict().values()
+                                                   if t.is_floating_point()]) if grown_blocks else True,
+        })
+        if result.changed:
+            ddp = rewrap_ddp(ddp)
+            assert ddp.module is model
+    COUNTER.phase = "train_after"
+    for it in range(3):
+        x, y = batch(rank, 1000 + it)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(ddp(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+
+    torch.save({
+        "rank": rank,
+        "structure": dyrep_fx.structure(model),
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "history": ctl.history,
+        "steps": steps,
+        "counts": COUNTER.counts,
+        "losses": losses,
+        "optimizer_sizes": [len(g["params"]) for g in opt.param_groups],
+    }, os.path.join(args.out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,476 @@
+"""The DyRep controller: when it grows, what it grows, what it cuts, and that the function is kept.
+
+Also the EMA support (``DyRep.attach_ema``) with ``torch.optim.swa_utils.AveragedModel``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import dyrep_fx
+from dyrep_fx.controller import DYREP_KINDS
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+SITES = ["conv1", "conv2", "conv3"]
+
+
+def batch(i: int):
+    g = torch.Generator().manual_seed(1000 + i)
+    return torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
+
+
+def make(mode: str = "online", seed: int = 0, build_ctl: bool = True, **kw):
+    torch.manual_seed(seed)
+    model = Net().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ctl = dyrep_fx.DyRep(model, opt, mode=mode, **kw) if build_ctl else None
+    return model, opt, ctl
+
+
+def train(model, opt, iters: int, start: int = 0, ema=None) -> float:
+    loss = torch.zeros(())
+    for i in range(start, start + iters):
+        x, y = batch(i)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
+    return float(loss.detach())
+
+
+X_EVAL = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+
+@torch.no_grad()
+def run_eval(model, x=X_EVAL):
+    was = model.training
+    model.eval()
+    try:
+        return model(x)
+    finally:
+        model.train(was)
+
+
+def rel_err(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def set_importance(block: dyrep_fx.RepConv2d, values: dict[str, float], main: float = 1.0) -> None:
+    """Set each branch's scale (online) or last-BN gamma (dbb), and the main branch's, by hand."""
+    with torch.no_grad():
+        (block.main_scale if block.mode == "online" else block.main_bn.weight).fill_(main)
+        for kind, v in values.items():
+            branch = block.branches[kind]
+            (branch.scale if block.mode == "online" else branch.bn.weight).fill_(v)
+
+
+# -- when and what grows --------------------------------------------------------------------------
+
+
+def test_interval_and_top1():
+    model, opt, ctl = make(interval=3)
+    for unit in range(1, 7):
+        train(model, opt, 2, start=2 * unit)
+        assert ctl.is_due() == (unit % 3 == 0)
+        candidates = ctl.candidates()
+        result = ctl.step()
+        assert result.unit == unit and result.due == (unit % 3 == 0)
+        if not result.due:
+            assert not result.changed and result.saliency == {}
+            continue
+        eligible = {n: v for n, v in result.saliency.items() if n in candidates}
+        assert set(eligible) == set(candidates)
+        top = max(eligible, key=eligible.get)
+        assert list(result.grown) == [top]
+        site = next(s for s in dyrep_fx.sites(model) if s.name == top)
+        assert result.grown[top] == [k for k in DYREP_KINDS if k in site.grown]
+        assert isinstance(model.get_submodule(top), dyrep_fx.RepConv2d)
+    assert [e["unit"] for e in ctl.history] == [3, 6]
+    assert len(dyrep_fx.blocks(model)) == 2
+
+
+def test_saliency_ranking_decides_not_the_order():
+    # The choice follows the interval's saliency, not the module order: raise the least salient site's
+    # running sum so that it becomes the most salient one.
+    model, opt, ctl = make(interval=1)
+    train(model, opt, 2)
+    mean = ctl.saliency.mean()
+    low = min(mean, key=mean.get)
+    idx = ctl.saliency.names.index(low)
+    ctl.saliency.total[idx] += 1e6
+    result = ctl.step()
+    assert list(result.grown) == [low]
+
+
+def test_until_stops_growth_and_cuts():
+    model, opt, ctl = make(interval=1, until=2)
+    grown = []
+    for unit in range(1, 5):
+        train(model, opt, 2, start=2 * unit)
+        if unit == 3:  # would be cut if the controller still acted
+            block = dyrep_fx.blocks(model)[grown[0]]
+            set_importance(block, {k: (0.5 if k == "1x1" else 0.001) for k in block.kinds})
+        result = ctl.step()
+        assert result.due == (unit <= 2)
+        if unit <= 2:
+            assert len(result.grown) == 1
+            grown += list(result.grown)
+        else:
+            assert not result.changed
+    assert len(dyrep_fx.blocks(model)) == 2
+    assert ctl.units == 4 and ctl.steps_done == 2
+
+
+def test_topk_two():
+    model, opt, ctl = make(interval=2, topk=2)
+    train(model, opt, 2)
+    assert ctl.step().due is False
+    train(model, opt, 2, start=2)
+    result = ctl.step()
+    ranked = sorted(result.saliency, key=result.saliency.get, reverse=True)
+    assert sorted(result.grown) == sorted(ranked[:2])
+    assert len(dyrep_fx.blocks(model)) == 2
+
+
+def test_nested_growth_stops_at_depth_two():
+    model, opt, ctl = make(interval=1, topk=3)
+    before = run_eval(model)
+    train(model, opt, 1)
+    mid = run_eval(model)
+    r1 = ctl.step()
+    assert sorted(r1.grown) == SITES
+    assert rel_err(run_eval(model), mid) < 1e-12
+    inner = [f"{s}.branches.1x1_kxk.conv2" for s in SITES]
+    assert sorted(ctl.candidates()) == sorted(inner)
+    train(model, opt, 1, start=1)
+    mid = run_eval(model)
+    r2 = ctl.step()
+    assert sorted(r2.grown) == sorted(inner)
+    assert rel_err(run_eval(model), mid) < 1e-12
+    for name in inner:
+        assert isinstance(model.get_submodule(name), dyrep_fx.RepConv2d)
+        assert model.get_submodule(name).grown
+    deep = [s for s in dyrep_fx.sites(model) if s.depth == 2]
+    assert sorted(s.name for s in deep) == sorted(f"{n}.branches.1x1_kxk.conv2" for n in inner)
+    assert not any(s.eligible for s in deep)
+    assert ctl.candidates() == []
+    train(model, opt, 1, start=2)
+    r3 = ctl.step()
+    assert r3.due and not r3.grown
+    assert not any(isinstance(model.get_submodule(s.name), dyrep_fx.RepConv2d) for s in deep)
+    # nested blocks are described inside their outer block
+    spec = dyrep_fx.structure(model)["sites"]
+    assert sorted(spec) == SITES
+    assert all("branches.1x1_kxk.conv2" in spec[s]["nested"] for s in SITES)
+    assert not torch.equal(before, run_eval(model))  # it did train
+
+
+# -- the Dep criterion ----------------------------------------------------------------------------
+
+
+def grown_at_conv3(mode: str, **kw):
+    """conv3 grown with DyRep's kinds before the optimizer is built; the controller cuts only."""
+    torch.manual_seed(0)
+    model = Net().double()
+    dyrep_fx.transform(model, mode=mode)
+    dyrep_fx.grow(model, ["conv3"], list(DYREP_KINDS))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    train(model, opt, 2)  # BN statistics and momentum that are not trivial
+    ctl = dyrep_fx.DyRep(model, opt, interval=1, **kw)
+    assert ctl.saliency.mean() == {}  # no iteration since: step() grows nothing, only cuts
+    return model, opt, ctl, model.conv3
+
+
+CUT_CASES = [
+    # values per kind, main scale, expected cut
+    pytest.param({"1x1": .5, "1x1_kxk": .05, "1x1_avg": .4, "1xk": .3, "kx1": .08, "identity": .2}, 1.0,
+                 {"1x1_kxk", "kx1"}, id="low-and-below-mean"),
+    pytest.param({"1x1": .05, "1x1_kxk": .06, "1x1_avg": .04, "1xk": .05, "kx1": .055, "identity": .045}, 1.0,
+                 set(), id="std-gate"),
+    pytest.param({"1x1": 1., "1x1_kxk": .9, "1x1_avg": .15, "1xk": .8, "kx1": .7, "identity": .6}, 1.0,
+                 set(), id="above-threshold"),
+    pytest.param({"1x1": 1., "1x1_kxk": .9, "1x1_avg": .15, "1xk": .8, "kx1": .7, "identity": .6}, 2.0,
+                 {"1x1_avg"}, id="relative-to-main"),
+    pytest.param({"1x1": .09, "1x1_kxk": .01, "1x1_avg": .09, "1xk": .09, "kx1": .09, "identity": .01}, 1.0,
+                 {"1x1_kxk", "identity"}, id="below-threshold-above-mean-kept"),
+]
+
+
+@pytest.mark.parametrize("mode", ["online", "dbb"])
+@pytest.mark.parametrize(("values", "main", "expected"), CUT_CASES)
+def test_dep_criterion(mode, values, main, expected):
+    model, opt, ctl, block = grown_at_conv3(mode)
+    set_importance(block, values, main)
+    importance = block.importance()
+    assert importance == pytest.approx({k: v / main for k, v in values.items()}, rel=1e-12)
+    cut_params = {id(p) for k in expected for p in block.branches[k].parameters()}
+    before = run_eval(model)
+    result = ctl.step()
+    assert not result.grown
+    if expected:
+        assert set(result.cut) == {"conv3"} and set(result.cut["conv3"]) == expected
+    else:
+        assert result.cut == {}
+    assert block.kinds == [k for k in DYREP_KINDS if k not in expected]
+    assert model.conv3 is block
+    # the cut branches are absorbed exactly (eval mode) and leave the optimizer
+    assert rel_err(run_eval(model), before) < 1e-12
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not cut_params & in_opt
+    assert not cut_params & {id(p) for p in opt.state}
+    assert in_opt == {id(p) for p in model.parameters()}
+    assert ctl.history[-1]["cut"] == result.cut
+
+
+def test_cut_of_every_branch_gives_a_plain_block_that_can_grow_again():
+    model, opt, ctl, block = grown_at_conv3("online")
+    set_importance(block, {k: (0.9 if k == "1x1" else 0.001) for k in block.kinds})
+    before = run_eval(model)
+    result = ctl.step()
+    assert set(result.cut["conv3"]) == set(DYREP_KINDS) - {"1x1"}
+    assert block.kinds == ["1x1"]
+    assert rel_err(run_eval(model), before) < 1e-12
+
+
+def test_fresh_blocks_are_not_cut_in_the_step_that_grows_them():
+    model, opt, ctl = make(interval=1, topk=3)
+    train(model, opt, 1)
+    result = ctl.step()
+    assert sorted(result.grown) == SITES and result.cut == {}
+    train(model, opt, 1, start=1)
+    result = ctl.step()
+    # one iteration of training spreads the scales by far less than the std gate
+    assert result.cut == {}
+
+
+def favour(ctl, name: str) -> None:
+    """Make ``name`` the most salient site of the interval (raise its running sum)."""
+    ctl.saliency.total[ctl.saliency.names.index(name)] += 1e6
+
+
+def partly_cut_conv1(mode: str = "online", ema: bool = False, **kw):
+    """conv1 grown at step 1, three of its branches cut at step 2; returns what step 3 needs."""
+    model, opt, ctl = make(mode, interval=1, **kw)
+    averaged = None
+    if ema:
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.99))
+        ctl.attach_ema(averaged.module)
+    train(model, opt, 1, ema=averaged)
+    favour(ctl, "conv1")
+    assert list(ctl.step().grown) == ["conv1"]
+    train(model, opt, 1, start=1, ema=averaged)
+    set_importance(model.conv1, {"1x1": .001, "1x1_kxk": .5, "1x1_avg": .001, "1xk": .5, "kx1": .001})
+    favour(ctl, "conv2")
+    result = ctl.step()
+    assert result.cut == {"conv1": ["1x1", "1x1_avg", "kx1"]}
+    assert model.conv1.kinds == ["1x1_kxk", "1xk"]
+    # the cut kinds apply again, so the partly cut block is a candidate again
+    assert "conv1" in ctl.candidates()
+    train(model, opt, 1, start=2, ema=averaged)
+    favour(ctl, "conv1")
+    return model, opt, ctl, averaged
+
+
+def test_branches_regrown_at_a_cut_site_are_not_cut_in_the_same_step():
+    """A step's growth must not be undone by the same step's Dep (the std gate's intent).
+
+    Otherwise the top site regrows and loses the same branches at every step, and nothing else grows.
+    """
+    model, opt, ctl, _ = partly_cut_conv1()
+    result = ctl.step()
+    assert result.grown == {"conv1": ["1x1", "1x1_avg", "kx1"]}
+    assert not set(result.cut.get("conv1", [])) & set(result.grown["conv1"]), result.cut
+    assert model.conv1.kinds == ["1x1", "1x1_kxk", "1x1_avg", "1xk", "kx1"]
+
+
+def test_ema_in_step_when_a_site_grows_and_is_cut_in_one_step():
+    model, opt, ctl, ema = partly_cut_conv1(ema=True)
+    ema_before = run_eval(ema.module)
+    ctl.step()  # must not fail syncing the EMA
+    assert dyrep_fx.structure(ema.module) == dyrep_fx.structure(model)
+    assert names_and_shapes(ema.module) == names_and_shapes(model)
+    assert rel_err(run_eval(ema.module), ema_before) < 1e-12
+    ema.update_parameters(model)
+
+
+def test_dbb_regrowth_calibrates_only_the_new_branches():
+    """Calibration fits the new branches' BatchNorms; the surviving branches keep their statistics."""
+    model, opt, ctl, _ = partly_cut_conv1("dbb", calib_loader=Batches(10), calib_batches=2)
+    survivors = {kind: {k: v.clone() for k, v in branch.state_dict().items()}
+                 for kind, branch in model.conv1.branches.items()}
+    assert sorted(survivors) == ["1x1_kxk", "1xk"]
+    before = run_eval(model)
+    result = ctl.step()
+    assert result.grown == {"conv1": ["1x1", "1x1_avg", "kx1"]} and result.calibrated_batches == 2
+    assert rel_err(run_eval(model), before) < 1e-9
+    for kind, state in survivors.items():
+        now = model.conv1.branches[kind].state_dict()
+        for key, value in state.items():
+            assert torch.equal(now[key], value), f"surviving branch {kind}: {key} changed"
+
+
+# -- the function across a step -------------------------------------------------------------------
+
+
+def test_online_step_keeps_function_in_eval_and_train_mode():
+    model, opt, ctl = make(interval=1)
+    x, _ = batch(99)
+    for unit in range(6):
+        train(model, opt, 2, start=2 * unit)
+        if unit == 4:  # force a cut too
+            block = next(iter(dyrep_fx.blocks(model).values()))
+            set_importance(block, {k: (0.5 if i % 2 else 0.001) for i, k in enumerate(block.kinds)})
+        with torch.no_grad():
+            t_before = model(x)  # train mode: batch statistics (and it updates the running ones)
+        e_before = run_eval(model)
+        result = ctl.step()
+        assert result.changed
+        assert rel_err(run_eval(model), e_before) < 1e-12
+        with torch.no_grad():
+            assert rel_err(model(x), t_before) < 1e-12
+        assert model.training
+    assert any(e["cut"] for e in ctl.history)
+    assert any("branches" in name for e in ctl.history for name in e["grown"])
+
+
+class Batches:
+    """A loader that counts how many batches were taken from it."""
+
+    def __init__(self, n: int, dict_batches: bool = False) -> None:
+        self.n, self.dict_batches, self.taken = n, dict_batches, 0
+
+    def __iter__(self):
+        for i in range(self.n):
+            self.taken += 1
+            x, y = batch(500 + i)
+            yield {"img": x, "label": y} if self.dict_batches else (x, y)
+
+
+@pytest.mark.parametrize(("n_batches", "calib_batches", "expected"), [(6, 3, 3), (2, 5, 2)])
+def test_dbb_calibration(n_batches, calib_batches, expected):
+    loader = Batches(n_batches)
+    model, opt, ctl = make("dbb", interval=1, calib_loader=loader, calib_batches=calib_batches)
+    train(model, opt, 3)
+    others = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("bn")}
+    before = run_eval(model)
+    result = ctl.step()
+    (name,) = result.grown
+    assert result.calibrated_batches == expected
+    assert loader.taken == expected
+    assert rel_err(run_eval(model), before) < 1e-9
+    # the rest of the network ran in eval mode: its BatchNorms did not move
+    for k, v in others.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    block = model.get_submodule(name)
+    for kind, branch in block.branches.items():
+        for bn_name, bn in branch.named_modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                # calibrated on data: not the fresh (0, 1) statistics any more; momentum restored
+                assert not torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean)), (kind, bn_name)
+                assert bn.momentum == 0.1
+    assert all(m.training for m in model.modules())
+    train(model, opt, 2, start=10)
+
+
+def test_dbb_without_calibration_data_keeps_function():
+    model, opt, ctl = make("dbb", interval=1)
+    train(model, opt, 3)
+    before = run_eval(model)
+    result = ctl.step()
+    assert result.grown and result.calibrated_batches == 0
+    assert rel_err(run_eval(model), before) < 1e-9
+
+
+def test_dbb_custom_forward_fn():
+    loader = Batches(4, dict_batches=True)
+    calls = []
+
+    def forward_fn(model, b):
+        calls.append(b["img"].shape[0])
+        return model(b["img"])
+
+    model, opt, ctl = make("dbb", interval=1, calib_loader=loader, calib_batches=4, forward_fn=forward_fn)
+    train(model, opt, 2)
+    before = run_eval(model)
+    result = ctl.step()
+    assert result.calibrated_batches == 4 and calls == [8] * 4
+    assert rel_err(run_eval(model), before) < 1e-9
+
+
+# -- EMA ------------------------------------------------------------------------------------------
+
+
+def names_and_shapes(module):
+    return [(n, tuple(p.shape)) for n, p in module.named_parameters()], \
+           [(n, tuple(b.shape)) for n, b in module.named_buffers()]
+
+
+@pytest.mark.parametrize("use_buffers", [False, True])
+@pytest.mark.parametrize("ema_first", [True, False], ids=["ema-before-dyrep", "ema-after-dyrep"])
+@pytest.mark.parametrize("mode", ["online", "dbb"])
+def test_ema_follows_every_change(mode, ema_first, use_buffers):
+    decay = 0.99
+    model, opt, _ = make(mode, build_ctl=False)
+    if ema_first:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=use_buffers)
+    calib = Batches(100)
+    ctl = dyrep_fx.DyRep(model, opt, interval=1, mode=mode, calib_loader=calib, calib_batches=2)
+    if not ema_first:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=use_buffers)
+    ctl.attach_ema(ema.module)
+    ema.update_parameters(model)
+    changes = 0
+    for unit in range(5):
+        train(model, opt, 2, start=2 * unit, ema=ema)
+        if unit == 4:  # the last step: a cut too (a cut site that regrows is another test's matter)
+            block = next(iter(dyrep_fx.blocks(model).values()))
+            set_importance(block, {k: (0.5 if i % 2 else 0.001) for i, k in enumerate(block.kinds)})
+        ema_before = run_eval(ema.module)
+        result = ctl.step()
+        assert result.changed
+        changes += 1
+        assert dyrep_fx.structure(ema.module) == dyrep_fx.structure(model)
+        assert names_and_shapes(ema.module) == names_and_shapes(model)
+        # the EMA's own function is unchanged by the sync
+        assert rel_err(run_eval(ema.module), ema_before) < (1e-12 if mode == "online" else 1e-9)
+        # the EMA keeps averaging, pairing each of its tensors with the same-named live tensor
+        old = copy.deepcopy(ema.module)
+        ema.update_parameters(model)
+        for (name, e), m, o in zip(ema.module.named_parameters(), model.parameters(), old.parameters()):
+            assert torch.allclose(e, o + (m - o) * (1 - decay), rtol=1e-12, atol=1e-15), name
+    assert any(e["cut"] for e in ctl.history) and changes == 5
+    train(model, opt, 2, start=50, ema=ema)
+    assert torch.isfinite(run_eval(ema.module)).all()

@@ -1,0 +1,299 @@
+"""Synflow saliency as the DyRep controller collects it (dyrep_fx.saliency through dyrep_fx.DyRep).
+
+Every expected value is computed by hand in the training loop, right before ``optimizer.step()``:
+``sum(weight.grad * weight)`` per watched conv, averaged over the iterations of the interval.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import dyrep_fx
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny CNNs: one thread is much faster than several fighting over a loaded machine.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def make(seed: int = 0, mode: str = "online", dtype=torch.float64, **kw):
+    torch.manual_seed(seed)
+    model = Net().to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    ctl = dyrep_fx.DyRep(model, opt, mode=mode, **kw)
+    return model, opt, ctl
+
+
+def batch(i: int, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1000 + i)
+    return torch.randn(8, 3, 8, 8, generator=g, dtype=dtype), torch.randint(0, 10, (8,), generator=g)
+
+
+def by_hand(model: nn.Module, names: list[str]) -> dict[str, float]:
+    """sum(grad * weight) of each site, from the gradients as they are now, in float64."""
+    out = {}
+    for name in names:
+        w = model.get_submodule(name).weight
+        out[name] = float((w.grad.double() * w.detach().double()).sum())
+    return out
+
+
+def mean_of(records: list[dict[str, float]]) -> dict[str, float]:
+    return {k: sum(r[k] for r in records) / len(records) for k in records[0]}
+
+
+def assert_close(got: dict[str, float], want: dict[str, float], rel: float = 1e-10) -> None:
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=rel, abs=1e-300), k
+
+
+def loss_of(model, i, dtype=torch.float64):
+    x, y = batch(i, dtype)
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def test_saliency_is_mean_of_sum_grad_times_weight():
+    model, opt, ctl = make(interval=4)
+    names = ctl.candidates()
+    assert names == ["conv1", "conv2", "conv3"]
+    assert ctl.saliency.names == names
+    records = []
+    for i in range(4):
+        opt.zero_grad()
+        loss_of(model, i).backward()
+        records.append(by_hand(model, names))
+        opt.step()
+        if i < 3:
+            assert ctl.step().due is False
+    want = mean_of(records)
+    # Weights moved between iterations: a value taken from the last step only would differ.
+    assert any(abs(records[0][k] - want[k]) > 1e-6 * abs(want[k]) for k in names)
+    assert_close(ctl.saliency.mean(), want)
+    result = ctl.step()
+    assert result.due
+    assert_close(result.saliency, want)
+    # The top-1 site by that mean grew.
+    assert list(result.grown) == [max(want, key=want.get)]
+
+
+def test_weight_decay_and_momentum_do_not_enter_saliency():
+    # SGD adds weight decay inside step(); the saliency must be the pure loss gradient's.
+    model, opt, ctl = make(interval=100)
+    for group in opt.param_groups:
+        group["weight_decay"] = 0.5
+    names = ctl.candidates()
+    records = []
+    for i in range(3):
+        opt.zero_grad()
+        loss_of(model, i).backward()
+        records.append(by_hand(model, names))
+        opt.step()
+    assert_close(ctl.saliency.mean(), mean_of(records))
+
+
+def test_abs_metric():
+    model, opt, ctl = make(interval=100, metric="abs")
+    names = ctl.candidates()
+    signed = []
+    for i in range(6):
+        opt.zero_grad()
+        loss_of(model, i).backward()
+        signed.append(by_hand(model, names))
+        opt.step()
+    abs_mean = mean_of([{k: abs(v) for k, v in r.items()} for r in signed])
+    signed_mean = mean_of(signed)
+    # The test can only tell the metrics apart if some per-iteration value is negative.
+    assert any(v < 0 for r in signed for v in r.values())
+    assert any(not math.isclose(abs_mean[k], signed_mean[k]) for k in names)
+    assert_close(ctl.saliency.mean(), abs_mean)
+
+
+def test_bad_metric_is_refused():
+    with pytest.raises(ValueError, match="metric"):
+        make(metric="snip")
+
+
+def test_gradient_accumulation_and_clipping_are_seen():
+    """Two backward passes per step, then clipping: the saliency uses the final gradient."""
+    model, opt, ctl = make(interval=100)
+    names = ctl.candidates()
+    records = []
+    for i in range(3):
+        opt.zero_grad()
+        loss_of(model, 2 * i).backward()
+        loss_of(model, 2 * i + 1).backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        assert norm > 0.05  # clipping really changed the gradients
+        records.append(by_hand(model, names))
+        opt.step()
+    assert_close(ctl.saliency.mean(), mean_of(records))
+
+
+@pytest.mark.parametrize("explicit_unscale", [False, True])
+def test_grad_scaler_saliency_uses_unscaled_gradients(explicit_unscale):
+    model, opt, ctl = make(interval=100)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1)
+    assert scaler.is_enabled()
+    names = ctl.candidates()
+    records, scales = [], []
+    for i in range(4):
+        opt.zero_grad()
+        scaler.scale(loss_of(model, i)).backward()
+        scale = scaler.get_scale()
+        scales.append(scale)
+        if explicit_unscale:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            records.append(by_hand(model, names))
+        else:
+            scaled = by_hand(model, names)
+            records.append({k: v / scale for k, v in scaled.items()})
+        scaler.step(opt)
+        scaler.update()
+    assert len(set(scales)) > 1  # the scale changed along the way (growth_interval=1)
+    got = ctl.saliency.mean()
+    want = mean_of(records)
+    assert_close(got, want, rel=1e-9)
+    # and not the scaled gradients' (which would be >= 4096 times larger)
+    assert all(abs(got[k]) < 100 * abs(want[k]) for k in names)
+
+
+def test_grad_scaler_skipped_step_is_not_recorded():
+    model, opt, ctl = make(interval=100)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    names = ctl.candidates()
+    records = []
+    for i in range(3):
+        opt.zero_grad()
+        scaler.scale(loss_of(model, i)).backward()
+        if i == 1:  # an overflow: GradScaler skips optimizer.step()
+            model.fc.weight.grad[0, 0] = float("inf")
+        else:
+            records.append({k: v / scaler.get_scale() for k, v in by_hand(model, names).items()})
+        scaler.step(opt)
+        scaler.update()
+    assert ctl.saliency.count == 2
+    assert_close(ctl.saliency.mean(), mean_of(records), rel=1e-9)
+
+
+def test_gradients_zeroed_inside_the_update_call_still_give_saliency():
+    """mmengine's OptimWrapper.update_params: backward, step and zero_grad in one call."""
+    model, opt, ctl = make(interval=3)
+    names = ctl.candidates()
+    records = []
+
+    def update_params(loss):
+        loss.backward()
+        records.append(by_hand(model, names))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for unit in range(3):
+        for i in range(2):
+            update_params(loss_of(model, 2 * unit + i))
+        assert all(p.grad is None for p in model.parameters())
+        result = ctl.step()
+    assert result.due and result.grown
+    assert_close(result.saliency, mean_of(records))
+
+
+def test_interval_restarts_after_a_due_step():
+    model, opt, ctl = make(interval=1)
+    for i in range(2):
+        opt.zero_grad()
+        loss_of(model, i).backward()
+        opt.step()
+    result = ctl.step()
+    assert result.grown
+    grown = next(iter(result.grown))
+    assert ctl.saliency.count == 0 and ctl.saliency.mean() == {}
+    names = ctl.candidates()
+    assert grown not in names and f"{grown}.branches.1x1_kxk.conv2" in names
+    assert ctl.saliency.names == names
+    records = []
+    for i in range(2, 5):
+        opt.zero_grad()
+        loss_of(model, i).backward()
+        records.append(by_hand(model, names))
+        opt.step()
+    assert_close(ctl.saliency.mean(), mean_of(records))
+
+
+def test_close_removes_the_hook():
+    model, opt, ctl = make(interval=100)
+    opt.zero_grad()
+    loss_of(model, 0).backward()
+    opt.step()
+    assert ctl.saliency.count == 1
+    ctl.close()
+    opt.zero_grad()
+    loss_of(model, 1).backward()
+    opt.step()
+    assert ctl.saliency.count == 1
+
+
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
+                "broadcast_object_list", "reduce", "reduce_scatter", "barrier", "all_to_all")
+
+
+def test_no_collective_and_no_item_per_iteration(tmp_path, monkeypatch):
+    """Per iteration the hook only adds tensors: no collective, no host sync (``.item()``)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        calls: dict[str, int] = {}
+
+        def counting(name, fn):
+            def wrapper(*args, **kwargs):
+                calls[name] = calls.get(name, 0) + 1
+                return fn(*args, **kwargs)
+            return wrapper
+
+        model, opt, ctl = make(interval=100)
+        names = ctl.candidates()
+        for name in _COLLECTIVES:
+            if hasattr(dist, name):
+                monkeypatch.setattr(dist, name, counting(name, getattr(dist, name)))
+        for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+            monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+        records = []
+        for i in range(5):
+            opt.zero_grad()
+            loss_of(model, i).backward()
+            with torch.no_grad():
+                records.append({n: model.get_submodule(n).weight.grad.mul(model.get_submodule(n).weight)
+                                .sum() for n in names})
+            opt.step()
+        assert calls == {}, f"per-iteration work did {calls}"
+        monkeypatch.undo()
+        assert ctl.saliency.count == 5
+        assert_close(ctl.saliency.mean(), {n: sum(float(r[n]) for r in records) / 5 for n in names})
+    finally:
+        dist.destroy_process_group()
