@@ -102,7 +102,7 @@ class RepConv2d(nn.Module):
     def _online_kernel(self) -> Tensor:
         kernel = self.main_scale.reshape(-1, 1, 1, 1) * self.weight
         for branch in self.branches.values():
-            kernel = kernel + branch.scale.reshape(-1, 1, 1, 1) * branch.raw_kernel()
+            kernel = branch.accumulate(kernel)
         return kernel
 
     def forward(self, x: Tensor) -> Tensor:

@@ -72,6 +72,10 @@ class Branch(nn.Module):
             return self.scale.reshape(-1, 1, 1, 1) * self.raw_kernel(), None
         return self.dbb_kernel()
 
+    def accumulate(self, kernel: Tensor) -> Tensor:
+        """``kernel + scale * raw_kernel()`` (online mode), with as few kernel-sized operations as possible."""
+        return torch.addcmul(kernel, self.scale.reshape(-1, 1, 1, 1), self.raw_kernel())
+
     def gamma(self) -> Tensor:
         """The per-channel scale of this branch (its ``scale`` or its last BatchNorm's ``weight``)."""
         return self.scale if self.mode == "online" else self.bn.weight
@@ -101,6 +105,11 @@ class _WindowConvBranch(Branch):
     def dbb_kernel(self) -> tuple[Tensor, Tensor]:
         w, b = _fuse(self.conv.weight, None, self.bn)
         return kernels.embed_kernel(w, self.geom.kernel_size, self.offset), b
+
+    def accumulate(self, kernel: Tensor) -> Tensor:
+        # Scale the small kernel before embedding it: one kernel-sized pad and one add.
+        small = self.scale.reshape(-1, 1, 1, 1) * self.conv.weight
+        return kernel + kernels.embed_kernel(small, self.geom.kernel_size, self.offset)
 
     def forward(self, x: Tensor, xp: Tensor) -> Tensor:
         window = self.geom.window(xp, self.size, self.offset)
@@ -221,6 +230,11 @@ class _SpatialFilterBranch(Branch):
 
     def raw_kernel(self) -> Tensor:
         return kernels.merge_1x1_depthwise(self.conv1.weight, None, self.spatial)[0]
+
+    def accumulate(self, kernel: Tensor) -> Tensor:
+        # kernel[o, i, u, v] += scale[o] * w1[o, i] * spatial[o, u, v], in one fused kernel-sized op.
+        scaled = self.scale.reshape(-1, 1, 1, 1) * self.conv1.weight
+        return torch.addcmul(kernel, scaled, self.spatial.unsqueeze(1))
 
     def dbb_kernel(self) -> tuple[Tensor, Tensor]:
         w1, b1 = _fuse(self.conv1.weight, None, self.bn1)
