@@ -156,8 +156,12 @@ class DyRep:
         return found
 
     def candidates(self) -> list[str]:
-        """Sites that can still grow: eligible, with kinds left to add."""
-        return [s.name for s in self.sites() if s.eligible and s.kinds and
+        """Sites that can grow: eligible and not grown yet.
+
+        As in DyRep, a grown block does not regrow branches it lost (they were cut for a reason); it
+        grows further through its inner kxk conv. A block whose branches were all cut is a conv again.
+        """
+        return [s.name for s in self.sites() if s.eligible and s.kinds and not s.grown and
                 (self.kinds is None or any(k in s.kinds for k in self.kinds))]
 
     def _watch(self) -> None:
@@ -186,6 +190,7 @@ class DyRep:
         before = {id(p) for p in self.model.parameters()}
         source_weights: dict[str, nn.Parameter] = {}
         grown_blocks: dict[str, RepConv2d] = {}
+        new_branches: dict[str, list[nn.Module]] = {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._step_seed())
             for name in targets:
@@ -195,23 +200,32 @@ class DyRep:
                 if report.changed:
                     result.grown[name] = report.changed[local].removeprefix("grew ").split(", ")
                     grown_blocks[name] = self.model.get_submodule(name)
+                    new_branches[name] = report.details["new_modules"][local]
         for block in grown_blocks.values():
             broadcast_module(block)
-        result.calibrated_batches = self._calibrate(grown_blocks)
+        result.calibrated_batches = self._calibrate(grown_blocks, new_branches)
+        self._sync_ema_growth(result.grown)
         for prefix, root in self.roots.items():
+            # Blocks grown in this step start with equal branch scales; they are judged next time.
+            protect = [name[len(prefix) + 1:] if prefix else name for name in grown_blocks
+                       if self._split(name)[0] == prefix]
             cut_report = passes.dep.run(api._state(root).traced, root, std_gate=self.std_gate,
-                                        threshold=self.threshold)
+                                        threshold=self.threshold, protect=protect)
             for local, what in cut_report.changed.items():
                 result.cut[self._join(prefix, local)] = what.removeprefix("cut ").split(", ")
+        for name in result.cut:
+            # A cut folds each rank's own BatchNorm statistics into the kernel: make the ranks agree.
+            broadcast_module(self.model.get_submodule(name))
+        self._sync_ema_cuts(result.cut)
         self._sync_optimizer(before, source_weights)
-        self._sync_emas(grown_blocks, result.cut)
         self.steps_done += 1
         self._record(result)
         self._watch()
         return result
 
     def _choose(self, saliency: dict[str, float]) -> list[str]:
-        ranked = sorted((v, n) for n, v in saliency.items() if n in set(self.candidates()))
+        candidates = set(self.candidates())
+        ranked = sorted((v, n) for n, v in saliency.items() if n in candidates)
         return [n for _, n in reversed(ranked)][: self.topk]
 
     def _kinds_for(self, name: str) -> list[str] | None:
@@ -224,13 +238,16 @@ class DyRep:
         digest = hashlib.sha256(f"{self.seed}:{self.steps_done}".encode()).digest()
         return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
-    def _calibrate(self, grown: dict[str, RepConv2d]) -> int:
-        """dbb mode: fit the new BatchNorms on data, then re-balance so the function is unchanged."""
+    def _calibrate(self, grown: dict[str, RepConv2d], new_branches: dict[str, list[nn.Module]]) -> int:
+        """dbb mode: fit the new branches' BatchNorms on data, then re-balance so the function is unchanged.
+
+        Surviving branches keep their trained statistics.
+        """
         if self.mode != "dbb" or not grown or self.calib_loader is None:
             return 0
         targets = {name: tuple(t.detach().clone() if t is not None else None for t in block.equivalent())
                    for name, block in grown.items()}
-        bns = [m for block in grown.values() for b in block.branches.values() for m in b.modules()
+        bns = [m for branches in new_branches.values() for b in branches for m in b.modules()
                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         used = calibrate_batchnorms(self.model, bns, self.calib_loader, self.calib_batches, self.forward_fn)
         for name, block in grown.items():
@@ -272,25 +289,36 @@ class DyRep:
                 api.restore(ema_root, api.structure(root))
         self._emas.append(ema_module)
 
+    def _ema_root(self, ema: nn.Module, name: str) -> tuple[nn.Module, str]:
+        prefix, _, local = self._split(name)
+        return (ema.get_submodule(prefix) if prefix else ema), local
+
     @torch.no_grad()
-    def _sync_emas(self, grown: dict[str, RepConv2d], cut: dict[str, list[str]]) -> None:
+    def _sync_ema_growth(self, grown: dict[str, list[str]]) -> None:
+        """Grow the same kinds in every EMA copy, starting from the live values; EMA function kept."""
         for ema in self._emas:
-            for name, live in grown.items():
-                prefix, _, local = self._split(name)
-                ema_root = ema.get_submodule(prefix) if prefix else ema
-                target = api.blocks(ema).get(name)
-                before = (target.equivalent() if target is not None else
-                          (ema.get_submodule(name).weight, ema.get_submodule(name).bias))
+            for name, kinds in grown.items():
+                live = self.model.get_submodule(name)
+                ema_root, local = self._ema_root(ema, name)
+                old = ema.get_submodule(name)
+                before = old.equivalent() if isinstance(old, RepConv2d) else (old.weight, old.bias)
                 before = tuple(None if t is None else t.detach().clone() for t in before)
-                api.grow(ema_root, [local], [k for k in live.kinds if target is None or k not in target.branches])
+                api.grow(ema_root, [local], kinds)
                 block = ema.get_submodule(name)
-                for kind, branch in live.branches.items():
-                    for dst, src in zip(block.branches[kind].state_dict().values(), branch.state_dict().values()):
-                        dst.copy_(src)
+                for kind in kinds:
+                    dst, src = block.branches[kind].state_dict(), live.branches[kind].state_dict()
+                    for key in dst:
+                        dst[key].copy_(src[key])
                 block.rebalance(*before)
+
+    @torch.no_grad()
+    def _sync_ema_cuts(self, cut: dict[str, list[str]]) -> None:
+        """Cut the same branches in every EMA copy, absorbing the EMA's own averaged values."""
+        for ema in self._emas:
             for name in sorted(cut, key=lambda n: -n.count(".")):
-                prefix, _, local = self._split(name)
-                api.cut(ema.get_submodule(prefix) if prefix else ema, local, cut[name])
+                ema_root, local = self._ema_root(ema, name)
+                api.cut(ema_root, local, cut[name])
+                broadcast_module(ema.get_submodule(name))
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -39,11 +39,15 @@ def _blocks(model: nn.Module) -> dict[str, RepConv2d]:
 
 
 def plan(model: nn.Module, cuts: Mapping[str, Sequence[str]] | None = None, std_gate: float = 0.02,
-         threshold: float = 0.1) -> dict[str, list[str]]:
-    """Which kinds to cut where: ``cuts`` checked against the model, or the criterion's choice."""
+         threshold: float = 0.1, protect: Sequence[str] = ()) -> dict[str, list[str]]:
+    """Which kinds to cut where: ``cuts`` checked against the model, or the criterion's choice.
+
+    The criterion skips the blocks named in ``protect`` (e.g. those grown a moment ago).
+    """
     blocks = _blocks(model)
     if cuts is None:
-        chosen = {name: select_cuts(b.importance(), std_gate, threshold) for name, b in blocks.items()}
+        chosen = {name: select_cuts(b.importance(), std_gate, threshold) for name, b in blocks.items()
+                  if name not in protect}
         return {name: kinds for name, kinds in chosen.items() if kinds}
     checked: dict[str, list[str]] = {}
     for name, kinds in cuts.items():
@@ -63,13 +67,14 @@ def run(
     cuts: Mapping[str, Sequence[str]] | None = None,
     std_gate: float = 0.02,
     threshold: float = 0.1,
+    protect: Sequence[str] = (),
 ) -> PassReport:
     """Cut ``cuts`` (``{site: kinds}``), or what the criterion selects; exact in eval mode, all or nothing.
 
     Inner blocks are cut before the blocks that contain them, so a cut never discards learned
     nested structure that the criterion keeps.
     """
-    todo = plan(model, cuts, std_gate, threshold)
+    todo = plan(model, cuts, std_gate, threshold, protect)
     report = PassReport("dep")
     report.details["importance"] = {name: b.importance() for name, b in _blocks(model).items()}
     txn = Transaction(model)

@@ -260,15 +260,15 @@ def test_cut():
 def test_structure_restore_roundtrip(mode):
     model = resnet18()
     dyrep_fx.transform(model, mode=mode)
-    dyrep_fx.grow(model, ["conv1", "layer1.0.conv1", "layer2.0.downsample.0", "layer4.1.conv2"])
+    dyrep_fx.grow(model, ["conv1", "layer1.0.conv1", "layer2.0.downsample.0", "layer2.1.conv2"])
     dyrep_fx.grow(model, ["layer1.0.conv1.branches.1x1_kxk.conv2"], ["1x1", "1xk"])  # nested
-    dyrep_fx.cut(model, "layer4.1.conv2", ["prior", "identity"])
+    dyrep_fx.cut(model, "layer2.1.conv2", ["prior", "identity"])
     randomise_bns(model, seed=7)
     randomise_scales(model)
     ref = run_eval(model, X)
     spec = json.loads(json.dumps(dyrep_fx.structure(model)))
     assert spec["mode"] == mode and set(spec["sites"]) == {"conv1", "layer1.0.conv1", "layer2.0.downsample.0",
-                                                           "layer4.1.conv2"}
+                                                           "layer2.1.conv2"}
     assert spec["sites"]["layer1.0.conv1"]["nested"]["branches.1x1_kxk.conv2"]["kinds"] == ["1x1", "1xk"]
 
     fresh = torchvision.models.resnet18(num_classes=10).double()
@@ -545,6 +545,10 @@ def test_fold_inplace_returns_the_same_object():
     assert rel(run_eval(model, X), ref) <= TOL
 
 
+#: One site of each geometry in resnet18: 7x7 stride 2, 3x3 with identity, 3x3 stride 2, 1x1 stride 2, 3x3.
+SAMPLE = ["conv1", "layer1.0.conv1", "layer2.0.conv1", "layer2.0.downsample.0", "layer2.1.conv2"]
+
+
 def test_online_growth_preserves_function_in_train_mode():
     """Online blocks compute one conv with an equal kernel: train-mode BN sees the same batch."""
     model = resnet18()
@@ -553,7 +557,7 @@ def test_online_growth_preserves_function_in_train_mode():
     with torch.no_grad():
         ref = reference(X)
     dyrep_fx.transform(model)
-    dyrep_fx.grow(model)
+    dyrep_fx.grow(model, SAMPLE)
     model.train()
     with torch.no_grad():
         out = model(X)
@@ -583,6 +587,7 @@ def test_dbb_growth_preserves_function_in_eval_mode():
     model = resnet18()
     ref = run_eval(model, X)
     dyrep_fx.transform(model, mode="dbb")
-    dyrep_fx.grow(model)
+    dyrep_fx.grow(model, SAMPLE)
     assert rel(run_eval(model, X), ref) <= TOL
+    assert set(dyrep_fx.blocks(model)) == set(SAMPLE)
     assert all(b.mode == "dbb" for b in dyrep_fx.blocks(model).values())

@@ -281,8 +281,15 @@ def favour(ctl, name: str) -> None:
     ctl.saliency.total[ctl.saliency.names.index(name)] += 1e6
 
 
-def partly_cut_conv1(mode: str = "online", ema: bool = False, **kw):
-    """conv1 grown at step 1, three of its branches cut at step 2; returns what step 3 needs."""
+INNER = "conv1.branches.1x1_kxk.conv2"
+
+
+def partly_cut_conv1(mode: str = "online", ema: bool = False, keep: float = 0.5, **kw):
+    """conv1 grown at step 1, three of its branches cut at step 2 (two kept at scale ``keep``).
+
+    Returns what step 3 needs: conv1 does not regrow the cut kinds (as in DyRep, a grown block grows
+    further through its inner kxk conv), and that inner conv is the most salient site.
+    """
     model, opt, ctl = make(mode, interval=1, **kw)
     averaged = None
     if ema:
@@ -292,54 +299,88 @@ def partly_cut_conv1(mode: str = "online", ema: bool = False, **kw):
     favour(ctl, "conv1")
     assert list(ctl.step().grown) == ["conv1"]
     train(model, opt, 1, start=1, ema=averaged)
-    set_importance(model.conv1, {"1x1": .001, "1x1_kxk": .5, "1x1_avg": .001, "1xk": .5, "kx1": .001})
+    set_importance(model.conv1, {"1x1": .001, "1x1_kxk": keep, "1x1_avg": .001, "1xk": keep, "kx1": .001})
     favour(ctl, "conv2")
     result = ctl.step()
     assert result.cut == {"conv1": ["1x1", "1x1_avg", "kx1"]}
     assert model.conv1.kinds == ["1x1_kxk", "1xk"]
-    # the cut kinds apply again, so the partly cut block is a candidate again
-    assert "conv1" in ctl.candidates()
+    assert "conv1" not in ctl.candidates() and INNER in ctl.candidates()
     train(model, opt, 1, start=2, ema=averaged)
-    favour(ctl, "conv1")
+    favour(ctl, INNER)
     return model, opt, ctl, averaged
 
 
-def test_branches_regrown_at_a_cut_site_are_not_cut_in_the_same_step():
-    """A step's growth must not be undone by the same step's Dep (the std gate's intent).
+def test_a_partly_cut_block_does_not_regrow_its_cut_branches():
+    """Regrowing cut kinds would let the top site regrow and lose the same branches at every step."""
+    model, opt, ctl, _ = partly_cut_conv1()
+    for unit in range(3):
+        favour(ctl, ctl.candidates()[0])
+        result = ctl.step()
+        assert "conv1" not in result.grown
+        assert model.conv1.kinds == ["1x1_kxk", "1xk"]
+        train(model, opt, 1, start=3 + unit)
 
-    Otherwise the top site regrows and loses the same branches at every step, and nothing else grows.
-    """
+
+def test_blocks_grown_in_a_step_are_protected_from_that_steps_cut():
     model, opt, ctl, _ = partly_cut_conv1()
     result = ctl.step()
-    assert result.grown == {"conv1": ["1x1", "1x1_avg", "kx1"]}
-    assert not set(result.cut.get("conv1", [])) & set(result.grown["conv1"]), result.cut
-    assert model.conv1.kinds == ["1x1", "1x1_kxk", "1x1_avg", "1xk", "kx1"]
+    assert list(result.grown) == [INNER] and INNER not in result.cut
+    inner = model.get_submodule(INNER)
+    set_importance(inner, {k: (0.5 if i % 2 else 0.001) for i, k in enumerate(inner.kinds)})
+    assert INNER in dyrep_fx.passes.dep.plan(model)
+    assert INNER not in dyrep_fx.passes.dep.plan(model, protect=[INNER])
 
 
-def test_ema_in_step_when_a_site_grows_and_is_cut_in_one_step():
+def test_ema_in_step_when_a_site_grows_and_another_is_cut():
     model, opt, ctl, ema = partly_cut_conv1(ema=True)
+    set_importance(model.conv1, {"1x1_kxk": 0.5, "1xk": 0.001})
     ema_before = run_eval(ema.module)
-    ctl.step()  # must not fail syncing the EMA
+    result = ctl.step()  # must not fail syncing the EMA
+    assert list(result.grown) == [INNER] and result.cut == {"conv1": ["1xk"]}
     assert dyrep_fx.structure(ema.module) == dyrep_fx.structure(model)
     assert names_and_shapes(ema.module) == names_and_shapes(model)
     assert rel_err(run_eval(ema.module), ema_before) < 1e-12
     ema.update_parameters(model)
 
 
-def test_dbb_regrowth_calibrates_only_the_new_branches():
+def test_ema_keeps_its_own_averages_of_surviving_branches_when_a_site_grows():
+    """Only *new* branches start from the live values in the EMA; survivors keep their averages."""
+    model, opt, ctl, ema = partly_cut_conv1(ema=True, keep=0.04)
+    # the inner kxk's own kernel is re-balanced when it grows; every other survivor must stay as it is
+    survivors = {n: p.detach().clone() for n, p in ema.module.conv1.branches.named_parameters()
+                 if n != "1x1_kxk.conv2.weight"}
+    live = dict(model.conv1.branches.named_parameters())
+    assert sorted({n.split(".")[0] for n in survivors}) == ["1x1_kxk", "1xk"]
+    assert any(not torch.equal(v, live[n]) for n, v in survivors.items())  # the EMA lags the live model
+    ema_before = run_eval(ema.module)
+    result = ctl.step()
+    assert list(result.grown) == [INNER]
+    assert dyrep_fx.structure(ema.module) == dyrep_fx.structure(model)
+    now = dict(ema.module.conv1.branches.named_parameters())
+    for n, v in survivors.items():
+        assert torch.equal(now[n], v), f"the EMA's surviving {n} was overwritten"
+    inner_live = model.get_submodule(INNER).branches
+    inner_ema = ema.module.get_submodule(INNER).branches
+    for kind in result.grown[INNER]:
+        for (_, a), (_, b) in zip(inner_live[kind].named_parameters(), inner_ema[kind].named_parameters()):
+            assert torch.equal(a, b), "new EMA branches start from the live values"
+    assert rel_err(run_eval(ema.module), ema_before) < 1e-12
+
+
+def test_dbb_growth_calibrates_only_the_new_branches():
     """Calibration fits the new branches' BatchNorms; the surviving branches keep their statistics."""
     model, opt, ctl, _ = partly_cut_conv1("dbb", calib_loader=Batches(10), calib_batches=2)
-    survivors = {kind: {k: v.clone() for k, v in branch.state_dict().items()}
-                 for kind, branch in model.conv1.branches.items()}
-    assert sorted(survivors) == ["1x1_kxk", "1xk"]
+    survivors = {k: v.clone() for k, v in model.conv1.branches.state_dict().items()
+                 if not k.startswith("1x1_kxk.conv2.")}
     before = run_eval(model)
     result = ctl.step()
-    assert result.grown == {"conv1": ["1x1", "1x1_avg", "kx1"]} and result.calibrated_batches == 2
+    assert list(result.grown) == [INNER] and result.calibrated_batches == 2
     assert rel_err(run_eval(model), before) < 1e-9
-    for kind, state in survivors.items():
-        now = model.conv1.branches[kind].state_dict()
-        for key, value in state.items():
-            assert torch.equal(now[key], value), f"surviving branch {kind}: {key} changed"
+    now = model.conv1.branches.state_dict()
+    for key, value in survivors.items():
+        assert torch.equal(now[key], value), f"surviving {key} changed"
+    fresh = [m for m in model.get_submodule(INNER).branches.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert fresh and all(int(bn.num_batches_tracked) == 2 for bn in fresh)
 
 
 # -- the function across a step -------------------------------------------------------------------
@@ -386,7 +427,17 @@ def test_dbb_calibration(n_batches, calib_batches, expected):
     train(model, opt, 3)
     others = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("bn")}
     before = run_eval(model)
-    result = ctl.step()
+    seen: dict[nn.Module, list[torch.Tensor]] = {}
+
+    def capture(module, args):  # what every BatchNorm in train mode sees during the step
+        if isinstance(module, nn.BatchNorm2d) and module.training:
+            seen.setdefault(module, []).append(args[0].detach().clone())
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(capture)
+    try:
+        result = ctl.step()
+    finally:
+        handle.remove()
     (name,) = result.grown
     assert result.calibrated_batches == expected
     assert loader.taken == expected
@@ -395,12 +446,17 @@ def test_dbb_calibration(n_batches, calib_batches, expected):
     for k, v in others.items():
         assert torch.equal(model.state_dict()[k], v), k
     block = model.get_submodule(name)
-    for kind, branch in block.branches.items():
-        for bn_name, bn in branch.named_modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                # calibrated on data: not the fresh (0, 1) statistics any more; momentum restored
-                assert not torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean)), (kind, bn_name)
-                assert bn.momentum == 0.1
+    new_bns = [bn for branch in block.branches.values() for bn in branch.modules() if isinstance(bn, nn.BatchNorm2d)]
+    assert set(seen) == set(new_bns)  # only the new branches' BatchNorms were in train mode
+    for bn in new_bns:
+        # a plain average over the calibration batches of each batch's mean and unbiased variance
+        inputs = seen[bn]
+        assert len(inputs) == expected
+        mean = torch.stack([t.mean((0, 2, 3)) for t in inputs]).mean(0)
+        var = torch.stack([t.transpose(0, 1).reshape(t.shape[1], -1).var(1) for t in inputs]).mean(0)
+        assert torch.allclose(bn.running_mean, mean, rtol=1e-9, atol=1e-12)
+        assert torch.allclose(bn.running_var, var, rtol=1e-9, atol=1e-12)
+        assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == expected
     assert all(m.training for m in model.modules())
     train(model, opt, 2, start=10)
 

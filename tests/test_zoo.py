@@ -182,7 +182,7 @@ def _check_untraceable_reported(model: nn.Module) -> None:
 
 
 def _run(name: str, mode: str, info: dict[str, Any]) -> None:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     kwargs = _builder_kwargs(name)
     model = _build(name, kwargs)
     gen = torch.Generator().manual_seed(1)
@@ -213,6 +213,7 @@ def _run(name: str, mode: str, info: dict[str, Any]) -> None:
 
     # 1. grow every eligible site with every kind that applies: the function is kept exactly.
     names = _growth_names(name, model)
+    t_grow = time.perf_counter()
     report = dyrep_fx.grow(model, names)
     grown_sites = list(report.changed)
     info["grown"] = len(grown_sites)
@@ -227,7 +228,9 @@ def _run(name: str, mode: str, info: dict[str, Any]) -> None:
         assert inner
         dyrep_fx.grow(model, inner)
         info["nested_grown"] = len(inner)
+    info["grow_s"] = round(time.perf_counter() - t_grow, 2)
     grown_out = _eval_out(model, x)
+    info["grown_fwd_s"] = round(time.perf_counter() - t_grow - info["grow_s"], 2)
     info["grow_rel"] = _rel(grown_out, ref)
     assert info["grow_rel"] <= TOL, f"{name} ({mode}): growth changed the function: {info['grow_rel']:.3g}"
     del grown_out, ref
@@ -237,7 +240,9 @@ def _run(name: str, mode: str, info: dict[str, Any]) -> None:
     _randomise_scales(model, gen)
     grown_ref = _eval_out(model, x)
     big = sum(p.numel() for p in model.parameters()) > BIG_MODEL
-    folded = dyrep_fx.fold(model, inplace=big)  # in place for giants, to keep memory bounded
+    t_fold = time.perf_counter()
+    folded = dyrep_fx.fold(model, inplace=big)
+    info["fold_s"] = round(time.perf_counter() - t_fold, 2)  # in place for giants, to keep memory bounded
     if not big:
         del model
     gc.collect()
@@ -257,14 +262,23 @@ def _run(name: str, mode: str, info: dict[str, Any]) -> None:
     info["fresh_rel"] = _rel(_eval_out(fresh, x), grown_ref)
     assert info["fresh_rel"] <= TOL, f"{name} ({mode}): fresh instance differs: {info['fresh_rel']:.3g}"
     info["seconds"] = round(time.perf_counter() - t0, 2)
+    info["cpu_seconds"] = round(time.process_time() - c0, 2)
+
+
+def _summary_path() -> str:
+    return os.environ.get("DYREP_FX_ZOO_SUMMARY", os.path.join(tempfile.gettempdir(), "dyrep_fx_zoo_summary.json"))
+
+
+def _write_summary() -> None:
+    with open(_summary_path(), "w") as f:
+        json.dump(_SUMMARY, f, indent=1, default=str)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _zoo_summary():
     yield
-    path = os.environ.get("DYREP_FX_ZOO_SUMMARY", os.path.join(tempfile.gettempdir(), "dyrep_fx_zoo_summary.json"))
-    with open(path, "w") as f:
-        json.dump(_SUMMARY, f, indent=1, default=str)
+    _write_summary()
+    path = _summary_path()
     traced = sorted(k for k, v in _SUMMARY.items() if v.get("traced"))
     failed = {k: v.get("reason") for k, v in _SUMMARY.items() if v.get("traced") is False}
     errors = {k: v["error"] for k, v in _SUMMARY.items() if "error" in v}
@@ -301,5 +315,6 @@ def test_zoo_model(name: str, mode: str):
         raise
     finally:
         gc.collect()
+        _write_summary()
     if not info["traced"]:
         pytest.xfail(f"{name} cannot be traced: {info['reason']}")

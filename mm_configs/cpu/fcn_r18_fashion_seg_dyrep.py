@@ -1,4 +1,4 @@
-# FCN R-18-D8 from scratch on Fashion-MNIST scenes (CPU) + DyRep on the backbone: fcn_r18_fashion_seg.py with
+# FCN R-18-D16 from scratch on Fashion-MNIST scenes (CPU) + DyRep on the backbone: fcn_r18_fashion_seg.py with
 # only the DyRepHook added.
 #
 # Data, once (Fashion-MNIST from Debian's dataset-fashion-mnist package; no download):

@@ -119,13 +119,15 @@ def tensor_outputs(model: nn.Module, batch: Any) -> list[torch.Tensor]:
 
 def make_recorder(backbone: str = "backbone") -> Any:
     """A hook (register it with ``runner.register_hook(rec, 'LOWEST')``) recording, per training iteration,
-    the model's mode and its backbone's BatchNorm modes as the forward sees them, and the loss."""
+    the model's mode and its backbone's BatchNorm modes as the forward sees them, and the loss; the state
+    the training starts from; and the metrics of each validation."""
     from mmengine.hooks import Hook
 
     class TrainRecorder(Hook):
         def __init__(self) -> None:
             self.iters: list[dict[str, Any]] = []
             self.before_train_state: dict[str, torch.Tensor] | None = None
+            self.val_metrics: list[dict[str, Any]] = []
 
         def before_train(self, runner) -> None:
             self.before_train_state = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
@@ -137,6 +139,9 @@ def make_recorder(backbone: str = "backbone") -> Any:
 
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
             self.iters[-1]["loss"] = float(outputs["loss"]) if outputs and "loss" in outputs else math.nan
+
+        def after_val_epoch(self, runner, metrics=None) -> None:
+            self.val_metrics.append(dict(metrics or {}))
 
     return TrainRecorder()
 

@@ -1,0 +1,185 @@
+"""RetinaNet R-18-FPN trained with DyRepHook by mmengine's own Runner on deepforest's aerial tree crowns.
+
+One short real run (``mm_configs/cpu/retinanet_r18_fpn_deepforest_dyrep.py``, a DyRep step every 2 iterations,
+stem and stage 1 frozen, ``norm_eval=True``) is shared by the tests of this module; then its folded
+checkpoints are checked against the plain config, the ``dyrep-fx fold`` command and the fine-tuning config.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers.mm_data import (
+    BACKBONE_CKPT_ENV,
+    CONFIG_DIR,
+    DEEPFOREST_ENV,
+    build_model,
+    find_hook,
+    load_config,
+    make_recorder,
+    optimizer_params,
+    small_run,
+    tensor_outputs,
+    without_dyrep,
+)
+
+from dyrep_fx import api
+from dyrep_fx.block import RepConv2d
+
+pytestmark = pytest.mark.slow
+
+CONFIG = "cpu/retinanet_r18_fpn_deepforest_dyrep.py"
+ITERS, INTERVAL = 6, 2
+#: Deploy vs grown model, float32: |got - ref| <= RTOL * |ref| + ATOL_FRACTION * max|ref| per output tensor.
+RTOL, ATOL_FRACTION = 1e-4, 1e-5
+FROZEN = ("backbone.conv1", "backbone.layer1.")
+
+
+def train(cfg):
+    from mmengine.runner import Runner
+
+    runner = Runner.from_cfg(cfg)
+    recorder = make_recorder()
+    runner.register_hook(recorder, "LOWEST")
+    runner.train()
+    return runner, recorder
+
+
+@pytest.fixture(scope="module")
+def run(deepforest_root, tmp_path_factory):
+    cfg = load_config(CONFIG, **{DEEPFOREST_ENV: str(deepforest_root)})
+    cfg = small_run(cfg, tmp_path_factory.mktemp("retinanet_dyrep"), ITERS, INTERVAL)
+    cfg.model.backbone.update(frozen_stages=1, norm_eval=True)  # as in COCO fine-tuning configs
+    cfg.model.test_cfg.score_thr = 0.0  # a few iterations from scratch score below 0.05: let CocoMetric see boxes
+    runner, recorder = train(cfg)
+    return SimpleNamespace(cfg=cfg, runner=runner, recorder=recorder, hook=find_hook(runner, "DyRepHook"),
+                           work_dir=Path(cfg.work_dir), root=deepforest_root)
+
+
+def test_dyrep_grows_during_training_with_finite_loss(run):
+    model = run.runner.model
+    ctl = run.hook.controller
+    assert [e["unit"] for e in ctl.history] == list(range(INTERVAL, ITERS + 1, INTERVAL))
+    grown = {name for e in ctl.history for name in e["grown"]}
+    assert grown, ctl.history
+    blocks = api.blocks(model)
+    assert blocks and all(isinstance(b, RepConv2d) for b in blocks.values())
+    assert {name for name in grown if "branches" not in name} <= set(blocks)
+    assert all(name.startswith(("backbone.", "neck.")) for name in blocks)
+    assert run.runner.message_hub.get_scalar("train/dyrep_blocks").current() == sum(b.grown for b in blocks.values())
+    losses = [it["loss"] for it in run.recorder.iters]
+    assert len(losses) == ITERS and all(math.isfinite(v) for v in losses), losses
+    history = run.runner.message_hub.get_scalar("train/loss").data[0]
+    assert len(history) == ITERS and all(math.isfinite(v) for v in history)
+    # Validation ran on the grown model: CocoMetric computed a real bbox mAP on the held-out tiles.
+    (metrics,) = run.recorder.val_metrics
+    assert 0.0 <= metrics["coco/bbox_mAP"] <= 1.0 and 0.0 <= metrics["coco/bbox_mAP_50"] <= 1.0
+
+
+def test_optimizer_holds_every_new_parameter(run):
+    model = run.runner.model
+    groups = optimizer_params(run.runner.optim_wrapper.optimizer)
+    trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(trainable) <= set(groups), [trainable[i] for i in set(trainable) - set(groups)]
+    model_ids = {id(p) for p in model.parameters()}
+    assert set(groups) <= model_ids  # nothing stale (cut branches, replaced convs) left in the optimizer
+    new = [n for n in trainable.values() if ".branches." in n or n.endswith("scale")]
+    assert new
+
+
+def test_frozen_stages_are_not_grown_and_norm_eval_holds(run):
+    model = run.runner.model
+    assert not [n for n in api.blocks(model) if n.startswith(FROZEN)]
+    for site in run.hook.controller.sites():
+        if site.name.startswith(FROZEN):
+            assert not site.eligible and "frozen" in site.reason, (site.name, site.reason)
+    # The frozen weights did not move.
+    before = run.recorder.before_train_state
+    now = model.state_dict()
+    frozen_keys = [k for k in before if k.startswith(FROZEN) and k.endswith("weight")]
+    assert frozen_keys and all(torch.equal(before[k], now[k]) for k in frozen_keys)
+    # norm_eval=True: every backbone BatchNorm was in eval mode in every training forward (growth included).
+    assert all(it["training"] for it in run.recorder.iters)
+    assert all(it["bn"] and not any(it["bn"].values()) for it in run.recorder.iters)
+
+
+def test_paramwise_cfg_gives_branch_scales_norm_decay(run):
+    model = run.runner.model
+    groups = optimizer_params(run.runner.optim_wrapper.optimizer)
+    base_wd = run.cfg.optim_wrapper.optimizer.weight_decay
+    assert run.cfg.optim_wrapper.paramwise_cfg.norm_decay_mult == 0.0
+    scales = [(n, p) for n, p in model.named_parameters() if n.rpartition(".")[2] in ("scale", "main_scale")]
+    assert scales
+    for name, p in scales:
+        assert groups[id(p)]["weight_decay"] == 0.0, name
+    branch_convs = [(n, p) for n, p in model.named_parameters() if ".branches." in n and p.dim() == 4]
+    assert branch_convs
+    for name, p in branch_convs:
+        assert groups[id(p)]["weight_decay"] == pytest.approx(base_wd), name
+    bn = model.backbone.layer2[0].bn1.weight
+    assert groups[id(bn)]["weight_decay"] == 0.0
+
+
+def load_deploy(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert ckpt["meta"]["dyrep_fx"] == "folded"
+    return ckpt["state_dict"]
+
+
+def test_deploy_checkpoint_loads_strictly_and_computes_the_same(run):
+    deploy = load_deploy(run.work_dir / "dyrep_deploy.pth")
+    assert not [k for k in deploy if ".branches." in k or k.endswith("scale")]
+    plain = build_model(without_dyrep(run.cfg))
+    plain.load_state_dict(deploy, strict=True)
+    baseline = build_model(load_config("cpu/retinanet_r18_fpn_deepforest.py"))
+    baseline.load_state_dict(deploy, strict=True)  # the plain baseline config is the same architecture
+    batch = next(iter(run.runner.val_dataloader))  # real held-out tiles, through the config's test pipeline
+    ref = tensor_outputs(run.runner.model, batch)
+    got = tensor_outputs(plain, batch)
+    assert len(ref) == len(got) == 10  # 5 levels x (class scores, box deltas)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=RTOL, atol=ATOL_FRACTION * r.abs().max().item())
+
+
+def test_fold_command_on_the_last_checkpoint_equals_the_deploy_file(run, tmp_path):
+    from dyrep_fx import cli
+
+    ckpt = run.work_dir / f"iter_{ITERS}.pth"
+    out = tmp_path / "folded.pth"
+    assert cli.main(["fold", str(CONFIG_DIR / CONFIG), str(ckpt), "-o", str(out)]) == 0
+    folded, deploy = load_deploy(out), load_deploy(run.work_dir / "dyrep_deploy.pth")
+    assert list(folded) == list(deploy)
+    for key in deploy:
+        torch.testing.assert_close(folded[key], deploy[key], rtol=0, atol=0, msg=key)
+
+
+def test_finetune_config_starts_its_backbone_from_the_deploy_file(run, tmp_path):
+    deploy_path = run.work_dir / "dyrep_deploy.pth"
+    deploy = load_deploy(deploy_path)
+    cfg = load_config("cpu/retinanet_r18_fpn_deepforest_finetune.py",
+                      **{DEEPFOREST_ENV: str(run.root), BACKBONE_CKPT_ENV: str(deploy_path)})
+    assert not [h for h in cfg.get("custom_hooks", []) if h["type"] == "DyRepHook"]
+    assert cfg.model.backbone.init_cfg.checkpoint == str(deploy_path)
+    backbone_keys = {k[len("backbone."):]: v for k, v in deploy.items() if k.startswith("backbone.")}
+
+    model = build_model(cfg)
+    model.init_weights()
+    state = model.backbone.state_dict()
+    assert set(state) == set(backbone_keys)
+    for key, value in backbone_keys.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+
+    cfg = small_run(cfg, tmp_path / "finetune", 2)
+    runner, recorder = train(cfg)
+    start = recorder.before_train_state
+    for key, value in backbone_keys.items():
+        torch.testing.assert_close(start["backbone." + key], value, rtol=0, atol=0, msg=key)
+    assert len(recorder.iters) == 2 and all(math.isfinite(it["loss"]) for it in recorder.iters)
+    assert not api.blocks(runner.model)
+    after = runner.model.state_dict()
+    assert torch.equal(after["backbone.layer1.0.conv1.weight"], backbone_keys["layer1.0.conv1.weight"])  # frozen
+    assert not torch.equal(after["backbone.layer4.1.conv2.weight"], backbone_keys["layer4.1.conv2.weight"])

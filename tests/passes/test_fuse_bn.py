@@ -1,0 +1,93 @@
+"""``passes.fuse_bn``: conv + BatchNorm to one conv for deployment, on a folded model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import dyrep_fx
+from dyrep_fx.passes import PassError, fuse_bn
+from dyrep_fx.tracing import trace_model
+
+TOL = 1e-9
+
+
+@torch.no_grad()
+def randomise_bns(model: nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            for t, lo, hi in [(m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0)]:
+                t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype) * (hi - lo) + lo)
+            if m.affine:
+                for t, lo, hi in [(m.weight, 0.5, 1.5), (m.bias, -0.5, 0.5)]:
+                    t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype) * (hi - lo) + lo)
+
+
+def out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("mode", ["online", "dbb"])
+def test_fuse_bn_on_folded_resnet18(mode):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    dyrep_fx.transform(model, mode=mode)
+    dyrep_fx.grow(model, ["conv1", "layer1.0.conv1", "layer2.0.downsample.0", "layer3.1.conv2"])
+    randomise_bns(model)
+    ref = out(model, x)
+    folded = dyrep_fx.fold(model)
+    with pytest.raises(PassError, match="folded model"):
+        fuse_bn.run(model.__dict__["_dyrep_fx"].traced, model)  # the grown model is refused
+    report = fuse_bn.run(trace_model(folded), folded)
+    assert report.name == "fuse_bn" and len(report.changed) == 20 and not report.skipped
+    assert report.changed["conv1"] == "absorbed bn1"
+    assert report.changed["layer2.0.downsample.0"] == "absorbed layer2.0.downsample.1"
+    assert not any(isinstance(m, _BatchNorm) for m in folded.modules())
+    assert isinstance(folded.bn1, nn.Identity) and isinstance(folded.layer2[0].downsample[1], nn.Identity)
+    assert all(m.bias is not None for m in folded.modules() if isinstance(m, nn.Conv2d))
+    assert rel(out(folded, x), ref) <= TOL
+
+
+class Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fused = nn.Conv2d(3, 4, 3, padding=1, bias=True)
+        self.bn = nn.BatchNorm2d(4)
+        self.to_relu = nn.Conv2d(4, 4, 3, padding=1)
+        self.twice_a = nn.Conv2d(4, 4, 1, bias=False)
+        self.twice_b = nn.Conv2d(4, 4, 1, bias=False)
+        self.shared_bn = nn.BatchNorm2d(4)
+        self.no_stats = nn.Conv2d(4, 4, 1, bias=False)
+        self.bn_no_stats = nn.BatchNorm2d(4, track_running_stats=False)
+
+    def forward(self, x):
+        x = self.bn(self.fused(x))
+        x = torch.relu(self.to_relu(x))
+        x = self.shared_bn(self.twice_a(x)) + self.shared_bn(self.twice_b(x))
+        return x + self.bn_no_stats(self.no_stats(x))
+
+
+def test_fuse_bn_skips_what_it_cannot_fuse():
+    torch.manual_seed(0)
+    model = Mixed().double()
+    randomise_bns(model)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    ref = out(model, x)
+    report = fuse_bn.run(trace_model(model), model)
+    assert report.changed == {"fused": "absorbed bn"}
+    assert "does not feed only a BatchNorm" in report.skipped["to_relu"]
+    assert "more than once" in report.skipped["twice_a"] and "more than once" in report.skipped["twice_b"]
+    assert "no running statistics" in report.skipped["no_stats"]
+    assert isinstance(model.bn, nn.Identity) and isinstance(model.shared_bn, nn.BatchNorm2d)
+    assert rel(out(model, x), ref) <= TOL
