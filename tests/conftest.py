@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 # mmengine 0.10.7 calls torch.load() without weights_only, and torch >= 2.6 defaults to weights_only=True, so
@@ -15,3 +16,12 @@ os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 # Keep the CPU tests at 2 threads (the CI machine has 2 cores) unless the caller chose a thread count.
 if not any(v in os.environ for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")):
     torch.set_num_threads(int(os.environ.get("TORCH_NUM_THREADS", "2")))
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (tiny models), restoring the setting afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

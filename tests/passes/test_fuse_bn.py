@@ -20,7 +20,8 @@ def randomise_bns(model: nn.Module, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, _BatchNorm):
-            for t, lo, hi in [(m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0)]:
+            stats = [(m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0)] if m.track_running_stats else []
+            for t, lo, hi in stats:
                 t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype) * (hi - lo) + lo)
             if m.affine:
                 for t, lo, hi in [(m.weight, 0.5, 1.5), (m.bias, -0.5, 0.5)]:

@@ -11,11 +11,15 @@ for the uninterrupted run and the first half, so every run shares one definition
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import dyrep_fx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 UNITS = 10  # DyRep.step() calls (e.g. epochs)
 HALF = 5  # the checkpoint is written after this many units: mid-interval

@@ -1,0 +1,34 @@
+"""Small real CNNs shared by the controller, saliency, optimizer, resume and DDP tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SmallNet(nn.Module):
+    """Three 3x3 conv + BN + ReLU stages and a linear head, for 3-channel 8x8 inputs.
+
+    ``dropout > 0`` adds a dropout that draws from the global RNG (resume tests checkpoint it).
+    """
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        if dropout:
+            self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        x = x.mean((2, 3))
+        if hasattr(self, "drop"):
+            x = self.drop(x)
+        return self.fc(x)
