@@ -44,8 +44,8 @@ DBB_KINDS = ["1x1", "1x1_kxk", "1x1_avg"]  # DBB's branch set beside the kxk ker
 class DemoConfig:
     """Recipe of the demo; ``quick()`` is the setting the tests use."""
 
-    epochs: int = 4
-    train_limit: int | None = 20000
+    epochs: int = 3
+    train_limit: int | None = 10000
     test_limit: int | None = None
     batch_size: int = 128
     lr: float = 0.05
