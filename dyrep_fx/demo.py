@@ -45,7 +45,7 @@ class DemoConfig:
     """Recipe of the demo; ``quick()`` is the setting the tests use."""
 
     epochs: int = 3
-    train_limit: int | None = 10000
+    train_limit: int | None = 6000
     test_limit: int | None = None
     batch_size: int = 128
     lr: float = 0.05
@@ -173,6 +173,7 @@ def run_variant(variant: str, config: DemoConfig) -> dict[str, Any]:
         "fold_max_abs_error": fold_error,
         "events": events,
         "branch_history": ctl.history if ctl is not None else [],
+        "total_iterations": total_steps,
         "final_structure": api.structure(model)["sites"] if "_dyrep_fx" in model.__dict__ else {},
     }
 
@@ -202,11 +203,13 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     ax_acc.legend()
     dyrep = next((r for r in report["runs"] if r["branch_history"]), None)
     if dyrep is not None:
-        sites = sorted({s for h in dyrep["branch_history"] for s in h["branches"]})
-        units = [h["unit"] for h in dyrep["branch_history"]]
+        history = dyrep["branch_history"]
+        sites = sorted({s for h in history for s in h["branches"]})
+        # start from the plain model and hold the last structure to the end of training
+        units = [0] + [h["unit"] for h in history] + [dyrep.get("total_iterations", history[-1]["unit"])]
         for site in sites:
-            ax_br.step(units, [h["branches"].get(site, 0) for h in dyrep["branch_history"]], where="post",
-                       label=site)
+            counts = [h["branches"].get(site, 0) for h in history]
+            ax_br.step(units, [0] + counts + counts[-1:], where="post", label=site)
         ax_br.legend(fontsize=7)
     ax_br.set(xlabel="iteration", ylabel="branches", title="DyRep: branches per layer")
     fig.tight_layout()
