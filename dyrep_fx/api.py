@@ -20,7 +20,7 @@ from .block import MODES, RepConv2d
 from .geometry import ConvGeometry
 from .passes.analysis import Site
 from .passes.base import PassError, PassReport, get_module
-from .tracing import TracedModel, trace_model
+from .tracing import TracedModel, TraceFailure, trace_model
 
 __all__ = ["transform", "sites", "grow", "cut", "fold", "structure", "restore", "blocks", "DyRepState",
            "STRUCTURE_FORMAT"]
@@ -196,7 +196,16 @@ def restore(model: nn.Module, spec: dict[str, Any], example_inputs: Sequence[Any
     if spec.get("format") != STRUCTURE_FORMAT:
         raise PassError(f"not a dyrep_fx structure (format {spec.get('format')!r}, expected {STRUCTURE_FORMAT!r})")
     if _STATE_ATTR not in model.__dict__:
-        transform(model, example_inputs, mode=spec["mode"], init_scale=spec.get("init_scale", 0.01))
+        try:
+            transform(model, example_inputs, mode=spec["mode"], init_scale=spec.get("init_scale", 0.01))
+        except TraceFailure as exc:
+            # Restoring only needs the convs at the named paths; growth eligibility was checked when the
+            # structure grew. Keep an empty trace (nothing else grows without example inputs).
+            log.warning("restore: %s; restoring the structure without a trace", exc)
+            model.__dict__[_STATE_ATTR] = DyRepState(
+                traced=TracedModel(convs={}, untraceable={"": str(exc)}, root_traced=False,
+                                   graph_differs_in_eval=False),
+                mode=spec["mode"], init_scale=spec.get("init_scale", 0.01))
     state = _state(model)
     if state.mode != spec["mode"]:
         raise PassError(f"structure is for {spec['mode']!r} mode but the model is in {state.mode!r} mode")

@@ -14,6 +14,7 @@ optimizer (and any attached EMA copies) consistent, and reports what changed.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from collections.abc import Callable, Iterable
@@ -285,13 +286,19 @@ class DyRep:
         ema_module = _unwrap(ema_module)
         for prefix, root in self.roots.items():
             ema_root = ema_module.get_submodule(prefix) if prefix else ema_module
-            if "_dyrep_fx" not in ema_root.__dict__:
-                api.restore(ema_root, api.structure(root))
+            self._share_trace(root, ema_root)
+            api.restore(ema_root, api.structure(root))
         self._emas.append(ema_module)
 
     def _ema_root(self, ema: nn.Module, name: str) -> tuple[nn.Module, str]:
         prefix, _, local = self._split(name)
         return (ema.get_submodule(prefix) if prefix else ema), local
+
+    @staticmethod
+    def _share_trace(root: nn.Module, ema_root: nn.Module) -> None:
+        """An EMA copy has the live target's architecture: reuse its trace instead of tracing again."""
+        if "_dyrep_fx" not in ema_root.__dict__:
+            ema_root.__dict__["_dyrep_fx"] = copy.deepcopy(root.__dict__["_dyrep_fx"])
 
     @torch.no_grad()
     def _sync_ema_growth(self, grown: dict[str, list[str]]) -> None:
@@ -303,8 +310,10 @@ class DyRep:
                 old = ema.get_submodule(name)
                 before = old.equivalent() if isinstance(old, RepConv2d) else (old.weight, old.bias)
                 before = tuple(None if t is None else t.detach().clone() for t in before)
-                api.grow(ema_root, [local], kinds)
+                # EMA copies are often frozen (mmengine's): grow them without the eligibility check.
+                api._restore_block(ema_root, local, {"kinds": kinds}, self.mode, api._state(ema_root).init_scale)
                 block = ema.get_submodule(name)
+                block.requires_grad_(old.weight.requires_grad)
                 for kind in kinds:
                     dst, src = block.branches[kind].state_dict(), live.branches[kind].state_dict()
                     for key in dst:
@@ -344,7 +353,9 @@ class DyRep:
         self.history = list(state["history"])
         for ema in self._emas:
             for prefix, spec in state["structures"].items():
-                api.restore(ema.get_submodule(prefix) if prefix else ema, spec)
+                ema_root = ema.get_submodule(prefix) if prefix else ema
+                self._share_trace(self.roots[prefix], ema_root)
+                api.restore(ema_root, spec)
         self._watch()
         self.saliency.load_state_dict(state["saliency"])
 

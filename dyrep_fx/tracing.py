@@ -236,6 +236,19 @@ def _conv_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def _default_flags(module: nn.Module) -> dict[str, Any] | None:
+    """A child traced on its own is called by untraced code: fix its flag arguments at their defaults.
+
+    (e.g. mmcv's ``ConvModule.forward(x, activate=True, norm=True)``, whose flags would otherwise be
+    traced as inputs and fail in ``if activate``.)
+    """
+    import inspect
+
+    flags = {p.name: p.default for p in inspect.signature(module.forward).parameters.values()
+             if p.default is not inspect.Parameter.empty and isinstance(p.default, (bool, type(None), int, str))}
+    return flags or None
+
+
 def _trace_forest(
     module: nn.Module, prefix: str, leaf_types, modules, convs, untraceable: dict[str, str], root_error: str,
     norm_calls: dict[str, int],
@@ -252,7 +265,7 @@ def _trace_forest(
             continue
         sub_untraceable: dict[str, str] = {}
         try:
-            graph = _trace_with_leaf_fallback(child, leaf_types, None, sub_untraceable)
+            graph = _trace_with_leaf_fallback(child, leaf_types, _default_flags(child), sub_untraceable)
         except Exception as exc:
             untraceable[name] = f"{type(exc).__name__}: {exc}".split("\n")[0]
             continue

@@ -67,6 +67,9 @@ build_mmcv_wheel
 log "installing the OpenMMLab stack and dyrep_fx"
 "${PIP[@]}" --find-links "$WHEELHOUSE" mmcv==2.1.0
 "${PIP[@]}" --find-links "$WHEELHOUSE" -e "$ROOT[mm,test,demo]"
+# deepforest ships the annotated aerial images the detection tests train on; only its data files are
+# read (importing it would need pytorch-lightning), so its dependencies are not installed.
+"${PIP[@]}" --no-deps deepforest==2.1.0
 "$VENV/bin/python" -c "import mmcv.ops, mmdet.models, mmseg.models, dyrep_fx, dyrep_fx.passes" 2>/dev/null
 echo "$want_stamp" > "$STAMP"
 log "environment ready: $VENV"

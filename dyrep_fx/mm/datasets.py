@@ -99,8 +99,8 @@ def deepforest_data_dir() -> Path:
         except importlib.metadata.PackageNotFoundError:
             version = "unknown"
         raise FileNotFoundError(
-            f"deepforest {version} at {folder.parent} lacks the annotated images {missing}; this code reads the "
-            f"files of deepforest {DEEPFOREST_VERSION}: {_INSTALL_HINT}")
+            f"deepforest {version} at {folder.parent} lacks the annotated images {missing}; this code reads "
+            f"the files of deepforest {DEEPFOREST_VERSION}: {_INSTALL_HINT}")
     return folder
 
 
@@ -161,7 +161,8 @@ def deepforest_coco(
     boxes) are cut into ``tile x tile`` crops (origins spread evenly, the last tile flush with the image
     edge, so neighbouring tiles may overlap; ``tile=None`` keeps whole images). A box that is at least
     ``min_visible`` inside a tile is kept, clipped to it; a box less visible than that becomes a COCO
-    ``iscrowd=1`` region (mmdet and pycocotools ignore detections there instead of counting them wrong).
+    ``iscrowd=1`` region: pycocotools does not count detections there as false positives, and mmdet keeps
+    it out of the training targets (``ignored_instances``).
 
     Classes: with ``single_class`` (default) the labels "Tree", "Dead" and "Alive" (only SOAP_061 tells
     dead from alive) are all category 1 ``"tree"`` (:data:`TREE_CLASSES`); otherwise categories 1..3 are
@@ -186,9 +187,11 @@ def deepforest_coco(
     files = [out / n for n in ("annotations.json", "train.json", "val.json")]
     if all(f.is_file() for f in files):
         try:
-            if json.loads(files[0].read_text()).get("info", {}).get("stamp") == stamp:
+            written = json.loads(files[0].read_text())
+            if written.get("info", {}).get("stamp") == stamp and all(
+                    (out / "images" / im["file_name"]).is_file() for im in written["images"]):
                 return out
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError, TypeError):
             pass
     Image = _pil()
     names = TREE_CLASSES if single_class else _DEEPFOREST_LABELS

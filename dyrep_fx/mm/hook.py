@@ -31,6 +31,7 @@ from mmengine.hooks import EMAHook, Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS, OPTIM_WRAPPER_CONSTRUCTORS
 from torch import nn
+from torch.utils.data import DataLoader
 
 from .. import api
 from ..controller import DYREP_KINDS, DyRep
@@ -68,6 +69,17 @@ def capture_target_inputs(model: nn.Module, batch: Any, targets: Sequence[str]) 
         for h in handles:
             h.remove()
     return captured
+
+
+def side_loader(loader: DataLoader, seed: int = 0) -> DataLoader:
+    """A second loader over the training set, for the example batch and BN calibration.
+
+    Iterating the runner's own loader outside its loop would break it: mmengine's
+    ``InfiniteSampler`` yields from one generator for the whole run, and a dropped iterator closes it.
+    """
+    batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", 1)
+    return DataLoader(loader.dataset, batch_size=batch_size, shuffle=True, num_workers=0,
+                      collate_fn=loader.collate_fn, generator=torch.Generator().manual_seed(seed))
 
 
 class _ParamwiseChooser:
@@ -153,13 +165,13 @@ class DyRepHook(Hook):
         missing = [t for t in self.targets if not hasattr(model, t.split(".")[0])]
         if missing:
             raise ValueError(f"DyRepHook targets {missing} are not submodules of {type(model).__name__}")
-        batch = next(iter(runner.train_dataloader))
-        inputs = capture_target_inputs(model, batch, self.targets)
+        side = side_loader(runner.train_dataloader, self.options["seed"])
+        inputs = capture_target_inputs(model, next(iter(side)), self.targets)
         optim_cfg = runner.cfg.get("optim_wrapper") or {}
         chooser = _ParamwiseChooser(optim_cfg) if optim_cfg.get("paramwise_cfg") else None
         extra = {"group_chooser": chooser} if chooser is not None else {}
         self.controller = DyRep(model, runner.optim_wrapper.optimizer, targets=self.targets,
-                                example_inputs=inputs, calib_loader=runner.train_dataloader,
+                                example_inputs=inputs, calib_loader=side,
                                 forward_fn=mm_forward, **self.options, **extra)
         self._log_sites(runner)
         for hook in runner.hooks:

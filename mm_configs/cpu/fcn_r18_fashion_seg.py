@@ -1,5 +1,6 @@
-# FCN R-18-D16 (ResNetV1c-18, BN, output stride 16) trained from scratch on a CPU for semantic segmentation of scenes made of real
-# Fashion-MNIST items (128x128, 11 classes: background + the 10 item classes; labels from the items' pixels).
+# FCN R-18-D16 (ResNetV1c-18, BN, output stride 16) trained from scratch on a CPU for semantic segmentation
+# of 128x128 scenes made of real Fashion-MNIST items (11 classes: background + the 10 item classes; the labels
+# come from the items' own pixels).
 # The plain baseline that fcn_r18_fashion_seg_dyrep.py extends; its folded checkpoints load into this model.
 #
 # Data, once (Fashion-MNIST from Debian's dataset-fashion-mnist package; no download):

@@ -1,5 +1,5 @@
-# RetinaNet R-18-FPN from scratch on deepforest's aerial tree crowns (CPU) + DyRep on the backbone and the FPN:
-# retinanet_r18_fpn_deepforest.py with only the DyRepHook added.
+# RetinaNet R-18-FPN from scratch on deepforest's aerial tree crowns (CPU) + DyRep on the backbone and the
+# FPN: retinanet_r18_fpn_deepforest.py with only the DyRepHook added.
 #
 # Data, once (`pip install --no-deps deepforest==2.1.0`, then):
 #     python -c "from dyrep_fx.mm.datasets import deepforest_coco; deepforest_coco('data/deepforest_coco')"

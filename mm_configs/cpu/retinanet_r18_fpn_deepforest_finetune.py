@@ -1,8 +1,9 @@
 # Fine-tune RetinaNet R-18-FPN on deepforest's aerial tree crowns (CPU), its backbone starting from a folded
 # DyRep checkpoint (plain ResNet-18 weights: DyRep's branches are folded away). No DyRepHook.
 #
-# First train retinanet_r18_fpn_deepforest_dyrep.py (it writes work_dir/dyrep_deploy.pth), or fold one of its
-# checkpoints: `dyrep-fx fold mm_configs/cpu/retinanet_r18_fpn_deepforest_dyrep.py iter_300.pth -o deploy.pth`.
+# First train retinanet_r18_fpn_deepforest_dyrep.py (it writes work_dir/dyrep_deploy.pth), or fold one of
+# its checkpoints:
+#     dyrep-fx fold mm_configs/cpu/retinanet_r18_fpn_deepforest_dyrep.py iter_300.pth -o deploy.pth
 # Then (DYREP_BACKBONE_CKPT overrides the checkpoint path, DYREP_DEEPFOREST the data folder):
 #     from mmengine.config import Config
 #     from mmengine.runner import Runner

@@ -8,8 +8,8 @@
 #     Runner.from_cfg(cfg).train()
 # (or mmdet's tools/train.py from a source checkout: `python tools/train.py mm_configs/mmdet/...`).
 # At the end DyRepHook writes work_dir/dyrep_deploy.pth: the folded model, which loads with strict=True into
-# mmdet's own retinanet_r50_fpn_1x_coco.py (`load_from=`). An intermediate checkpoint folds with
-# `dyrep-fx fold mm_configs/mmdet/retinanet_r50_fpn_1x_coco_dyrep.py work_dirs/.../iter_N.pth -o deploy.pth`.
+# mmdet's own retinanet_r50_fpn_1x_coco.py (e.g. as `load_from=`). Fold an intermediate checkpoint with
+#     dyrep-fx fold mm_configs/mmdet/retinanet_r50_fpn_1x_coco_dyrep.py work_dirs/.../iter_N.pth -o deploy.pth
 _base_ = ['mmdet::retinanet/retinanet_r50_fpn_1x_coco.py']
 
 custom_imports = dict(imports=['dyrep_fx.mm'], allow_failed_imports=False)

@@ -8,9 +8,10 @@
 #     cfg.work_dir = 'work_dirs/pspnet_r50-d8_4xb2-80k_cityscapes-512x1024_dyrep'
 #     Runner.from_cfg(cfg).train()
 # (or mmseg's tools/train.py from a source checkout; SyncBN needs a distributed launch, single-process runs
-# fall back to BN). At the end DyRepHook writes work_dir/dyrep_deploy.pth, the folded model, which loads with
-# strict=True into mmseg's own pspnet_r50-d8_4xb2-80k_cityscapes-512x1024.py. Fold an intermediate checkpoint
-# with `dyrep-fx fold <this config> work_dirs/.../iter_N.pth -o deploy.pth`.
+# fall back to BN). At the end DyRepHook writes work_dir/dyrep_deploy.pth, the folded model, which loads
+# with strict=True into mmseg's own pspnet_r50-d8_4xb2-80k_cityscapes-512x1024.py. Fold an intermediate
+# checkpoint with
+#     dyrep-fx fold mm_configs/mmseg/pspnet_r50-d8_4xb2-80k_cityscapes-512x1024_dyrep.py iter_N.pth -o deploy.pth
 _base_ = ['mmseg::pspnet/pspnet_r50-d8_4xb2-80k_cityscapes-512x1024.py']
 
 custom_imports = dict(imports=['dyrep_fx.mm'], allow_failed_imports=False)

@@ -1,5 +1,5 @@
-"""Shared pieces of the OpenMMLab tests in ``tests/mm``: the configs in ``mm_configs/``, small-run settings, and
-a hook that records what the model looked like while the real Runner trained it."""
+"""Shared pieces of the OpenMMLab tests in ``tests/mm``: the configs in ``mm_configs/``, small-run settings,
+and a hook that records what the model looked like while the real Runner trained it."""
 
 from __future__ import annotations
 
@@ -48,9 +48,11 @@ def load_config(rel: str, **env: str) -> Any:
         return Config.fromfile(str(CONFIG_DIR / rel))
 
 
-def small_run(cfg: Any, work_dir: Path, max_iters: int, interval: int | None = None, **hook_options: Any) -> Any:
-    """A copy of ``cfg`` that trains ``max_iters`` iterations in ``work_dir`` quietly, validates and saves a
-    checkpoint at the end; its DyRepHook (if any) steps every ``interval`` iterations, never stopping."""
+def small_run(cfg: Any, work_dir: Path, max_iters: int, interval: int | None = None, *,
+              batch_size: int | None = None, validate: bool = True, **hook_options: Any) -> Any:
+    """A copy of ``cfg`` that trains ``max_iters`` iterations in ``work_dir`` quietly and saves a checkpoint
+    at the end (and validates then, unless ``validate`` is False); its DyRepHook (if any) steps every
+    ``interval`` iterations, never stopping, with ``hook_options`` on top."""
     cfg = copy.deepcopy(cfg)
     cfg.work_dir = str(work_dir)
     cfg.experiment_name = f"{work_dir.name}_{uuid.uuid4().hex[:8]}"  # a fresh MessageHub / logger per run
@@ -58,12 +60,26 @@ def small_run(cfg: Any, work_dir: Path, max_iters: int, interval: int | None = N
     cfg.launcher = "none"
     cfg.train_cfg.max_iters = max_iters
     cfg.train_cfg.val_interval = max_iters
+    if not validate:
+        cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
+    if batch_size is not None:
+        cfg.train_dataloader.batch_size = batch_size
     cfg.default_hooks.checkpoint.interval = max_iters
     cfg.default_hooks.logger.interval = 1
     for hook in cfg.get("custom_hooks", []):
-        if hook["type"] == "DyRepHook" and interval is not None:
-            hook.update(interval=interval, until=None, **hook_options)
+        if hook["type"] == "DyRepHook":
+            if interval is not None:
+                hook.update(interval=interval, until=None)
+            hook.update(hook_options)
     return cfg
+
+
+def set_image_scale(cfg: Any, scale: tuple[int, int]) -> None:
+    """Set the ``Resize`` scale of the train and val pipelines of a detection config (in place)."""
+    for loader in (cfg.train_dataloader, cfg.get("val_dataloader")):
+        for step in (loader or {}).get("dataset", {}).get("pipeline", []):
+            if step["type"] == "Resize":
+                step["scale"] = scale
 
 
 def without_dyrep(cfg: Any) -> Any:

@@ -1,4 +1,4 @@
-"""``dyrep_fx.mm.datasets``: the COCO folder of deepforest's tree crowns and the Fashion-MNIST segmentation folder."""
+"""``dyrep_fx.mm.datasets``: deepforest's tree crowns as COCO, Fashion-MNIST scenes as mmseg data."""
 
 from __future__ import annotations
 
@@ -45,12 +45,13 @@ def test_deepforest_coco_keeps_every_hand_drawn_box(deepforest_root):
         seen, whole = set(), set()
         for im in by_source[image_name]:
             x0, y0 = im["x0"], im["y0"]
-            clip = np.concatenate([np.maximum(boxes[:, :2], (x0, y0)), np.minimum(boxes[:, 2:], (x0 + 400, y0 + 400))],
-                                  axis=1)
+            clip = np.concatenate([np.maximum(boxes[:, :2], (x0, y0)),
+                                   np.minimum(boxes[:, 2:], (x0 + 400, y0 + 400))], axis=1)
             for a in anns_of.get(im["id"], []):
                 # Each annotation is one hand-drawn box clipped to the tile; less than half inside = iscrowd.
                 x, y, w, h = a["bbox"]
-                hit = np.flatnonzero(np.abs(clip - (x + x0, y + y0, x + w + x0, y + h + y0)).max(axis=1) < 1e-6)
+                corners = (x + x0, y + y0, x + w + x0, y + h + y0)
+                hit = np.flatnonzero(np.abs(clip - corners).max(axis=1) < 1e-6)
                 assert hit.size, (xml_name, a)
                 i = int(hit[0])
                 visible = w * h / areas[i]
@@ -68,7 +69,8 @@ def test_deepforest_coco_keeps_every_hand_drawn_box(deepforest_root):
     val_sources = {DEEPFOREST_IMAGES[x] for x in DEEPFOREST_VAL_IMAGES}
     assert {im["source_image"] for im in val.dataset["images"]} == val_sources
     assert not val_sources & {im["source_image"] for im in train.dataset["images"]}
-    assert len(val.getAnnIds()) == 61 + 37 and len(train.getImgIds()) + len(val.getImgIds()) == len(full["images"])
+    assert len(val.getAnnIds()) == 61 + 37
+    assert len(train.getImgIds()) + len(val.getImgIds()) == len(full["images"])
 
 
 def test_deepforest_coco_multi_class_and_reuse(tmp_path, deepforest_root):

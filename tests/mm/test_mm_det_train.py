@@ -22,6 +22,7 @@ from helpers.mm_data import (
     load_config,
     make_recorder,
     optimizer_params,
+    set_image_scale,
     small_run,
     tensor_outputs,
     without_dyrep,
@@ -33,7 +34,9 @@ from dyrep_fx.block import RepConv2d
 pytestmark = pytest.mark.slow
 
 CONFIG = "cpu/retinanet_r18_fpn_deepforest_dyrep.py"
-ITERS, INTERVAL = 6, 2
+ITERS, INTERVAL = 4, 2
+#: The test trains at 256 x 256 (the config: 320) with 1 image per batch, to keep it quick on 2 CPU cores.
+SCALE, BATCH = (256, 256), 1
 #: Deploy vs grown model, float32: |got - ref| <= RTOL * |ref| + ATOL_FRACTION * max|ref| per output tensor.
 RTOL, ATOL_FRACTION = 1e-4, 1e-5
 FROZEN = ("backbone.conv1", "backbone.layer1.")
@@ -52,9 +55,10 @@ def train(cfg):
 @pytest.fixture(scope="module")
 def run(deepforest_root, tmp_path_factory):
     cfg = load_config(CONFIG, **{DEEPFOREST_ENV: str(deepforest_root)})
-    cfg = small_run(cfg, tmp_path_factory.mktemp("retinanet_dyrep"), ITERS, INTERVAL)
+    cfg = small_run(cfg, tmp_path_factory.mktemp("retinanet_dyrep"), ITERS, INTERVAL, batch_size=BATCH)
+    set_image_scale(cfg, SCALE)
     cfg.model.backbone.update(frozen_stages=1, norm_eval=True)  # as in COCO fine-tuning configs
-    cfg.model.test_cfg.score_thr = 0.0  # a few iterations from scratch score below 0.05: let CocoMetric see boxes
+    cfg.model.test_cfg.score_thr = 0.0  # a few iterations from scratch score < 0.05: let CocoMetric see boxes
     runner, recorder = train(cfg)
     return SimpleNamespace(cfg=cfg, runner=runner, recorder=recorder, hook=find_hook(runner, "DyRepHook"),
                            work_dir=Path(cfg.work_dir), root=deepforest_root)
@@ -70,7 +74,8 @@ def test_dyrep_grows_during_training_with_finite_loss(run):
     assert blocks and all(isinstance(b, RepConv2d) for b in blocks.values())
     assert {name for name in grown if "branches" not in name} <= set(blocks)
     assert all(name.startswith(("backbone.", "neck.")) for name in blocks)
-    assert run.runner.message_hub.get_scalar("train/dyrep_blocks").current() == sum(b.grown for b in blocks.values())
+    published = run.runner.message_hub.get_scalar("train/dyrep_blocks").current()
+    assert published == sum(b.grown for b in blocks.values())
     losses = [it["loss"] for it in run.recorder.iters]
     assert len(losses) == ITERS and all(math.isfinite(v) for v in losses), losses
     history = run.runner.message_hub.get_scalar("train/loss").data[0]
@@ -173,7 +178,8 @@ def test_finetune_config_starts_its_backbone_from_the_deploy_file(run, tmp_path)
     for key, value in backbone_keys.items():
         torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
 
-    cfg = small_run(cfg, tmp_path / "finetune", 2)
+    cfg = small_run(cfg, tmp_path / "finetune", 2, batch_size=BATCH, validate=False)
+    set_image_scale(cfg, SCALE)
     runner, recorder = train(cfg)
     start = recorder.before_train_state
     for key, value in backbone_keys.items():
@@ -181,5 +187,22 @@ def test_finetune_config_starts_its_backbone_from_the_deploy_file(run, tmp_path)
     assert len(recorder.iters) == 2 and all(math.isfinite(it["loss"]) for it in recorder.iters)
     assert not api.blocks(runner.model)
     after = runner.model.state_dict()
-    assert torch.equal(after["backbone.layer1.0.conv1.weight"], backbone_keys["layer1.0.conv1.weight"])  # frozen
+    frozen = "layer1.0.conv1.weight"  # frozen_stages=1 in the fine-tuning config
+    assert torch.equal(after["backbone." + frozen], backbone_keys[frozen])
     assert not torch.equal(after["backbone.layer4.1.conv2.weight"], backbone_keys["layer4.1.conv2.weight"])
+
+
+@pytest.mark.parametrize("targets", [["backbone"], ["backbone", "neck"]])
+def test_ema_hook_takes_every_growth(run, tmp_path, targets):
+    """DyRepHook next to mmengine's EMAHook (whose averaged copy has requires_grad=False), also growing the
+    FPN (which traces only with example inputs): the EMA copy takes every change, and its folded file
+    (``ema_dyrep_deploy.pth``) loads strictly into the plain config."""
+    cfg = small_run(run.cfg, tmp_path / "ema", 2, 1, batch_size=BATCH, validate=False, targets=targets)
+    cfg.custom_hooks.append(dict(type="EMAHook", momentum=0.01))
+    runner, recorder = train(cfg)
+    assert all(math.isfinite(it["loss"]) for it in recorder.iters)
+    ema = find_hook(runner, "EMAHook").ema_model.module
+    assert set(api.blocks(ema)) == set(api.blocks(runner.model)) and api.blocks(ema)
+    assert all(not p.requires_grad for p in ema.parameters())
+    plain = build_model(without_dyrep(cfg))
+    plain.load_state_dict(load_deploy(Path(cfg.work_dir) / "ema_dyrep_deploy.pth"), strict=True)
