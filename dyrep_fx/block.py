@@ -55,6 +55,11 @@ class RepConv2d(nn.Module):
         # The original module, kept outside the module tree so that folding can rebuild the very class
         # the user had (e.g. an mmcv Conv2d subclass) without registering its parameters twice.
         self.__dict__["_template"] = conv
+        # Forward/backward hooks the user put on the conv keep firing on the block that replaces it
+        # (the registries are shared, so their handles still remove them).
+        for key, value in vars(conv).items():
+            if "hook" in key and ("forward" in key or "backward" in key) and isinstance(value, dict):
+                setattr(self, key, value)
         self.train(conv.training)
 
     # -- structure -------------------------------------------------------------------------------

@@ -64,7 +64,28 @@ def _describe(name: str, module: nn.Module, depth: int) -> Site:
     )
 
 
-def _why_not(site: Site, module: nn.Module, use: ConvUse | None, traced: TracedModel, mode: str) -> str | None:
+def _owners(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter id -> the modules holding it (several when weights are tied)."""
+    owners: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        for p in m._parameters.values():
+            if p is not None and name not in owners.setdefault(id(p), []):
+                owners[id(p)].append(name)
+    return owners
+
+
+def _shared_with(site: Site, module: nn.Module, owners: dict[int, list[str]]) -> str | None:
+    for p in (module.weight, module.bias):
+        if p is None:
+            continue
+        others = [o for o in owners.get(id(p), []) if o != site.name and not o.startswith(site.name + ".")]
+        if others:
+            return others[0]
+    return None
+
+
+def _why_not(site: Site, module: nn.Module, use: ConvUse | None, traced: TracedModel, mode: str,
+             owners: dict[int, list[str]] | None = None) -> str | None:
     """The first reason the site cannot grow, or None."""
     if not isinstance(module, (nn.Conv2d, RepConv2d)):
         return f"{type(module).__name__} is not a Conv2d (only 2-D convolutions are re-parameterized)"
@@ -85,6 +106,9 @@ def _why_not(site: Site, module: nn.Module, use: ConvUse | None, traced: TracedM
                     "pass example_inputs so that calls can be counted at run time")
         if calls != 1:
             return f"called {calls} times (a shared module); growing it would change every call"
+    shared = _shared_with(site, module, owners or {})
+    if shared is not None:
+        return f"its weight is shared with {shared!r} (tied weights); growing it would change that module too"
     if not module.weight.requires_grad:
         return "frozen (weight.requires_grad is False, e.g. mmdet frozen_stages)"
     if parametrize.is_parametrized(module):
@@ -98,6 +122,7 @@ def _why_not(site: Site, module: nn.Module, use: ConvUse | None, traced: TracedM
 def analyse(traced: TracedModel, model: nn.Module, mode: str = "online") -> list[Site]:
     """Every conv site of ``model`` (nested sites inside grown blocks included), in module order."""
     sites: list[Site] = []
+    owners = _owners(model)
 
     def visit(name: str, module: nn.Module, depth: int) -> None:
         site = _describe(name, module, depth)
@@ -107,7 +132,7 @@ def analyse(traced: TracedModel, model: nn.Module, mode: str = "online") -> list
             site.next_bn, site.input_shape, site.output_shape = use.next_bn, use.input_shape, use.output_shape
         elif depth > 0:
             site.calls = 1
-        site.reason = _why_not(site, module, use, traced, mode)
+        site.reason = _why_not(site, module, use, traced, mode, owners)
         site.eligible = site.reason is None
         if isinstance(module, RepConv2d):
             site.grown = module.kinds

@@ -56,9 +56,10 @@ class Transaction:
         self._dicts: list[tuple[nn.Module, dict, dict, dict]] = []
 
     def replace(self, name: str, module: nn.Module) -> None:
-        """Replace the module at ``name``, remembering the old one."""
-        self._modules.append((name, get_module(self.model, name)))
+        """Replace the module at ``name``, remembering the old one (only once the replacement took)."""
+        old = get_module(self.model, name)
         set_module(self.model, name, module)
+        self._modules.append((name, old))
 
     def record_replacement(self, name: str, old: nn.Module) -> None:
         """Note that the module at ``name`` was replaced by other code; rollback puts ``old`` back."""
@@ -83,5 +84,11 @@ class Transaction:
             m._modules.update(children)
         for t, value in reversed(self._tensors):
             t.copy_(value)
+        errors = []
         for name, module in reversed(self._modules):
-            set_module(self.model, name, module)
+            try:
+                set_module(self.model, name, module)
+            except Exception as exc:  # keep restoring the others, then report
+                errors.append(f"{name}: {exc}")
+        if errors:
+            raise PassError("could not put back every module: " + "; ".join(errors))

@@ -22,6 +22,15 @@ from dyrep_fx.tracing import TraceFailure
 TOL = 1e-9
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """float64 convs on CPU: one intra-op thread avoids per-group parallel regions (much faster here)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 # -- helpers --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def randomise_bns(model: nn.Module, seed: int = 0) -> None:
@@ -337,6 +346,10 @@ def test_failed_transform_leaves_model_unchanged():
     with pytest.raises(ValueError, match="mode"):
         dyrep_fx.transform(model, mode="repvgg")
     assert_unchanged(model, snap)
+    with pytest.raises(RuntimeError):  # the run-time pass with a wrong input: the real forward raises
+        dyrep_fx.transform(model, example_inputs=(torch.randn(1, 5, 32, 32, dtype=torch.float64),))
+    assert_unchanged(model, snap)
+    assert all(not m._forward_hooks for m in model.modules())
     dyrep_fx.transform(model, mode="dbb")
     snap = snapshot(model)
     with pytest.raises(PassError, match="'dbb' mode"):
@@ -591,3 +604,36 @@ def test_dbb_growth_preserves_function_in_eval_mode():
     assert rel(run_eval(model, X), ref) <= TOL
     assert set(dyrep_fx.blocks(model)) == set(SAMPLE)
     assert all(b.mode == "dbb" for b in dyrep_fx.blocks(model).values())
+
+
+def test_hooks_on_a_grown_conv_keep_firing():
+    """A hook the user put on a conv (feature extraction, logging) must not silently stop firing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(ConvBN(3, 8), ConvBN(8, 8)).double()
+    seen = []
+    model[1][0].register_forward_hook(lambda mod, inp, out: seen.append(out.detach().clone()))
+    ref = run_eval(model, X)
+    assert len(seen) == 1
+    dyrep_fx.transform(model)
+    dyrep_fx.grow(model)
+    seen.clear()
+    assert rel(run_eval(model, X), ref) <= TOL
+    assert len(seen) == 1, "the forward hook on the grown conv '1.0' no longer fires"
+    deploy = dyrep_fx.fold(model)
+    seen.clear()
+    run_eval(deploy, X)
+    assert len(seen) == 1
+
+
+def test_grown_model_survives_torch_save_and_load(tmp_path):
+    model = resnet18()
+    dyrep_fx.transform(model, mode="dbb")
+    dyrep_fx.grow(model, ["layer1.0.conv1", "layer2.0.downsample.0"])
+    randomise_bns(model, seed=9)
+    ref = run_eval(model, X)
+    torch.save(model, tmp_path / "grown.pt")
+    loaded = torch.load(tmp_path / "grown.pt", weights_only=False)
+    assert type(loaded) is torchvision.models.ResNet
+    assert rel(run_eval(loaded, X), ref) == 0.0
+    assert [s.name for s in dyrep_fx.sites(loaded)] == [s.name for s in dyrep_fx.sites(model)]
+    assert rel(run_eval(dyrep_fx.fold(loaded), X), ref) <= TOL

@@ -20,6 +20,15 @@ mmdet_backbones = pytest.importorskip("mmdet.models.backbones")
 mmseg_backbones = pytest.importorskip("mmseg.models.backbones")
 
 TOL = 1e-9
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """float64 convs on CPU: one intra-op thread avoids per-group parallel regions (much faster here)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 X = torch.randn(1, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
 
@@ -90,7 +99,6 @@ def check_train_override(model: nn.Module, kind: str) -> None:
     assert model.layer2.training
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mmdet", "mmseg"])
 def test_backbone_grow_fold_strict_load(kind):
     model = make(kind)
@@ -138,7 +146,6 @@ def test_backbone_grow_fold_strict_load(kind):
         assert fresh.layer4[2].conv2.dilation == (4, 4) and fresh.layer4[2].conv2.padding == (4, 4)
 
 
-@pytest.mark.slow
 def test_dilated_sites_in_dbb_mode():
     """dbb branches run on the padded input with the conv's dilation: exact in eval mode."""
     model = make("mmseg")
@@ -159,6 +166,7 @@ def test_dilated_sites_in_dbb_mode():
     assert max_rel(features(fresh), grown) <= TOL
 
 
+@pytest.mark.filterwarnings("ignore:torch.utils.checkpoint:UserWarning")
 def test_with_cp_bottlenecks_become_untraceable_leaves():
     torch.manual_seed(0)
     model = mmdet_backbones.ResNet(depth=50, with_cp=True).double()

@@ -1,11 +1,13 @@
 """Every torchvision classification model: transform, grow everywhere, fold, strict load into a fresh model.
 
 The model list comes from torchvision's own registry (nothing is hand-picked). Each model is built
-with ``weights=None`` in float64 at a small input size (64 px, or the smallest size the model accepts),
-its BatchNorm statistics and affine parameters are randomised, and then:
+with ``weights=None`` in float64 at a small input size (48 px, or the smallest size the model accepts;
+ViTs get ``image_size`` = 2 patches), its BatchNorm statistics and affine parameters are randomised, and:
 
-1. ``transform`` (online mode for every model; dbb mode for a small subset), every eligible site
-   grows every kind that applies; the eval output equals the original's (max rel err <= 1e-9);
+1. ``transform`` (online mode for every model; dbb mode for a small subset), eligible sites grow every
+   kind that applies; the eval output equals the original's (max rel err <= 1e-9). Every eligible site
+   grows when the kernel algebra fits a per-model budget; otherwise one site of every distinct conv
+   geometry plus the cheapest others (see :func:`_growth_names`; ``DYREP_FX_ZOO_BUDGET=inf`` grows all);
 2. every BatchNorm (the model's and the branches') and every branch scale is randomised again, so the
    grown function differs from the original, and ``fold`` must reproduce it exactly;
 3. the folded ``state_dict`` loads with ``strict=True`` into a fresh instance from the same builder,
@@ -56,16 +58,6 @@ _SUMMARY: dict[str, Any] = {}
 
 
 # -- building -------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def _builder_kwargs(name: str) -> dict[str, Any]:
     """Extra builder arguments: a small ``image_size`` for ViTs (2x2 patches), the init flag of Inception."""
     builder = torchvision.models.get_model_builder(name)
@@ -78,10 +70,45 @@ def _builder_kwargs(name: str) -> dict[str, Any]:
     return kwargs
 
 
-def _build(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    """A float64 instance with seeded random init (drawn in float32, which is several times faster)."""
+_BUILD_THREADS = torch.get_num_threads()
+
+
+_INIT_FUNCTIONS = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+
+
+@contextlib.contextmanager
+def _no_random_init():
+    """``torch.nn.init``'s in-place initialisers do nothing (parameters keep ``torch.empty`` contents), and
+    tensors are created in float64.
+
+    Only for the fresh instance that a strict ``load_state_dict`` then fills completely: random init of
+    the big models is the slowest part of this file.
+    """
+    saved = {n: getattr(torch.nn.init, n) for n in _INIT_FUNCTIONS}
+    dtype = torch.get_default_dtype()
+    for n in saved:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    torch.set_default_dtype(torch.float64)  # nothing to draw: build in float64 directly
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
+def _build(name: str, kwargs: dict[str, Any], fresh: bool = False) -> nn.Module:
+    """A float64 instance with seeded random init (drawn in float32, which is several times faster, with
+    every intra-op thread), or, ``fresh=True``, without random init: the builder's own modules and buffers,
+    with parameters to be filled by a strict ``load_state_dict``."""
     torch.manual_seed(0)
-    return torchvision.models.get_model_builder(name)(weights=None, **kwargs).double()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_BUILD_THREADS)
+    try:
+        with _no_random_init() if fresh else contextlib.nullcontext():
+            return torchvision.models.get_model_builder(name)(weights=None, **kwargs).double()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _reference(name: str, model: nn.Module, kwargs: dict[str, Any], gen: torch.Generator):
@@ -256,7 +283,7 @@ def _run(name: str, mode: str, info: dict[str, Any]) -> None:
     gc.collect()
 
     # 3. a fresh instance from the same builder loads the folded weights strictly and computes the same.
-    fresh = _build(name, kwargs)
+    fresh = _build(name, kwargs, fresh=True)
     fresh.load_state_dict(folded_state, strict=True)
     del folded_state
     info["fresh_rel"] = _rel(_eval_out(fresh, x), grown_ref)
@@ -272,6 +299,16 @@ def _summary_path() -> str:
 def _write_summary() -> None:
     with open(_summary_path(), "w") as f:
         json.dump(_SUMMARY, f, indent=1, default=str)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: float64 grouped/depthwise convs on CPU run one small parallel region per group,
+    which with two threads is 10-30x slower than with one (and far worse on a busy machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -13,6 +13,15 @@ from dyrep_fx.passes.base import set_module
 from dyrep_fx.tracing import trace_model
 
 TOL = 1e-9
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """float64 convs on CPU: one intra-op thread avoids per-group parallel regions (much faster here)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 X = torch.randn(2, 4, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
 

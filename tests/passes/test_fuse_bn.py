@@ -15,6 +15,15 @@ from dyrep_fx.tracing import trace_model
 TOL = 1e-9
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """float64 convs on CPU: one intra-op thread avoids per-group parallel regions (much faster here)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @torch.no_grad()
 def randomise_bns(model: nn.Module, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
