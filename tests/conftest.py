@@ -18,9 +18,9 @@ if not any(v in os.environ for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")):
     torch.set_num_threads(int(os.environ.get("TORCH_NUM_THREADS", "2")))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """Run a test with one torch thread (tiny models), restoring the setting afterwards."""
+    """Run a test module with one torch thread (tiny or float64 models), restoring the setting afterwards."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

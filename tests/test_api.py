@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 import torchvision
+from helpers.numerics import randomise_bns, randomise_scales
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import dyrep_fx
 from dyrep_fx.passes.base import PassError
@@ -22,36 +22,13 @@ from dyrep_fx.tracing import TraceFailure
 TOL = 1e-9
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """float64 convs on CPU: one intra-op thread avoids per-group parallel regions (much faster here)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# float64 / tiny convs on CPU: one intra-op thread is much faster than two here.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- helpers --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def randomise_bns(model: nn.Module, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen, dtype=torch.float64) - 0.5)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen, dtype=torch.float64) * 1.5 + 0.5)
-            m.weight.copy_(torch.rand(m.weight.shape, generator=gen, dtype=torch.float64) + 0.5)
-            m.bias.copy_(torch.rand(m.bias.shape, generator=gen, dtype=torch.float64) - 0.5)
 
 
-@torch.no_grad()
-def randomise_scales(model: nn.Module, seed: int = 1) -> None:
-    """Move every online block's scales away from their growth-time values (the function changes)."""
-    gen = torch.Generator().manual_seed(seed)
-    for block in dyrep_fx.blocks(model).values():
-        if block.mode == "online" and block.grown:
-            block.main_scale.copy_(torch.rand(block.main_scale.shape, generator=gen, dtype=torch.float64) + 0.5)
-            for branch in block.branches.values():
-                branch.scale.copy_(torch.rand(branch.scale.shape, generator=gen, dtype=torch.float64) - 0.5)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

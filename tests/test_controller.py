@@ -16,10 +16,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import dyrep_fx
 from dyrep_fx.controller import DYREP_KINDS
 
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Tiny CNNs: one thread is much faster than several fighting over two cores."""
+# float64 / tiny convs on CPU: one intra-op thread is much faster than two here.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

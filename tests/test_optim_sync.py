@@ -15,10 +15,8 @@ from torch import nn
 
 import dyrep_fx
 
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Tiny CNNs: one thread is much faster than several fighting over two cores."""
+# float64 / tiny convs on CPU: one intra-op thread is much faster than two here.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

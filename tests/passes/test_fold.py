@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.numerics import randomise
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import dyrep_fx
 from dyrep_fx.passes import PassError, fold
@@ -15,35 +15,11 @@ from dyrep_fx.tracing import trace_model
 TOL = 1e-9
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """float64 convs on CPU: one intra-op thread avoids per-group parallel regions (much faster here)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# float64 / tiny convs on CPU: one intra-op thread is much faster than two here.
+pytestmark = pytest.mark.usefixtures("one_thread")
 X = torch.randn(2, 4, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
 
-@torch.no_grad()
-def randomise(model: nn.Module, seed: int = 0) -> None:
-    """Random BN statistics and affine parameters everywhere, and random block scales."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(t, lo, hi):
-        t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype) * (hi - lo) + lo)
-
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            rand(m.running_mean, -0.5, 0.5)
-            rand(m.running_var, 0.5, 2.0)
-            rand(m.weight, 0.5, 1.5)
-            rand(m.bias, -0.5, 0.5)
-    for block in dyrep_fx.blocks(model).values():
-        if block.mode == "online" and block.grown:
-            rand(block.main_scale, 0.5, 1.5)
-            for branch in block.branches.values():
-                rand(branch.scale, -0.5, 0.5)
 
 
 def out(model: nn.Module, x: torch.Tensor = X) -> torch.Tensor:

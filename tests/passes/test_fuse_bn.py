@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from helpers.numerics import randomise_bns
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -15,26 +16,10 @@ from dyrep_fx.tracing import trace_model
 TOL = 1e-9
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """float64 convs on CPU: one intra-op thread avoids per-group parallel regions (much faster here)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# float64 / tiny convs on CPU: one intra-op thread is much faster than two here.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@torch.no_grad()
-def randomise_bns(model: nn.Module, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            stats = [(m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0)] if m.track_running_stats else []
-            for t, lo, hi in stats:
-                t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype) * (hi - lo) + lo)
-            if m.affine:
-                for t, lo, hi in [(m.weight, 0.5, 1.5), (m.bias, -0.5, 0.5)]:
-                    t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype) * (hi - lo) + lo)
 
 
 def out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

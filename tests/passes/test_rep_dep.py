@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.numerics import randomise_bns
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import dyrep_fx
 from dyrep_fx.passes import PassError, analysis, dep, rep
@@ -30,14 +30,6 @@ class Net(nn.Module):
         return self.bn_pw(self.pw(x))
 
 
-@torch.no_grad()
-def randomise_bns(model: nn.Module, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            for t, lo, hi in [(m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0), (m.weight, 0.5, 1.5),
-                              (m.bias, -0.5, 0.5)]:
-                t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype) * (hi - lo) + lo)
 
 
 def build(mode: str = "online") -> nn.Module:

@@ -1,0 +1,44 @@
+"""Randomising BatchNorm statistics and block scales, so that exactness checks cannot pass by accident."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import dyrep_fx
+
+
+def _fill(t: torch.Tensor, gen: torch.Generator, lo: float, hi: float) -> None:
+    t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype) * (hi - lo) + lo)
+
+
+@torch.no_grad()
+def randomise_bns(model: nn.Module, seed: int = 0) -> None:
+    """Every BatchNorm: running mean in [-0.5, 0.5), var in [0.5, 2), weight in [0.5, 1.5), bias in [-0.5, 0.5)."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            if m.track_running_stats:
+                _fill(m.running_mean, gen, -0.5, 0.5)
+                _fill(m.running_var, gen, 0.5, 2.0)
+            if m.affine:
+                _fill(m.weight, gen, 0.5, 1.5)
+                _fill(m.bias, gen, -0.5, 0.5)
+
+
+@torch.no_grad()
+def randomise_scales(model: nn.Module, seed: int = 1, branch_bound: float = 0.5) -> None:
+    """Every grown online block: main scale in [0.5, 1.5), branch scales in [-bound, bound)."""
+    gen = torch.Generator().manual_seed(seed)
+    for block in dyrep_fx.blocks(model).values():
+        if block.mode == "online" and block.grown:
+            _fill(block.main_scale, gen, 0.5, 1.5)
+            for branch in block.branches.values():
+                _fill(branch.scale, gen, -branch_bound, branch_bound)
+
+
+def randomise(model: nn.Module, seed: int = 0, branch_bound: float = 0.5) -> None:
+    """Both of the above."""
+    randomise_bns(model, seed)
+    randomise_scales(model, seed + 1, branch_bound)
