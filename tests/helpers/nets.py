@@ -32,3 +32,13 @@ class SmallNet(nn.Module):
         if hasattr(self, "drop"):
             x = self.drop(x)
         return self.fc(x)
+
+
+@torch.no_grad()
+def spread_first_block(model: nn.Module) -> None:
+    """Spread the first grown block's branch scales (x50 / x0.01 alternately) so the Dep criterion cuts."""
+    import dyrep_fx
+
+    block = next(iter(dyrep_fx.blocks(model).values()))
+    for i, branch in enumerate(block.branches.values()):
+        branch.gamma().mul_(50.0 if i % 2 else 0.01)

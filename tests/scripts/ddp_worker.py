@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import dyrep_fx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers.nets import SmallNet  # noqa: E402
+from helpers.nets import SmallNet, spread_first_block  # noqa: E402
 
 from dyrep_fx.distributed import rewrap_ddp
 
@@ -111,10 +111,7 @@ def main() -> None:
             opt.step()
             losses.append(float(loss.detach()))
         if unit + 1 == CUT_BEFORE_UNIT:
-            block = next(iter(dyrep_fx.blocks(model).values()))
-            with torch.no_grad():
-                for i, branch in enumerate(block.branches.values()):
-                    branch.gamma().mul_(50.0 if i % 2 else 0.01)
+            spread_first_block(model)
         COUNTER.phase = f"step{unit + 1}"
         result = ctl.step()
         COUNTER.phase = "check"

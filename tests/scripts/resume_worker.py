@@ -20,7 +20,7 @@ from torch import nn
 import dyrep_fx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers.nets import SmallNet  # noqa: E402
+from helpers.nets import SmallNet, spread_first_block  # noqa: E402
 
 UNITS = 10  # DyRep.step() calls (e.g. epochs)
 HALF = 5  # the checkpoint is written after this many units: mid-interval
@@ -75,10 +75,7 @@ def train_units(model, opt, sched, ctl, start: int, stop: int) -> list[float]:
             sched.step()
             losses.append(float(loss.detach()))
         if unit + 1 == CUT_BEFORE_UNIT:
-            block = next(iter(dyrep_fx.blocks(model).values()))
-            with torch.no_grad():
-                for i, branch in enumerate(block.branches.values()):
-                    branch.gamma().mul_(50.0 if i % 2 else 0.01)
+            spread_first_block(model)
         ctl.step()
     return losses
 
