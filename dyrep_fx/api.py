@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import passes
-from .block import MODES, RepConv2d
+from .block import MODES, RepConv2d, find_blocks
 from .geometry import ConvGeometry
 from .passes.analysis import Site
 from .passes.base import PassError, PassReport, get_module
@@ -91,7 +91,7 @@ def sites(model: nn.Module) -> list[Site]:
 
 def blocks(model: nn.Module) -> dict[str, RepConv2d]:
     """Every re-parameterization block in ``model`` by qualified name (nested ones included)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, RepConv2d)}
+    return find_blocks(model)
 
 
 def grow(model: nn.Module, names: Iterable[str] | None = None, kinds: Iterable[str] | None = None) -> PassReport:
@@ -135,9 +135,7 @@ def structure(model: nn.Module) -> dict[str, Any]:
     """A JSON-serialisable description of every block of ``model`` (what :func:`restore` rebuilds)."""
     state = _state(model)
     spec_sites: dict[str, Any] = {}
-    for name, block in blocks(model).items():
-        if any(name.startswith(other + ".") for other in spec_sites):
-            continue  # nested blocks are described by their outer block
+    for name, block in find_blocks(model, outermost=True).items():  # nested ones: in their outer block
         entry = block.structure()
         entry["bias"] = block.bias is not None
         spec_sites[name] = entry

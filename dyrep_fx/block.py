@@ -26,7 +26,7 @@ from . import kernels
 from .branches import Branch, make_branch
 from .geometry import BRANCH_KINDS, ConvGeometry
 
-__all__ = ["RepConv2d", "MODES"]
+__all__ = ["RepConv2d", "MODES", "find_blocks"]
 
 MODES = ("online", "dbb")
 
@@ -272,3 +272,12 @@ class RepConv2d(nn.Module):
         return (f"{g.in_channels}, {g.out_channels}, kernel_size={g.kernel_size}, stride={g.stride}, "
                 f"padding={g.padding}, dilation={g.dilation}, groups={g.groups}, mode={self.mode!r}, "
                 f"kinds={self.kinds}")
+
+
+def find_blocks(model: nn.Module, outermost: bool = False) -> dict[str, RepConv2d]:
+    """Every :class:`RepConv2d` in ``model`` by qualified name; ``outermost`` skips nested ones."""
+    found: dict[str, RepConv2d] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, RepConv2d) and not (outermost and any(name.startswith(n + ".") for n in found)):
+            found[name] = m
+    return found

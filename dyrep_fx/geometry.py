@@ -128,10 +128,7 @@ class ConvGeometry:
         (top, bottom), (left, right) = self.pads
         if top == bottom == left == right == 0:
             return x
-        mode = _PAD_MODES[self.padding_mode]
-        return F.pad(x, (left, right, top, bottom), mode=mode) if mode != "constant" else F.pad(
-            x, (left, right, top, bottom)
-        )
+        return F.pad(x, (left, right, top, bottom), mode=_PAD_MODES[self.padding_mode])
 
     def window(self, xp: Tensor, size: tuple[int, int], offset: tuple[int, int]) -> Tensor:
         """The part of the padded input that a ``size`` kernel at ``offset`` of the window reads."""

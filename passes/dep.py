@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..block import RepConv2d
+from ..block import find_blocks
 from ..tracing import TracedModel
 from .base import PassError, PassReport, Transaction, get_module
 
@@ -34,17 +34,13 @@ def select_cuts(importance: Mapping[str, float], std_gate: float = 0.02, thresho
     return [kind for kind, v in importance.items() if v < mean and v < threshold]
 
 
-def _blocks(model: nn.Module) -> dict[str, RepConv2d]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, RepConv2d)}
-
-
 def plan(model: nn.Module, cuts: Mapping[str, Sequence[str]] | None = None, std_gate: float = 0.02,
          threshold: float = 0.1, protect: Sequence[str] = ()) -> dict[str, list[str]]:
     """Which kinds to cut where: ``cuts`` checked against the model, or the criterion's choice.
 
     The criterion skips the blocks named in ``protect`` (e.g. those grown a moment ago).
     """
-    blocks = _blocks(model)
+    blocks = find_blocks(model)
     if cuts is None:
         chosen = {name: select_cuts(b.importance(), std_gate, threshold) for name, b in blocks.items()
                   if name not in protect}
@@ -76,7 +72,7 @@ def run(
     """
     todo = plan(model, cuts, std_gate, threshold, protect)
     report = PassReport("dep")
-    report.details["importance"] = {name: b.importance() for name, b in _blocks(model).items()}
+    report.details["importance"] = {name: b.importance() for name, b in find_blocks(model).items()}
     txn = Transaction(model)
     try:
         for name in sorted(todo, key=lambda n: -n.count(".")):

@@ -12,25 +12,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..block import RepConv2d
+from ..block import find_blocks
 from ..tracing import TracedModel
 from .base import PassError, PassReport, Transaction, get_module
 
 __all__ = ["run"]
 
 
-def _outermost_blocks(model: nn.Module) -> list[str]:
-    names: list[str] = []
-    for name, m in model.named_modules():
-        if isinstance(m, RepConv2d) and not any(name.startswith(n + ".") for n in names):
-            names.append(name)
-    return names
-
-
 def run(traced: TracedModel, model: nn.Module) -> PassReport:
     """Fold every block of ``model`` in place (eval-mode function kept exactly)."""
     report = PassReport("fold")
-    names = _outermost_blocks(model)
+    names = list(find_blocks(model, outermost=True))
     absorb: dict[str, str] = {}
     for name in names:
         block = get_module(model, name)
