@@ -15,11 +15,10 @@ import torchvision
 from torch import nn
 
 import dyrep_fx
+from dyrep_fx import DBB_KINDS, OREPA_KINDS
 from dyrep_fx.controller import DYREP_KINDS
 
 VARIANTS = ("plain", "dyrep_online", "dyrep_dbb", "dbb_all", "orepa_all")
-DBB_KINDS = ["1x1", "1x1_kxk", "1x1_avg"]
-OREPA_KINDS = ["1x1", "1x1_kxk", "1x1_avg", "prior"]
 
 
 def _three_by_three(model: nn.Module) -> list[str]:
@@ -45,9 +44,9 @@ def build(model_name: str, variant: str, sites: int = 16, nested: int = 4, seed:
             kinds = [k for k in DYREP_KINDS if k in next(s.kinds for s in dyrep_fx.sites(model) if s.name == name)]
             dyrep_fx.grow(model, [name], kinds)
     elif variant == "dbb_all":
-        dyrep_fx.grow(model, convs, DBB_KINDS)
+        dyrep_fx.grow(model, convs, list(DBB_KINDS))
     elif variant == "orepa_all":
-        dyrep_fx.grow(model, convs, OREPA_KINDS)
+        dyrep_fx.grow(model, convs, list(OREPA_KINDS))
     else:
         raise ValueError(f"unknown variant {variant!r}; variants: {VARIANTS}")
     return model

@@ -9,6 +9,10 @@ order and recipe:
 * ``dbb``: every 3x3 conv grown with all DBB branches (dbb mode) from the start, the static
   baseline of the DyRep paper.
 
+The reproduction study (``benchmarks/accuracy_study.py``) also trains ``dyrep_online`` / ``dyrep_dbb``
+(DyRep in a fixed mode, whatever ``mode`` says) and ``orepa`` (every 3x3 conv with OREPA's linear
+branches, online, from the start).
+
 :func:`run_demo` returns a JSON-serialisable report; the command line prints it and writes
 ``report.json`` and ``demo.png`` to the output folder.
 """
@@ -31,13 +35,22 @@ from torch import nn
 from . import api
 from .controller import DyRep
 from .data import fashion_mnist_loaders
+from .geometry import DBB_KINDS, OREPA_KINDS
 
-__all__ = ["DemoConfig", "make_net", "run_variant", "run_demo", "plot_report", "VARIANTS"]
+__all__ = ["DemoConfig", "make_net", "run_variant", "run_demo", "plot_report", "VARIANTS", "VARIANT_RECIPES"]
 
 log = logging.getLogger(__name__)
 
 VARIANTS = ("plain", "dyrep", "dbb")
-DBB_KINDS = ["1x1", "1x1_kxk", "1x1_avg"]  # DBB's branch set beside the kxk kernel
+#: Every variant :func:`run_variant` trains: ``(mode, static branch kinds)``; ``None`` kinds = DyRep.
+VARIANT_RECIPES: dict[str, tuple[str | None, tuple[str, ...] | None]] = {
+    "plain": (None, ()),
+    "dyrep": (None, None),
+    "dyrep_online": ("online", None),
+    "dyrep_dbb": ("dbb", None),
+    "dbb": ("dbb", DBB_KINDS),
+    "orepa": ("online", OREPA_KINDS),
+}
 
 
 @dataclass
@@ -59,7 +72,7 @@ class DemoConfig:
     threads: int = 2
     progress: bool = True
     out: str = "out/demo"
-    extra: dict[str, Any] = field(default_factory=dict)
+    dyrep_options: dict[str, Any] = field(default_factory=dict)  # more DyRep(...) arguments
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -112,19 +125,24 @@ def run_variant(variant: str, config: DemoConfig) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     train_loader, test_loader = fashion_mnist_loaders(config.batch_size, config.train_limit, config.test_limit,
                                                       seed=config.seed)
+    if variant not in VARIANT_RECIPES:
+        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANT_RECIPES)}")
+    mode, static_kinds = VARIANT_RECIPES[variant]
+    mode = mode or config.mode
     model = make_net(config.width)
     ctl = None
-    if variant == "dbb":
-        api.transform(model, mode="dbb")
-        api.grow(model, [s.name for s in api.sites(model) if s.eligible and s.kernel_size == (3, 3)], DBB_KINDS)
+    if static_kinds:
+        api.transform(model, mode=mode)
+        api.grow(model, [s.name for s in api.sites(model) if s.eligible and s.kernel_size == (3, 3)],
+                 list(static_kinds))
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
-    if variant == "dyrep":
+    if static_kinds is None:
         interval = max(1, steps_per_epoch // config.grows_per_epoch)
         ctl = DyRep(model, optimizer, interval=interval, until=int(total_steps * config.until_fraction),
-                    mode=config.mode, calib_loader=train_loader, seed=config.seed)
+                    mode=mode, calib_loader=train_loader, seed=config.seed, **config.dyrep_options)
     peak_params = _param_count(model)
     epochs: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []

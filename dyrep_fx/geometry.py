@@ -16,10 +16,14 @@ from torch import Tensor, nn
 
 from . import kernels
 
-__all__ = ["ConvGeometry", "BRANCH_KINDS"]
+__all__ = ["ConvGeometry", "BRANCH_KINDS", "DBB_KINDS", "OREPA_KINDS"]
 
 #: Every branch kind, in the order blocks build and report them.
 BRANCH_KINDS: tuple[str, ...] = ("1x1", "1x1_kxk", "1x1_avg", "1xk", "kx1", "identity", "prior")
+#: DBB's branch set beside the kxk kernel (the static baseline DyRep compares to).
+DBB_KINDS: tuple[str, ...] = ("1x1", "1x1_kxk", "1x1_avg")
+#: OREPA's linear branch set (DBB's plus the frequency prior).
+OREPA_KINDS: tuple[str, ...] = ("1x1", "1x1_kxk", "1x1_avg", "prior")
 
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
