@@ -7,7 +7,9 @@ state_dict keys and the optimizer keeps its state for them.
 Modes (see :mod:`dyrep_fx.branches`):
 
 * ``online`` (default, OREPA): ``W = main_scale * weight + sum_b scale_b * K_b``; one convolution per
-  forward. Growing and cutting keep the function exactly, in train and eval mode.
+  forward (on small feature maps the ``1x1_kxk`` branch runs as two convolutions instead, which is
+  cheaper there: :mod:`dyrep_fx.plan`). Growing and cutting keep the function exactly, in train and
+  eval mode.
 * ``dbb`` (DBB / DyRep): ``y = main_bn(conv(x, weight) + bias) + sum_b branch_b(x)``. Growing and
   cutting keep the function exactly in eval mode; the main BatchNorm is reset to an exact identity
   (``running_var = 1 - eps``) at every change, which the reference code forgets.
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 from . import kernels
 from .branches import Branch, make_branch
 from .geometry import BRANCH_KINDS, ConvGeometry
+from .plan import run_composed_as_convs
 
 __all__ = ["RepConv2d", "MODES", "find_blocks"]
 
@@ -52,6 +55,8 @@ class RepConv2d(nn.Module):
         self.weight = conv.weight
         self.bias = conv.bias
         self.branches = nn.ModuleDict()
+        #: Online mode: how the ``1x1_kxk`` branch runs (see :mod:`dyrep_fx.plan`); not saved.
+        self.plan = "auto"
         # The original module, kept outside the module tree so that folding can rebuild the very class
         # the user had (e.g. an mmcv Conv2d subclass) without registering its parameters twice.
         self.__dict__["_template"] = conv
@@ -104,17 +109,25 @@ class RepConv2d(nn.Module):
         parts = [b.kernel() for b in self.branches.values()]
         return kernels.add_branches([w_main] + [w for w, _ in parts], [b_main] + [b for _, b in parts])
 
-    def _online_kernel(self) -> Tensor:
+    def _online_kernel(self, skip: str | None = None) -> Tensor:
         kernel = self.main_scale.reshape(-1, 1, 1, 1) * self.weight
-        for branch in self.branches.values():
-            kernel = branch.accumulate(kernel)
+        for kind, branch in self.branches.items():
+            if kind != skip:
+                kernel = branch.accumulate(kernel)
         return kernel
+
+    def _online_forward(self, x: Tensor) -> Tensor:
+        composed = self.branches["1x1_kxk"] if "1x1_kxk" in self.branches else None
+        if composed is None or not run_composed_as_convs(self.geometry, tuple(x.shape), self.plan):
+            return self.geometry.conv(x, self._online_kernel(), self.bias)
+        out = self.geometry.conv(x, self._online_kernel(skip="1x1_kxk"), self.bias)
+        return out + composed(x, self.geometry.pad_input(x))
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.grown:
             return self.geometry.conv(x, self.weight, self.bias)
         if self.mode == "online":
-            return self.geometry.conv(x, self._online_kernel(), self.bias)
+            return self._online_forward(x)
         xp = self.geometry.pad_input(x)
         out = self.main_bn(self.geometry.conv_valid(xp, self.weight, self.bias))
         for branch in self.branches.values():

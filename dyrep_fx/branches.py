@@ -4,7 +4,8 @@ Each branch is a small module that knows two things about itself:
 
 * ``kernel()``: its exact equivalent ``(W, b)`` in the block's own ``kh x kw`` window (eval mode);
 * ``forward(x, xp)``: the feature-map computation used in ``dbb`` mode, on the block input ``x``
-  and the block's explicitly padded input ``xp``.
+  and the block's explicitly padded input ``xp`` (``1x1_kxk`` also in online mode, see
+  :mod:`dyrep_fx.plan`).
 
 Modes:
 
@@ -207,10 +208,17 @@ class ComposedBranch(Branch):
         return _fuse(w, b, self.bn)
 
     def forward(self, x: Tensor, xp: Tensor) -> Tensor:
-        z = self.bn1(nn.functional.conv2d(xp, self.conv1.weight, None, 1, 0, 1, self.geom.groups))
+        # Also the online block's plan for small feature maps (see dyrep_fx.plan): there the branch
+        # is linear, so the 1x1 commutes with any padding mode and ``scale`` goes on the kxk kernel.
+        z = nn.functional.conv2d(xp, self.conv1.weight, None, 1, 0, 1, self.geom.groups)
+        if self.mode == "dbb":
+            z = self.bn1(z)
         if hasattr(self.conv2, "equivalent"):
-            return self.bn(self.conv2(z))
-        return self.bn(self.geom.conv_valid(z, self.conv2.weight))
+            y = self.conv2(z)
+            return self.bn(y) if self.mode == "dbb" else self.scale.reshape(1, -1, 1, 1) * y
+        if self.mode == "dbb":
+            return self.bn(self.geom.conv_valid(z, self.conv2.weight))
+        return self.geom.conv_valid(z, self.scale.reshape(-1, 1, 1, 1) * self.conv2.weight)
 
 
 class _SpatialFilterBranch(Branch):

@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dyrep_fx.block import RepConv2d
 from dyrep_fx.geometry import BRANCH_KINDS
+from dyrep_fx.plan import PLANS
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 
@@ -61,6 +62,12 @@ def grow_everything(block: RepConv2d, mode: str, depth: int = 2) -> None:
         grow_everything(nest(block, mode), mode, depth - 1)
 
 
+def set_plan(root: RepConv2d, plan: str) -> None:
+    """Run every block of the tree with ``plan`` (see dyrep_fx.plan)."""
+    for b, _ in all_blocks(root):
+        b.plan = plan
+
+
 def draw_subset(data, kinds: list[str], label: str) -> list[str]:
     return data.draw(st.lists(st.sampled_from(kinds), min_size=1, max_size=len(kinds), unique=True), label=label)
 
@@ -96,12 +103,15 @@ def run_sequence(cfg: ConvCfg, mode: str, train: bool, dtype: torch.dtype, tol: 
     blk = RepConv2d(conv, mode).train(train)
     x = cfg.input(dtype)
     n_steps = data.draw(st.integers(1, 5), label="steps")
+    plan = data.draw(st.sampled_from(PLANS), label="plan")
     history = []
     for _ in range(n_steps):
         shuffle_state(blk)
+        set_plan(blk, plan)
         with torch.no_grad():
             ref = blk(x)
         history.append(random_step(blk, mode, data))
+        set_plan(blk, plan)
         with torch.no_grad():
             out = blk(x)
             err = rel_err(out, ref)
@@ -281,10 +291,39 @@ def test_online_block_runs_exactly_one_convolution(cfg, seed):
     grow_everything(blk, "online", depth=3)
     assert len(list(all_blocks(blk))) >= 2 or "1x1_kxk" not in blk.branches
     perturb(blk)
+    set_plan(blk, "assemble")  # "auto" may run 1x1_kxk as two convs on small maps (tested below)
     for train in (True, False):
         blk.train(train)
         assert count_convs(blk, x) == 1
         assert count_convs(blk.to_conv(), x) == 1
+
+
+@settings(max_examples=25, **SLOW_OK)
+@given(cfg=conv_cfgs(padding_modes=("zeros", "reflect", "replicate", "circular")), seed=seeds)
+def test_online_plans_compute_the_same_function_and_gradients(cfg, seed):
+    """Running 1x1_kxk as convolutions (nested blocks included) equals assembling one kernel."""
+    torch.manual_seed(seed)
+    blk = RepConv2d(cfg.build(), "online").train()
+    grow_everything(blk, "online", depth=3)
+    perturb(blk)
+    x = cfg.input(batch=3).requires_grad_()
+    grad_out = None
+    results = {}
+    for plan in ("assemble", "convs"):
+        set_plan(blk, plan)
+        blk.zero_grad(set_to_none=True)
+        x.grad = None
+        out = blk(x)
+        grad_out = torch.randn_like(out) if grad_out is None else grad_out
+        (out * grad_out).sum().backward()
+        results[plan] = (out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in blk.named_parameters()})
+    (out_a, gx_a, grads_a), (out_c, gx_c, grads_c) = results["assemble"], results["convs"]
+    assert rel_err(out_c, out_a) <= F64_TOL
+    assert rel_err(gx_c, gx_a) <= F64_TOL
+    for name, g in grads_a.items():
+        assert rel_err(grads_c[name], g) <= F64_TOL, name
+    if "1x1_kxk" in blk.branches:
+        assert count_convs(blk, x) >= 3  # the main conv plus the branch's 1x1 and kxk
 
 
 @settings(max_examples=10, **SLOW_OK)

@@ -1,0 +1,49 @@
+"""Per-site execution plan of an online block: fold a costly branch into the one kernel, or run it.
+
+An online block computes ``conv(x, W)`` with ``W`` assembled from its branches every step. For most
+branches the assembly is a few kernel-sized operations. The ``1x1_kxk`` branch is different: merging
+its two kernels costs ``C_out * C_mid * C_in * kh * kw / groups**2`` multiply-adds per step, whatever the
+batch, while running it as two convolutions costs in proportion to the feature map. On small maps
+(late stages, small inputs) the convolutions are cheaper, on large maps the merge is. Both are the same
+linear function of the same parameters; the plan is chosen from the shapes at each call.
+"""
+
+from __future__ import annotations
+
+from .geometry import ConvGeometry
+
+__all__ = ["PLANS", "composed_costs", "run_composed_as_convs"]
+
+#: ``auto``: cheaper of the two by the counts below; ``assemble``: always merge; ``convs``: always run.
+PLANS = ("auto", "assemble", "convs")
+
+
+def _output_size(size: int, pad: tuple[int, int], k: int, stride: int, dilation: int) -> int:
+    return (size + pad[0] + pad[1] - dilation * (k - 1) - 1) // stride + 1
+
+
+def composed_costs(geom: ConvGeometry, input_shape: tuple[int, ...]) -> tuple[int, int]:
+    """Multiply-adds per forward of a ``1x1_kxk`` branch: ``(merged into the kernel, run as two convs)``.
+
+    ``input_shape`` is the block input's ``(N, C, H, W)``. The 1x1 runs on the padded input (see
+    :class:`~dyrep_fx.branches.ComposedBranch`); backward costs about twice forward in both plans.
+    """
+    n, _, h, w = input_shape
+    (kh, kw), g = geom.kernel_size, geom.groups
+    c_in, c_mid, c_out = geom.in_channels, geom.in_channels, geom.out_channels
+    hp, wp = h + sum(geom.pads[0]), w + sum(geom.pads[1])
+    ho = _output_size(h, geom.pads[0], kh, geom.stride[0], geom.dilation[0])
+    wo = _output_size(w, geom.pads[1], kw, geom.stride[1], geom.dilation[1])
+    merged = c_out * (c_mid // g) * (c_in // g) * kh * kw
+    convs = n * hp * wp * c_mid * (c_in // g) + n * ho * wo * c_out * (c_mid // g) * kh * kw
+    return merged, convs
+
+
+def run_composed_as_convs(geom: ConvGeometry, input_shape: tuple[int, ...], plan: str = "auto") -> bool:
+    """Whether an online ``1x1_kxk`` branch should run as convolutions on this input (else merge it)."""
+    if plan not in PLANS:
+        raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
+    if plan != "auto":
+        return plan == "convs"
+    merged, convs = composed_costs(geom, input_shape)
+    return convs < merged

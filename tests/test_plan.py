@@ -1,0 +1,40 @@
+"""The online block's execution plan: which way the 1x1_kxk branch runs, from the shapes."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from dyrep_fx.geometry import ConvGeometry
+from dyrep_fx.plan import composed_costs, run_composed_as_convs
+
+
+def geometry(channels: int, groups: int = 1, stride: int = 1) -> ConvGeometry:
+    return ConvGeometry.from_conv(nn.Conv2d(channels, channels, 3, stride, 1, groups=groups, bias=False))
+
+
+def test_costs_count_multiply_adds() -> None:
+    geom = geometry(8, groups=2, stride=2)
+    merged, convs = composed_costs(geom, (2, 8, 6, 6))
+    assert merged == 8 * 4 * 4 * 9  # C_out * C_mid/g * C_in/g * k*k
+    # 1x1 on the padded 8x8 input, then the strided 3x3 to 3x3 outputs
+    assert convs == 2 * 8 * 8 * 8 * 4 + 2 * 3 * 3 * 8 * 4 * 9
+
+
+@pytest.mark.parametrize(("channels", "size", "batch", "expect_convs"), [
+    (512, 1, 32, True),    # ResNet-18 layer4 at 32x32 input: the merge is C^3 k^2 = 1.2 G
+    (512, 7, 8, True),     # layer4 at 224: about even, convs slightly cheaper
+    (64, 8, 32, False),    # layer1 at 32x32 input: the merge is 2.4 M
+    (64, 56, 8, False),    # layer1 at 224: the map is large
+])
+def test_auto_picks_the_cheaper_way(channels: int, size: int, batch: int, expect_convs: bool) -> None:
+    geom = geometry(channels)
+    assert run_composed_as_convs(geom, (batch, channels, size, size)) is expect_convs
+
+
+def test_forced_plans_and_bad_plan() -> None:
+    geom = geometry(64)
+    assert run_composed_as_convs(geom, (8, 64, 56, 56), "convs") is True
+    assert run_composed_as_convs(geom, (8, 512, 1, 1), "assemble") is False
+    with pytest.raises(ValueError, match="plan must be one of"):
+        run_composed_as_convs(geom, (1, 64, 4, 4), "fast")
