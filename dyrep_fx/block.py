@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
+from .assembly import assemble_kernel
 from .branches import Branch, make_branch
 from .geometry import BRANCH_KINDS, ConvGeometry
 from .plan import run_composed_as_convs
@@ -110,11 +111,8 @@ class RepConv2d(nn.Module):
         return kernels.add_branches([w_main] + [w for w, _ in parts], [b_main] + [b for _, b in parts])
 
     def _online_kernel(self, skip: str | None = None) -> Tensor:
-        kernel = self.main_scale.reshape(-1, 1, 1, 1) * self.weight
-        for kind, branch in self.branches.items():
-            if kind != skip:
-                kernel = branch.accumulate(kernel)
-        return kernel
+        terms = [branch.term() for kind, branch in self.branches.items() if kind != skip]
+        return assemble_kernel(self.weight, self.main_scale, terms)
 
     def _online_forward(self, x: Tensor) -> Tensor:
         composed = self.branches["1x1_kxk"] if "1x1_kxk" in self.branches else None

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
+from .assembly import ComposedTerm, FilterTerm, Term, WindowTerm
 from .geometry import ConvGeometry
 
 __all__ = ["Branch", "make_branch", "BRANCH_CLASSES"]
@@ -73,9 +74,9 @@ class Branch(nn.Module):
             return self.scale.reshape(-1, 1, 1, 1) * self.raw_kernel(), None
         return self.dbb_kernel()
 
-    def accumulate(self, kernel: Tensor) -> Tensor:
-        """``kernel + scale * raw_kernel()`` (online mode), with as few kernel-sized operations as possible."""
-        return torch.addcmul(kernel, self.scale.reshape(-1, 1, 1, 1), self.raw_kernel())
+    def term(self) -> Term:
+        """This branch's share ``scale * raw_kernel()`` of the online kernel, for :mod:`dyrep_fx.assembly`."""
+        raise NotImplementedError
 
     def gamma(self) -> Tensor:
         """The per-channel scale of this branch (its ``scale`` or its last BatchNorm's ``weight``)."""
@@ -107,10 +108,8 @@ class _WindowConvBranch(Branch):
         w, b = _fuse(self.conv.weight, None, self.bn)
         return kernels.embed_kernel(w, self.geom.kernel_size, self.offset), b
 
-    def accumulate(self, kernel: Tensor) -> Tensor:
-        # Scale the small kernel before embedding it: one kernel-sized pad and one add.
-        small = self.scale.reshape(-1, 1, 1, 1) * self.conv.weight
-        return kernel + kernels.embed_kernel(small, self.geom.kernel_size, self.offset)
+    def term(self) -> Term:
+        return WindowTerm(self.conv.weight, self.scale, self.offset)
 
     def forward(self, x: Tensor, xp: Tensor) -> Tensor:
         window = self.geom.window(xp, self.size, self.offset)
@@ -167,6 +166,10 @@ class IdentityBranch(Branch):
     def dbb_kernel(self) -> tuple[Tensor, Tensor]:
         return _fuse(self.eye, None, self.bn)
 
+    def term(self) -> Term:
+        (r, c) = self.offset
+        return WindowTerm(self.eye[:, :, r:r + 1, c:c + 1], self.scale, self.offset)
+
     def forward(self, x: Tensor, xp: Tensor) -> Tensor:
         return self.bn(x)
 
@@ -200,6 +203,9 @@ class ComposedBranch(Branch):
     def raw_kernel(self) -> Tensor:
         w2, _ = self.inner_kernel()  # an online inner block has no bias
         return kernels.merge_1x1_kxk(self.conv1.weight, None, w2, None, self.geom.groups)[0]
+
+    def term(self) -> Term:
+        return ComposedTerm(self.conv1.weight, self.inner_kernel()[0], self.scale, self.geom.groups)
 
     def dbb_kernel(self) -> tuple[Tensor, Tensor]:
         w1, b1 = _fuse(self.conv1.weight, None, self.bn1)
@@ -239,10 +245,8 @@ class _SpatialFilterBranch(Branch):
     def raw_kernel(self) -> Tensor:
         return kernels.merge_1x1_depthwise(self.conv1.weight, None, self.spatial)[0]
 
-    def accumulate(self, kernel: Tensor) -> Tensor:
-        # kernel[o, i, u, v] += scale[o] * w1[o, i] * spatial[o, u, v], in one fused kernel-sized op.
-        scaled = self.scale.reshape(-1, 1, 1, 1) * self.conv1.weight
-        return torch.addcmul(kernel, scaled, self.spatial.unsqueeze(1))
+    def term(self) -> Term:
+        return FilterTerm(self.conv1.weight, self.scale, self.spatial)
 
     def dbb_kernel(self) -> tuple[Tensor, Tensor]:
         w1, b1 = _fuse(self.conv1.weight, None, self.bn1)

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 from .geometry import ConvGeometry
 
-__all__ = ["PLANS", "composed_costs", "run_composed_as_convs"]
+__all__ = ["PLANS", "CONV_MAC_COST", "composed_costs", "run_composed_as_convs"]
 
 #: ``auto``: cheaper of the two by the counts below; ``assemble``: always merge; ``convs``: always run.
 PLANS = ("auto", "assemble", "convs")
+#: A multiply-add in a convolution (forward + both backward convs) costs about twice one in the merge's
+#: matrix products: measured on CPU with ResNet-18 at 8x224, where layer4's counts are even (1.1 G vs
+#: 1.2 G) and merging is faster (benchmarks/train_cost.py).
+CONV_MAC_COST = 2.0
 
 
 def _output_size(size: int, pad: tuple[int, int], k: int, stride: int, dilation: int) -> int:
@@ -46,4 +50,4 @@ def run_composed_as_convs(geom: ConvGeometry, input_shape: tuple[int, ...], plan
     if plan != "auto":
         return plan == "convs"
     merged, convs = composed_costs(geom, input_shape)
-    return convs < merged
+    return CONV_MAC_COST * convs < merged

@@ -1,0 +1,161 @@
+"""Online kernel assembly as one autograd Function: ``W = main_scale * weight + sum_b scale_b * K_b``.
+
+Built from ordinary tensor ops, the sum costs every branch a few kernel-sized temporaries (an embedding
+pad, a scaled copy, a sum) in forward, as many again in backward, and autograd keeps several of them
+alive until backward. Here the forward adds each term into one kernel in place, and the backward
+computes every parameter's gradient straight from the kernel's gradient ``G``:
+
+* main: ``dW = G * main_scale``, ``d main_scale = <G, W>`` per output channel;
+* window terms (``1x1``, ``1xk``, ``kx1``, ``identity``): a small kernel at a tap offset; only the
+  slice of ``G`` under it is read;
+* filter terms (``1x1_avg``, ``prior``): ``K[o,i,u,v] = w1[o,i] * s[o,u,v]``; one contraction of ``G``
+  with the fixed filter ``s``;
+* composed terms (``1x1_kxk``): ``K = w2 (x) w1`` per group; two contractions, and the scale's gradient
+  reuses the one for ``w2``.
+
+Only the inputs are saved for backward. The result equals the op-by-op sum to rounding (tested with
+``gradcheck`` in float64).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["WindowTerm", "FilterTerm", "ComposedTerm", "Term", "assemble_kernel"]
+
+
+@dataclass(frozen=True)
+class WindowTerm:
+    """``scale[o] * small[o, i, u, v]`` placed at tap ``offset`` of the kernel window."""
+
+    small: Tensor
+    scale: Tensor
+    offset: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class FilterTerm:
+    """``scale[o] * w1[o, i] * spatial[o, u, v]`` (``w1``: ``[O, I, 1, 1]``, ``spatial`` fixed)."""
+
+    w1: Tensor
+    scale: Tensor
+    spatial: Tensor
+
+
+@dataclass(frozen=True)
+class ComposedTerm:
+    """``scale[o] * sum_t w2[o, t, u, v] * w1[t, i]`` within each of ``groups`` groups."""
+
+    w1: Tensor
+    w2: Tensor
+    scale: Tensor
+    groups: int
+
+
+Term = WindowTerm | FilterTerm | ComposedTerm
+
+_FIELDS = {WindowTerm: ("small", "scale"), FilterTerm: ("w1", "scale", "spatial"), ComposedTerm: ("w1", "w2", "scale")}
+
+
+def _col(scale: Tensor) -> Tensor:
+    return scale.reshape(-1, 1, 1, 1)
+
+
+def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``sum over i, u, v of a[o, ...] * b[o, ...]`` for each ``o``."""
+    # A batched matmul of O tiny dot products dispatches one gemv per channel on CPU: far slower.
+    return (a * b).flatten(1).sum(1)
+
+
+def _grouped(w1: Tensor, w2: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """``w1`` as ``[g, T/g, I]`` and ``w2`` as ``[g, O/g, T/g, kh, kw]``."""
+    return w1.reshape(groups, -1, w1.shape[1]), w2.reshape(groups, -1, *w2.shape[1:])
+
+
+def _composed_kernel(w1: Tensor, w2: Tensor, groups: int) -> Tensor:
+    g1, g2 = _grouped(w1, w2, groups)
+    return torch.einsum("gotuv,gti->goiuv", g2, g1).reshape(w2.shape[0], w1.shape[1], *w2.shape[2:])
+
+
+def _spec(term: Term) -> tuple[type, tuple[int, int] | None, int]:
+    """What backward needs of a term besides its tensors (kept off the tensors, so nothing leaks)."""
+    return type(term), getattr(term, "offset", None), getattr(term, "groups", 1)
+
+
+class _Assemble(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, specs: tuple, weight: Tensor, main_scale: Tensor, *flat: Tensor) -> Tensor:
+        ctx.specs = specs
+        ctx.save_for_backward(weight, main_scale, *flat)
+        kernel = weight * _col(main_scale)
+        for (kind, offset, groups), values in _split(specs, flat):
+            if kind is WindowTerm:
+                small, scale = values
+                (r, c), (a, b) = offset, small.shape[-2:]
+                kernel[:, :, r:r + a, c:c + b].addcmul_(_col(scale), small)
+            elif kind is FilterTerm:
+                w1, scale, spatial = values
+                kernel.addcmul_(_col(scale) * w1, spatial.unsqueeze(1))
+            else:
+                w1, w2, scale = values
+                kernel.addcmul_(_col(scale), _composed_kernel(w1, w2, groups))
+        return kernel
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        weight, main_scale, *flat = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grads: list[Tensor | None] = [None, grad * _col(main_scale) if needs[1] else None,
+                                      _channel_dot(grad, weight) if needs[2] else None]
+        pos = 3
+        for spec, values in _split(ctx.specs, flat):
+            grads.extend(_term_grads(spec, grad, values, needs[pos:pos + len(values)]))
+            pos += len(values)
+        return tuple(grads)
+
+
+def _split(specs: tuple, flat: Sequence[Tensor]):
+    """Pair each term's spec with its slice of the flat tensor list."""
+    pos = 0
+    for spec in specs:
+        n = len(_FIELDS[spec[0]])
+        yield spec, flat[pos:pos + n]
+        pos += n
+
+
+def _term_grads(spec: tuple, grad: Tensor, values: Sequence[Tensor], wanted: Sequence[bool]) -> list[Tensor | None]:
+    """Gradients of one term's tensors (in ``_FIELDS`` order) from the kernel gradient ``grad``."""
+    kind, offset, groups = spec
+    if kind is WindowTerm:
+        small, scale = values
+        (r, c), (a, b) = offset, small.shape[-2:]
+        g = grad[:, :, r:r + a, c:c + b]
+        return [g * _col(scale) if wanted[0] else None, _channel_dot(g, small) if wanted[1] else None]
+    if kind is FilterTerm:
+        w1, scale, spatial = values
+        g = torch.einsum("oiuv,ouv->oi", grad, spatial).reshape(w1.shape)  # <G, s> per (o, i)
+        return [g * _col(scale) if wanted[0] else None, _channel_dot(g, w1) if wanted[1] else None, None]
+    w1, w2, scale = values
+    g1, g2 = _grouped(w1, w2, groups)
+    gg = grad.reshape(groups, -1, *grad.shape[1:])  # [g, O/g, I, kh, kw]
+    grad_w1 = grad_w2 = grad_scale = None
+    if wanted[0]:
+        scaled_w2 = g2 * scale.reshape(groups, -1, 1, 1, 1)
+        grad_w1 = torch.einsum("gotuv,goiuv->gti", scaled_w2, gg).reshape(w1.shape)
+    if wanted[1] or wanted[2]:
+        unscaled = torch.einsum("goiuv,gti->gotuv", gg, g1).reshape(w2.shape)  # d<G, K>/d w2 without scale
+        grad_w2 = unscaled * _col(scale) if wanted[1] else None
+        grad_scale = _channel_dot(unscaled, w2) if wanted[2] else None
+    return [grad_w1, grad_w2, grad_scale]
+
+
+def assemble_kernel(weight: Tensor, main_scale: Tensor, terms: Sequence[Term]) -> Tensor:
+    """``main_scale * weight`` plus every term, as one autograd node."""
+    specs = tuple(_spec(t) for t in terms)
+    flat = [getattr(t, f) for t in terms for f in _FIELDS[type(t)]]
+    return _Assemble.apply(specs, weight, main_scale, *flat)
