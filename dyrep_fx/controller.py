@@ -29,6 +29,7 @@ from .block import RepConv2d
 from .calibration import calibrate_batchnorms, default_forward
 from .distributed import broadcast_module, check_same_on_all_ranks
 from .optim_sync import GroupChooser, apply_layout, default_group, layout, sync_optimizer
+from .passes.base import PassError, Transaction, get_module
 from .saliency import SaliencyCollector
 
 __all__ = ["DyRep", "StepResult", "DYREP_KINDS"]
@@ -179,15 +180,24 @@ class DyRep:
 
     # -- the step --------------------------------------------------------------------------------
     def step(self) -> StepResult:
-        """Call once per unit (epoch or N iterations). When due: grow, cut, calibrate, sync."""
+        """Call once per unit (epoch or N iterations). When due: grow, cut, calibrate, sync.
+
+        Both decisions (what grows, what is cut) are taken first and checked to be the same on every
+        rank; if they differ, it raises on every rank before anything changes (the unit count included).
+        """
         due = self.is_due()
-        self.units += 1
-        result = StepResult(unit=self.units, due=due)
+        result = StepResult(unit=self.units + 1, due=due)
         if not due:
+            self.units += 1
             return result
         result.saliency = self.saliency.mean()
         targets = self._choose(result.saliency)
-        check_same_on_all_ranks({"grow": targets}, "the DyRep growth decision")
+        cuts = self._plan_cuts()
+        check_same_on_all_ranks({"grow": targets, "cut": {self._join(prefix, local): kinds
+                                                          for prefix, plan in cuts.items()
+                                                          for local, kinds in plan.items()}},
+                                "the DyRep step decision")
+        self.units += 1
         before = {id(p) for p in self.model.parameters()}
         source_weights: dict[str, nn.Parameter] = {}
         grown_blocks: dict[str, RepConv2d] = {}
@@ -207,11 +217,7 @@ class DyRep:
         result.calibrated_batches = self._calibrate(grown_blocks, new_branches)
         self._sync_ema_growth(result.grown)
         for prefix, root in self.roots.items():
-            # Blocks grown in this step start with equal branch scales; they are judged next time.
-            protect = [name[len(prefix) + 1:] if prefix else name for name in grown_blocks
-                       if self._split(name)[0] == prefix]
-            cut_report = passes.dep.run(api._state(root).traced, root, std_gate=self.std_gate,
-                                        threshold=self.threshold, protect=protect)
+            cut_report = passes.dep.run(api._state(root).traced, root, cuts=cuts[prefix])
             for local, what in cut_report.changed.items():
                 result.cut[self._join(prefix, local)] = what.removeprefix("cut ").split(", ")
         for name in result.cut:
@@ -223,6 +229,16 @@ class DyRep:
         self._record(result)
         self._watch()
         return result
+
+    def _plan_cuts(self) -> dict[str, dict[str, list[str]]]:
+        """``{target: {block: kinds}}`` the Dep criterion cuts, chosen before this step's growth.
+
+        Blocks grown in this step are not blocks yet, so they are judged next time (their branches
+        start with equal scales); growing a block's inner kxk conv leaves the importances of the
+        block's branches as they are.
+        """
+        return {prefix: passes.dep.plan(root, std_gate=self.std_gate, threshold=self.threshold)
+                for prefix, root in self.roots.items()}
 
     def _choose(self, saliency: dict[str, float]) -> list[str]:
         candidates = set(self.candidates())
@@ -344,32 +360,80 @@ class DyRep:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Rebuild the saved structure on this (fresh) model and restore counters and optimizer layout.
 
-        Load the model's and optimizer's own state dicts after this call.
+        Load the model's and optimizer's own state dicts after this call. A state that does not fit
+        (other targets, mode, sites, branch kinds, optimizer parameters or watched sites) raises a
+        ``ValueError`` naming what differs, and leaves the model, its EMA copies and the optimizer as
+        they were.
         """
-        self.restore_structure(state["structures"])
-        apply_layout(self.optimizer, self.model, state["optimizer_layout"])
+        structures = state["structures"]
+        self._check_structures(structures)
+        undo = [self._restore_on(self.model, structures)]
+        groups = [(group, list(group["params"])) for group in self.optimizer.param_groups]
+        try:
+            apply_layout(self.optimizer, self.model, state["optimizer_layout"])
+            for ema in self._emas:
+                for prefix in structures:
+                    self._share_trace(self.roots[prefix], ema.get_submodule(prefix) if prefix else ema)
+                undo.append(self._restore_on(ema, structures))
+            self._watch()
+            self.saliency.load_state_dict(state["saliency"])
+        except Exception:
+            del self.optimizer.param_groups[len(groups):]
+            for group, params in groups:
+                group["params"] = params
+            for txn in reversed(undo):
+                txn.rollback()
+            self._watch()
+            raise
         self.units = state["units"]
         self.steps_done = state["steps_done"]
         self.history = list(state["history"])
-        for ema in self._emas:
-            for prefix, spec in state["structures"].items():
-                ema_root = ema.get_submodule(prefix) if prefix else ema
-                self._share_trace(self.roots[prefix], ema_root)
-                api.restore(ema_root, spec)
-        self._watch()
-        self.saliency.load_state_dict(state["saliency"])
 
     def restore_structure(self, structures: dict[str, dict[str, Any]]) -> None:
         """Rebuild saved structures (``{target: spec}``) on fresh targets; all checked before any change."""
-        if set(structures) != set(self.roots):
-            raise ValueError(f"checkpoint structure is for targets {sorted(structures)}, this controller has "
-                             f"{sorted(self.roots)}")
+        self._check_structures(structures)
+        self._restore_on(self.model, structures)
+
+    def _check_structures(self, structures: dict[str, dict[str, Any]]) -> None:
+        """Everything :func:`api.restore` would refuse, for every target, before any target changes."""
+        saved, here = set(structures), set(self.roots)
+        if saved != here:
+            raise ValueError(f"checkpoint structure is for targets {sorted(saved)}, this controller has "
+                             f"{sorted(here)} (only in the checkpoint: {sorted(saved - here)}, only here: "
+                             f"{sorted(here - saved)})")
         for prefix, root in self.roots.items():
-            if api.blocks(root) and api.structure(root)["sites"] != structures[prefix]["sites"]:
-                raise ValueError(f"target {prefix or 'model'!r} already has a different grown structure; "
+            spec, where = structures[prefix], f"target {prefix or 'model'!r}"
+            if api.blocks(root) and api.structure(root)["sites"] != spec["sites"]:
+                raise ValueError(f"{where} already has a different grown structure; "
                                  "load into a freshly built model")
-        for prefix, root in self.roots.items():
-            api.restore(root, structures[prefix])
+            if spec.get("format") != api.STRUCTURE_FORMAT or spec.get("mode") != self.mode:
+                raise ValueError(f"checkpoint structure of {where} is a {spec.get('format')!r} in "
+                                 f"{spec.get('mode')!r} mode; this controller takes "
+                                 f"{api.STRUCTURE_FORMAT!r} in {self.mode!r} mode")
+            for name, entry in spec["sites"].items():
+                try:
+                    api._check_restorable(root, name, entry)
+                except PassError as exc:
+                    raise PassError(f"checkpoint structure of {where}: {exc}") from exc
+
+    def _restore_on(self, model: nn.Module, structures: dict[str, dict[str, Any]]) -> Transaction:
+        """``api.restore`` on each target of ``model`` (the live model or an EMA copy); the returned
+        transaction puts every replaced conv back (all targets restored, or none)."""
+        txn = Transaction(model)
+        try:
+            for prefix, spec in structures.items():
+                root = model.get_submodule(prefix) if prefix else model
+                originals = {name: get_module(root, name) for name in spec["sites"]}
+                for module in originals.values():
+                    txn.save(module)
+                api.restore(root, spec)
+                for name, original in originals.items():
+                    if get_module(root, name) is not original:
+                        txn.record_replacement(self._join(prefix, name), original)
+        except Exception:
+            txn.rollback()
+            raise
+        return txn
 
     def close(self) -> None:
         """Remove the optimizer hook."""

@@ -8,7 +8,6 @@ change the DDP wrapper must be rebuilt (:func:`rewrap_ddp`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
@@ -39,15 +38,42 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
 
 
 def check_same_on_all_ranks(value: Any, what: str) -> None:
-    """Raise on every rank if ``value`` (JSON-serialisable) differs between ranks, naming ``what``."""
+    """Raise on every rank if ``value`` (small, JSON-serialisable) differs between ranks, naming ``what``.
+
+    Call it before changing anything: the error then leaves every rank as it was. The message names the
+    entries of a dict ``value`` that differ and which ranks hold which version, e.g.
+    ``cut: {} on ranks [0]; {"layer1.0.conv1": ["1x1"]} on ranks [1]``.
+    """
     if not is_distributed():
         return
-    digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+    text = json.dumps(value, sort_keys=True, default=str)
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, digest)
+    dist.all_gather_object(gathered, text)
     if len(set(gathered)) > 1:
-        raise RuntimeError(f"{what} differs between ranks ({gathered}); refusing a change that would leave "
-                           "the ranks with different models")
+        raise RuntimeError(f"{what} differs between ranks ({_describe_difference(gathered)}); refusing a "
+                           "change that would leave the ranks with different models (nothing was changed)")
+
+
+def _by_value(texts: list[str]) -> str:
+    """``"<value> on ranks [0, 2]; <other> on ranks [1]"`` for one JSON text per rank."""
+    ranks: dict[str, list[int]] = {}
+    for rank, text in enumerate(texts):
+        ranks.setdefault(text, []).append(rank)
+    return "; ".join(f"{text} on ranks {r}" for text, r in ranks.items())
+
+
+def _describe_difference(texts: list[str]) -> str:
+    """Which entries differ between the ranks' JSON texts, and which ranks hold which version."""
+    values = [json.loads(t) for t in texts]
+    if not all(isinstance(v, dict) for v in values):
+        return _by_value(texts)
+    keys = sorted({k for v in values for k in v})
+    parts = []
+    for key in keys:
+        entries = [json.dumps(v.get(key), sort_keys=True) for v in values]
+        if len(set(entries)) > 1:
+            parts.append(f"{key}: {_by_value(entries)}")
+    return " | ".join(parts)
 
 
 def rewrap_ddp(ddp: nn.parallel.DistributedDataParallel, **overrides: Any) -> nn.parallel.DistributedDataParallel:

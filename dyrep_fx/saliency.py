@@ -80,7 +80,11 @@ class SaliencyCollector:
     def load_state_dict(self, state: dict) -> None:
         """Resume an interval; the watched names must match."""
         if state["names"] != self.names:
-            raise ValueError("saliency state was recorded for other sites than the ones watched now")
+            only_saved = [n for n in state["names"] if n not in self.names]
+            only_here = [n for n in self.names if n not in state["names"]]
+            order = ", in another order" if not only_saved and not only_here else ""
+            raise ValueError(f"saliency state was recorded for other sites than the ones watched now (only "
+                             f"in the state: {only_saved[:5]}, only watched here: {only_here[:5]}{order})")
         self.count = state["count"]
         total = state["total"]
         if total is not None and self._params:

@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.launch import free_port
 
 WORKER = Path(__file__).parent / "scripts" / "ddp_worker.py"
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(out: Path, mode: str) -> list[dict]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.numerics import assert_same
 
 WORKER = Path(__file__).parent / "scripts" / "resume_worker.py"
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,24 +38,6 @@ def _deterministic():
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(det)
     torch.set_rng_state(rng)
-
-
-def assert_same(a, b, where: str = "") -> None:
-    """Bitwise equality of nested checkpoint data (tensors, dicts, lists, scalars)."""
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b), where
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where}: max diff {(a.double() - b.double()).abs().max()}"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and list(a) == list(b), (where, list(a), list(b))
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
 
 
 def straight_run(mode: str, opt_name: str):

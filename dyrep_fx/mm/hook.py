@@ -5,12 +5,16 @@
 
 Events used:
 
+* ``before_run``: under torch >= 2.6, let mmengine's own ``load_or_resume`` unpickle its checkpoint
+  (``trust_checkpoint``; see :mod:`dyrep_fx.mm.checkpoint`), for that call only;
 * ``after_load_checkpoint`` (resume / load_from of a DyRep checkpoint): rebuild the saved structure
-  before mmengine loads the weights and optimizer state into it;
+  before mmengine loads the weights and optimizer state into it; a checkpoint that does not fit the
+  config fails there, naming what differs, with the model and optimizer left as they were;
 * ``before_train``: trace the targets (after weights are initialised or loaded) and start the
   controller; attach the EMA model of an ``EMAHook``;
 * ``after_train_iter`` / ``after_train_epoch``: one controller step per unit; after a change the
-  optimizer is updated in place (honouring ``paramwise_cfg``) and a DDP wrapper is rebuilt;
+  optimizer is updated in place (honouring ``paramwise_cfg``; new groups join the parameter
+  schedules where they are) and a DDP wrapper is rebuilt from ``model_wrapper_cfg``;
 * ``before_save_checkpoint``: put the structure and controller state into the checkpoint;
 * ``after_run``: fold and save a deploy checkpoint that loads strictly into the unmodified config.
 
@@ -36,8 +40,9 @@ from torch.utils.data import DataLoader
 from .. import api
 from ..controller import DYREP_KINDS, DyRep
 from ..tracing import _set_training_flags
+from .checkpoint import mmengine_checkpoint_loading
 
-__all__ = ["DyRepHook"]
+__all__ = ["DyRepHook", "scope_checkpoint_loading"]
 
 STATE_KEY = "dyrep_fx"
 
@@ -88,6 +93,7 @@ class _ParamwiseChooser:
     mmengine builds one group per Parameter when ``paramwise_cfg`` is set (``norm_decay_mult``,
     ``bias_decay_mult``, ``custom_keys``...); new Parameters get the same treatment. Branch scales
     stand in for the BatchNorm gammas of DBB, so they take ``norm_decay_mult`` like norm weights.
+    The new group then joins the schedules where the group of the conv it grew from has got to.
     """
 
     def __init__(self, optim_wrapper_cfg: dict) -> None:
@@ -108,8 +114,48 @@ class _ParamwiseChooser:
                 and self.constructor.base_wd is not None:
             group["weight_decay"] = self.constructor.base_wd * norm_mult
         group["params"] = []
-        optimizer.add_param_group(group)
+        optimizer.add_param_group(group)  # fills in the optimizer's defaults (the base lr...)
+        ref = next((g for g in optimizer.param_groups if any(p is source_weight for p in g["params"])),
+                   optimizer.param_groups[0])
+        _follow_schedules(optimizer.param_groups[-1], ref)
         return len(optimizer.param_groups) - 1
+
+
+def _follow_schedules(group: dict, ref: dict) -> None:
+    """Give a group added mid-run the values mmengine's parameter schedulers would have given it by now.
+
+    A scheduler keeps each group's starting value as ``initial_<name>`` and updates the current value
+    relative to itself (warm-up factors, decay steps), so a group built from the config's base values
+    would otherwise run at the base lr (say 10x the decayed one) or warm up all over again. The group's
+    values are scaled by ``ref``'s progress (current / initial) and its base values become its initial ones.
+    """
+    for key in [k for k in ref if k.startswith("initial_")]:
+        name = key[len("initial_"):]
+        if name in group and key not in group:
+            group[key] = group[name]
+            if ref[key]:
+                group[name] = group[name] * ref[name] / ref[key]
+
+
+def _cover_new_groups(runner) -> None:
+    """Schedulers that keep one base value per group (cosine annealing) must know the groups added since.
+
+    They pair ``base_values`` with the groups of what they schedule by position, and mmengine's
+    ``OptimWrapper`` lists its ``base_param_settings`` after the optimizer's own groups, so the values
+    are rebuilt in that order from each group's ``initial_<name>`` (what they were first built from).
+    """
+    schedulers = runner.param_schedulers or []
+    if isinstance(schedulers, dict):
+        schedulers = [s for group in schedulers.values() for s in group]
+    wrapper = runner.optim_wrapper
+    for scheduler in schedulers:
+        target = getattr(scheduler, "optimizer", None)
+        if target not in (wrapper, wrapper.optimizer) or not hasattr(scheduler, "base_values"):
+            continue
+        groups = target.param_groups
+        if len(scheduler.base_values) != len(groups):
+            key = f"initial_{scheduler.param_name}"
+            scheduler.base_values = [g.get(key, g[scheduler.param_name]) for g in groups]
 
 
 @HOOKS.register_module()
@@ -126,6 +172,10 @@ class DyRepHook(Hook):
         init_scale: initial scale of new branches.
         deploy: at the end, fold and save ``deploy_filename`` (and ``ema_`` + it with an EMAHook)
             in ``work_dir``; it loads with ``strict=True`` into the model of the unmodified config.
+        trust_checkpoint: under torch >= 2.6, let mmengine unpickle the checkpoint it resumes or loads
+            (``resume`` / ``load_from``), as it did before torch 2.6: mmengine 0.10.7's checkpoints hold
+            pickled objects that ``weights_only`` loading refuses. Only for checkpoints you trust; with
+            ``False`` run under ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` yourself to resume.
     """
 
     priority = "ABOVE_NORMAL"  # before EMAHook, so the EMA model is synced before it averages
@@ -147,8 +197,10 @@ class DyRepHook(Hook):
         seed: int = 0,
         deploy: bool = True,
         deploy_filename: str = "dyrep_deploy.pth",
+        trust_checkpoint: bool = True,
     ) -> None:
         self.targets = list(targets)
+        self.trust_checkpoint = trust_checkpoint
         self.by_epoch = by_epoch
         self.deploy = deploy
         self.deploy_filename = deploy_filename
@@ -191,6 +243,10 @@ class DyRepHook(Hook):
         for reason, count in reasons.items():
             runner.logger.info(f"DyRepHook: {count} sites not grown: {reason}")
 
+    def before_run(self, runner) -> None:
+        if self.trust_checkpoint:
+            scope_checkpoint_loading(runner)
+
     def before_train(self, runner) -> None:
         self._controller(runner)
         self._publish(runner)
@@ -198,9 +254,20 @@ class DyRepHook(Hook):
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         state = checkpoint.get(STATE_KEY)
         if state is None:
+            grown = [k for k in checkpoint.get("state_dict", {})
+                     if ".branches." in k or k.endswith(".main_scale")]
+            if grown:
+                raise ValueError(f"DyRepHook: the checkpoint holds grown blocks (e.g. {grown[0]!r}) but no "
+                                 f"{STATE_KEY!r} structure to rebuild them; was it saved without DyRepHook?")
             return
         ctl = self._controller(runner)
-        ctl.load_state_dict(state)
+        try:
+            ctl.load_state_dict(state)
+        except ValueError as exc:
+            raise ValueError(f"DyRepHook (targets {self.targets}, {ctl.mode} mode): the checkpoint's "
+                             f"{STATE_KEY!r} state does not fit this config, nothing was changed: "
+                             f"{exc}") from exc
+        _cover_new_groups(runner)  # a resume then loads the schedulers' saved state over this
         self._rewrap(runner)
         runner.logger.info(f"DyRepHook: restored the grown structure ({len(api.blocks(ctl.model))} blocks) "
                            "before loading the checkpoint's weights")
@@ -225,6 +292,7 @@ class DyRepHook(Hook):
         for name, kinds in result.cut.items():
             runner.logger.info(f"DyRepHook unit {result.unit}: cut {', '.join(kinds)} from {name}")
         if result.changed:
+            _cover_new_groups(runner)
             self._rewrap(runner)
         self._publish(runner)
 
@@ -235,10 +303,17 @@ class DyRepHook(Hook):
         hub.update_scalar("train/dyrep_branches", sum(len(b.kinds) for b in blocks.values()))
 
     def _rewrap(self, runner) -> None:
-        """DDP registers parameters at construction: rebuild the wrapper after a structural change."""
-        if not is_model_wrapper(runner.model) or not isinstance(runner.model, nn.parallel.DistributedDataParallel):
+        """DDP registers parameters at construction: rebuild the wrapper after a structural change.
+
+        The new wrapper comes from the config's ``model_wrapper_cfg`` as the runner built the first one;
+        it broadcasts rank 0's parameters and buffers, which the controller has already made identical.
+        """
+        if not isinstance(runner.model, nn.parallel.DistributedDataParallel):
             return
-        runner.model = runner.wrap_model(runner.cfg.get("model_wrapper_cfg"), _unwrap(runner.model))
+        wrapper_cfg = copy.deepcopy(runner.cfg.get("model_wrapper_cfg"))
+        runner.model = runner.wrap_model(wrapper_cfg, _unwrap(runner.model))
+        runner.logger.info(f"DyRepHook: rebuilt the {type(runner.model).__name__} wrapper around the new "
+                           "structure")
 
     # -- checkpoints -------------------------------------------------------------------------------
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
@@ -262,6 +337,29 @@ class DyRepHook(Hook):
         deploy = fold_targets(model, self.targets)
         torch.save({"meta": {"dyrep_fx": "folded", "targets": self.targets},
                     "state_dict": deploy.state_dict()}, path)
+
+
+def scope_checkpoint_loading(runner) -> None:
+    """Run the runner's next ``load_or_resume`` (where mmengine loads ``resume`` / ``load_from``) inside
+    :func:`mmengine_checkpoint_loading`; that call only, then the runner's own method is back.
+
+    ``Runner.train`` / ``val`` / ``test`` call ``before_run`` and then ``load_or_resume``, and no hook
+    event lies between them, so this is the narrowest scope a hook can give the switch.
+    """
+    previous = runner.__dict__.get("load_or_resume")
+    original = runner.load_or_resume
+
+    def load_or_resume():
+        try:
+            with mmengine_checkpoint_loading():
+                return original()
+        finally:
+            if previous is None:
+                runner.__dict__.pop("load_or_resume", None)
+            else:
+                runner.load_or_resume = previous
+
+    runner.load_or_resume = load_or_resume
 
 
 def fold_targets(model: nn.Module, targets: Sequence[str]) -> nn.Module:

@@ -42,3 +42,21 @@ def randomise(model: nn.Module, seed: int = 0, branch_bound: float = 0.5) -> Non
     """Both of the above."""
     randomise_bns(model, seed)
     randomise_scales(model, seed + 1, branch_bound)
+
+
+def assert_same(a, b, where: str = "") -> None:
+    """Bitwise equality of nested checkpoint data (tensors, dicts, lists, scalars)."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b), where
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where}: max diff {(a.double() - b.double()).abs().max()}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), (where, list(a), list(b))
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
