@@ -1,7 +1,8 @@
 """Training cost of DyRep / DBB / OREPA variants relative to the plain model, measured side by side.
 
 One training step = forward + backward + SGD step. Every (variant, round) runs in a fresh process,
-variants interleaved round by round; reported: median step time and activation peak memory
+variants interleaved round by round; reported: median step time (wall clock, and the process's CPU
+time, which other jobs on a shared machine disturb less) and activation peak memory
 (CPU: peak RSS minus the RSS after warm-up with ``MALLOC_MMAP_THRESHOLD_`` pinned so freed
 activations go back to the OS; CUDA: ``max_memory_allocated`` minus the allocation after warm-up).
 
@@ -54,20 +55,22 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats()
     else:
         base = rss_mib()
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     if device.type == "cuda":
         act = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         act = peak_rss_mib() - base
-    print(json.dumps({"time": sorted(times)[len(times) // 2], "act_mib": act,
+    print(json.dumps({"time": sorted(times)[len(times) // 2], "cpu_time": sorted(cpu_times)[len(cpu_times) // 2],
+                      "act_mib": act,
                       "params": sum(p.numel() for p in model.parameters())}))
 
 
@@ -92,8 +95,9 @@ def main() -> None:
         return
     variants = args.variants.split(",")
     results: dict = {"machine": machine(), "rounds": args.rounds, "rows": []}
-    print("| model | input | variant | step time / plain (median [min, max]) | step s | act. memory / plain | act. MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | input | variant | step time / plain (median [min, max]) | step s | CPU time / plain "
+          "| act. memory / plain | act. MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for model in args.models.split(","):
         for inp in args.inputs.split(","):
             samples: dict[str, list[dict]] = {v: [] for v in variants}
@@ -105,19 +109,23 @@ def main() -> None:
                     ], env=MALLOC_ENV))
             plain_t = summary([s["time"] for s in samples["plain"]])["median"] if "plain" in samples else None
             plain_m = summary([s["act_mib"] for s in samples["plain"]])["median"] if "plain" in samples else None
+            plain_c = summary([s["cpu_time"] for s in samples["plain"]])["median"] if "plain" in samples else None
             for variant in variants:
                 t = summary([s["time"] for s in samples[variant]])
                 m = summary([s["act_mib"] for s in samples[variant]])
                 ratios = [s["time"] / plain_t for s in samples[variant]] if plain_t else []
                 r = summary(ratios) if ratios else None
-                row = {"model": model, "input": inp, "variant": variant, "time": t, "act_mib": m,
-                       "time_ratio": r, "mem_ratio": m["median"] / plain_m if plain_m else None,
+                c = summary([s["cpu_time"] for s in samples[variant]])
+                row = {"model": model, "input": inp, "variant": variant, "time": t, "cpu_time": c, "act_mib": m,
+                       "time_ratio": r, "cpu_ratio": c["median"] / plain_c if plain_c else None,
+                       "mem_ratio": m["median"] / plain_m if plain_m else None,
                        "params": samples[variant][0]["params"]}
                 results["rows"].append(row)
                 rtxt = f"{r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]" if r else "-"
                 mtxt = f"{row['mem_ratio']:.2f}" if row["mem_ratio"] else "-"
-                print(f"| {model} | {inp} | {variant} | {rtxt} | {t['median']:.3f} | {mtxt} | {m['median']:.0f} |",
-                      flush=True)
+                ctxt = f"{row['cpu_ratio']:.2f}" if row["cpu_ratio"] else "-"
+                print(f"| {model} | {inp} | {variant} | {rtxt} | {t['median']:.3f} | {ctxt} | {mtxt} "
+                      f"| {m['median']:.0f} |", flush=True)
     write_json(args.out, results)
     print(f"\nwritten {args.out}; machine: {results['machine']}")
 
