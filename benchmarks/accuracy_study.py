@@ -7,7 +7,7 @@ mean +- std over the seeds (of the trained model, and of the folded model loaded
 network), seconds per epoch, peak RSS, parameters during training and after folding, and for DyRep the
 final structure (sites grown, branches that survived).
 
-    .venv/bin/python benchmarks/accuracy_study.py                  # the README's table (~1 h on 2 cores)
+    .venv/bin/python benchmarks/accuracy_study.py                  # the README's table (~30 min on 2 idle cores)
     .venv/bin/python benchmarks/accuracy_study.py --seeds 0 --epochs 1 --train-limit 2000   # smoke run
 """
 
@@ -113,8 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", nargs="+", default=list(STUDY_VARIANTS), choices=list(STUDY_VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--train-limit", type=int, default=20000, help="balanced training subset (60000 = all)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--train-limit", type=int, default=12000, help="balanced training subset (60000 = all)")
     p.add_argument("--test-limit", type=int, default=None, help="default: the whole 10k test set")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
