@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import multiprocessing
 import statistics
 import sys
@@ -39,7 +40,21 @@ def study_config(args: argparse.Namespace) -> DemoConfig:
     return DemoConfig(epochs=args.epochs, train_limit=args.train_limit, test_limit=args.test_limit,
                       batch_size=args.batch_size, lr=args.lr, width=args.width,
                       grows_per_epoch=args.grows_per_epoch, until_fraction=args.until_fraction,
-                      threads=args.threads, progress=False)
+                      threads=args.threads, progress=False, dyrep_options=parse_options(args.dyrep_option))
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``["metric=abs", "init_scale=0.1"]`` -> ``{"metric": "abs", "init_scale": 0.1}`` (numbers parsed)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--dyrep-option wants key=value, got {pair!r}")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    return options
 
 
 def run_all(config: DemoConfig, variants: list[str], seeds: list[int], jobs: int = 1) -> list[dict[str, Any]]:
@@ -123,6 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--until-fraction", type=float, default=0.75)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (timings then share the CPU)")
+    p.add_argument("--dyrep-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra dyrep_fx.DyRep argument for the DyRep variants, e.g. metric=abs (repeatable)")
     p.add_argument("--out", default="out/benchmarks/accuracy_study.json")
     return p.parse_args(argv)
 
