@@ -136,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--grows-per-epoch", type=int, default=2)
     p.add_argument("--until-fraction", type=float, default=0.75)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (this small net gains little from more)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (timings then share the CPU)")
     p.add_argument("--dyrep-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra dyrep_fx.DyRep argument for the DyRep variants, e.g. metric=abs (repeatable)")
