@@ -59,7 +59,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     batch, size = map(int, args.input.split("x"))
     rows = []
-    print("| model | folded / plain (median [min, max]) | plain ms | folded ms | max abs diff |\n|---|---|---|---|---|")
+    print("| model | folded / plain (median [min, max]) | plain ms | folded ms | compiled: folded / plain "
+          "| max abs diff |\n|---|---|---|---|---|---|")
     for name in args.models.split(","):
         plain = build(name, "plain").to(args.device).eval()
         grown = build(name, "dyrep_online").to(args.device)
@@ -77,10 +78,11 @@ def main() -> None:
         if args.compile:
             row["compiled_ratio"] = summary([f / p for f, p in zip(times["folded_compiled"], times["plain_compiled"])])
         rows.append(row)
-        r = row["ratio"]
+        r, c = row["ratio"], row.get("compiled_ratio")
+        ctxt = f"{c['median']:.3f} [{c['min']:.2f}, {c['max']:.2f}]" if c else "-"
         print(f"| {name} | {r['median']:.3f} [{r['min']:.2f}, {r['max']:.2f}] | {1e3 * row['plain']['median']:.1f} "
-              f"| {1e3 * row['folded']['median']:.1f} | {diff:.1e} |", flush=True)
-    write_json(args.out, {"machine": machine(), "input": args.input, "rows": rows})
+              f"| {1e3 * row['folded']['median']:.1f} | {ctxt} | {diff:.1e} |", flush=True)
+    write_json(args.out, {"machine": dict(machine(), threads=args.threads), "input": args.input, "rows": rows})
     print(f"\nwritten {args.out}")
 
 

@@ -94,7 +94,7 @@ def main() -> None:
         worker(args)
         return
     variants = args.variants.split(",")
-    results: dict = {"machine": machine(), "rounds": args.rounds, "rows": []}
+    results: dict = {"machine": dict(machine(), threads=args.threads), "rounds": args.rounds, "rows": []}
     print("| model | input | variant | step time / plain (median [min, max]) | step s | CPU time / plain "
           "| act. memory / plain | act. MiB |")
     print("|---|---|---|---|---|---|---|---|")
