@@ -211,15 +211,25 @@ def restore(model: nn.Module, spec: dict[str, Any], example_inputs: Sequence[Any
         _check_restorable(model, name, entry)
     txn = passes.base.Transaction(model)
     try:
-        # Branch values are about to be overwritten by a state_dict: don't consume the caller's RNG.
-        with torch.random.fork_rng(devices=[]):
-            for name, entry in spec["sites"].items():
-                original = get_module(model, name)
-                txn.save(original)
-                _restore_block(model, name, entry, state.mode, state.init_scale)
-                if get_module(model, name) is not original:
-                    txn.record_replacement(name, original)
+        _apply_structure(model, spec, txn)
     except Exception:
         txn.rollback()
         raise
     return model
+
+
+def _apply_structure(model: nn.Module, spec: dict[str, Any], txn: passes.base.Transaction, prefix: str = "") -> None:
+    """Grow the checked ``spec`` on the transformed ``model``, recording every change in ``txn``.
+
+    ``txn`` may belong to a larger model of which ``model`` is the submodule ``prefix``, so that one
+    rollback undoes several targets.
+    """
+    state = _state(model)
+    # Branch values are about to be overwritten by a state_dict: don't consume the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        for name, entry in spec["sites"].items():
+            original = get_module(model, name)
+            txn.save(original)
+            _restore_block(model, name, entry, state.mode, state.init_scale)
+            if get_module(model, name) is not original:
+                txn.record_replacement(f"{prefix}.{name}" if prefix else name, original)

@@ -29,7 +29,7 @@ from .block import RepConv2d
 from .calibration import calibrate_batchnorms, default_forward
 from .distributed import broadcast_module, check_same_on_all_ranks
 from .optim_sync import GroupChooser, apply_layout, default_group, layout, sync_optimizer
-from .passes.base import PassError, Transaction, get_module
+from .passes.base import PassError, Transaction
 from .saliency import SaliencyCollector
 
 __all__ = ["DyRep", "StepResult", "DYREP_KINDS"]
@@ -417,19 +417,12 @@ class DyRep:
                     raise PassError(f"checkpoint structure of {where}: {exc}") from exc
 
     def _restore_on(self, model: nn.Module, structures: dict[str, dict[str, Any]]) -> Transaction:
-        """``api.restore`` on each target of ``model`` (the live model or an EMA copy); the returned
-        transaction puts every replaced conv back (all targets restored, or none)."""
+        """Grow the checked ``structures`` on each (transformed) target of ``model``, the live model or
+        an EMA copy; the returned transaction puts every replaced conv back (all targets, or none)."""
         txn = Transaction(model)
         try:
             for prefix, spec in structures.items():
-                root = model.get_submodule(prefix) if prefix else model
-                originals = {name: get_module(root, name) for name in spec["sites"]}
-                for module in originals.values():
-                    txn.save(module)
-                api.restore(root, spec)
-                for name, original in originals.items():
-                    if get_module(root, name) is not original:
-                        txn.record_replacement(self._join(prefix, name), original)
+                api._apply_structure(model.get_submodule(prefix) if prefix else model, spec, txn, prefix)
         except Exception:
             txn.rollback()
             raise
