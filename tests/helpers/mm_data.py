@@ -165,3 +165,22 @@ def make_recorder(backbone: str = "backbone") -> Any:
 def optimizer_params(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
     """``id(param) -> its param group`` over every group of ``optimizer``."""
     return {id(p): group for group in optimizer.param_groups for p in group["params"]}
+
+
+def load_deploy(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a folded deploy file written by DyRepHook or ``dyrep-fx fold``."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert ckpt["meta"]["dyrep_fx"] == "folded"
+    return ckpt["state_dict"]
+
+
+def assert_fold_command_equals_deploy(config: str, work_dir: Path, iters: int, out: Path) -> None:
+    """``dyrep-fx fold`` on the run's last checkpoint gives exactly the hook's deploy file."""
+    from dyrep_fx import cli
+
+    ckpt = work_dir / f"iter_{iters}.pth"
+    assert cli.main(["fold", str(CONFIG_DIR / config), str(ckpt), "-o", str(out)]) == 0
+    folded, deploy = load_deploy(out), load_deploy(work_dir / "dyrep_deploy.pth")
+    assert list(folded) == list(deploy)
+    for key in deploy:
+        torch.testing.assert_close(folded[key], deploy[key], rtol=0, atol=0, msg=key)

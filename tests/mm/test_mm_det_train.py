@@ -15,11 +15,12 @@ import pytest
 import torch
 from helpers.mm_data import (
     BACKBONE_CKPT_ENV,
-    CONFIG_DIR,
     DEEPFOREST_ENV,
+    assert_fold_command_equals_deploy,
     build_model,
     find_hook,
     load_config,
+    load_deploy,
     make_recorder,
     optimizer_params,
     set_image_scale,
@@ -129,12 +130,6 @@ def test_paramwise_cfg_gives_branch_scales_norm_decay(run):
     assert groups[id(bn)]["weight_decay"] == 0.0
 
 
-def load_deploy(path: Path) -> dict[str, torch.Tensor]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    assert ckpt["meta"]["dyrep_fx"] == "folded"
-    return ckpt["state_dict"]
-
-
 def test_deploy_checkpoint_loads_strictly_and_computes_the_same(run):
     deploy = load_deploy(run.work_dir / "dyrep_deploy.pth")
     assert not [k for k in deploy if ".branches." in k or k.endswith("scale")]
@@ -151,15 +146,7 @@ def test_deploy_checkpoint_loads_strictly_and_computes_the_same(run):
 
 
 def test_fold_command_on_the_last_checkpoint_equals_the_deploy_file(run, tmp_path):
-    from dyrep_fx import cli
-
-    ckpt = run.work_dir / f"iter_{ITERS}.pth"
-    out = tmp_path / "folded.pth"
-    assert cli.main(["fold", str(CONFIG_DIR / CONFIG), str(ckpt), "-o", str(out)]) == 0
-    folded, deploy = load_deploy(out), load_deploy(run.work_dir / "dyrep_deploy.pth")
-    assert list(folded) == list(deploy)
-    for key in deploy:
-        torch.testing.assert_close(folded[key], deploy[key], rtol=0, atol=0, msg=key)
+    assert_fold_command_equals_deploy(CONFIG, run.work_dir, ITERS, tmp_path / "folded.pth")
 
 
 def test_finetune_config_starts_its_backbone_from_the_deploy_file(run, tmp_path):

@@ -14,11 +14,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers.mm_data import (
-    CONFIG_DIR,
     FASHION_SEG_ENV,
+    assert_fold_command_equals_deploy,
     build_model,
     find_hook,
     load_config,
+    load_deploy,
     make_recorder,
     optimizer_params,
     small_run,
@@ -58,12 +59,6 @@ def train(cfg):
     runner.train()
     return SimpleNamespace(cfg=cfg, runner=runner, recorder=recorder, hook=find_hook(runner, "DyRepHook"),
                            work_dir=Path(cfg.work_dir))
-
-
-def load_deploy(path: Path) -> dict[str, torch.Tensor]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    assert ckpt["meta"]["dyrep_fx"] == "folded"
-    return ckpt["state_dict"]
 
 
 def assert_deploy_matches(run) -> None:
@@ -129,15 +124,7 @@ def test_deploy_checkpoint_loads_strictly_and_computes_the_same(run):
 
 
 def test_fold_command_on_the_last_checkpoint_equals_the_deploy_file(run, tmp_path):
-    from dyrep_fx import cli
-
-    out = tmp_path / "folded.pth"
-    ckpt = run.work_dir / f"iter_{ITERS}.pth"
-    assert cli.main(["fold", str(CONFIG_DIR / CONFIG), str(ckpt), "-o", str(out)]) == 0
-    folded, deploy = load_deploy(out), load_deploy(run.work_dir / "dyrep_deploy.pth")
-    assert list(folded) == list(deploy)
-    for key in deploy:
-        torch.testing.assert_close(folded[key], deploy[key], rtol=0, atol=0, msg=key)
+    assert_fold_command_equals_deploy(CONFIG, run.work_dir, ITERS, tmp_path / "folded.pth")
 
 
 def test_with_cp_backbone_trains_and_reports_untraceable_blocks(fashion_seg_root, tmp_path):
