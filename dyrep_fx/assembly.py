@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import kernels
+
 __all__ = ["WindowTerm", "FilterTerm", "ComposedTerm", "Term", "assemble_kernel"]
 
 
@@ -71,16 +73,6 @@ def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).flatten(1).sum(1)
 
 
-def _grouped(w1: Tensor, w2: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-    """``w1`` as ``[g, T/g, I]`` and ``w2`` as ``[g, O/g, T/g, kh, kw]``."""
-    return w1.reshape(groups, -1, w1.shape[1]), w2.reshape(groups, -1, *w2.shape[1:])
-
-
-def _composed_kernel(w1: Tensor, w2: Tensor, groups: int) -> Tensor:
-    g1, g2 = _grouped(w1, w2, groups)
-    return torch.einsum("gotuv,gti->goiuv", g2, g1).reshape(w2.shape[0], w1.shape[1], *w2.shape[2:])
-
-
 def _spec(term: Term) -> tuple[type, tuple[int, int] | None, int]:
     """What backward needs of a term besides its tensors (kept off the tensors, so nothing leaks)."""
     return type(term), getattr(term, "offset", None), getattr(term, "groups", 1)
@@ -102,7 +94,7 @@ class _Assemble(torch.autograd.Function):
                 kernel.addcmul_(_col(scale) * w1, spatial.unsqueeze(1))
             else:
                 w1, w2, scale = values
-                kernel.addcmul_(_col(scale), _composed_kernel(w1, w2, groups))
+                kernel.addcmul_(_col(scale), kernels.merge_1x1_kxk(w1, None, w2, None, groups)[0])
         return kernel
 
     @staticmethod
@@ -141,8 +133,9 @@ def _term_grads(spec: tuple, grad: Tensor, values: Sequence[Tensor], wanted: Seq
         g = torch.einsum("oiuv,ouv->oi", grad, spatial).reshape(w1.shape)  # <G, s> per (o, i)
         return [g * _col(scale) if wanted[0] else None, _channel_dot(g, w1) if wanted[1] else None, None]
     w1, w2, scale = values
-    g1, g2 = _grouped(w1, w2, groups)
-    gg = grad.reshape(groups, -1, *grad.shape[1:])  # [g, O/g, I, kh, kw]
+    g1 = kernels.split_groups(w1[:, :, 0, 0], groups)  # [g, T/g, I]
+    g2 = kernels.split_groups(w2, groups)  # [g, O/g, T/g, kh, kw]
+    gg = kernels.split_groups(grad, groups)  # [g, O/g, I, kh, kw]
     grad_w1 = grad_w2 = grad_scale = None
     if wanted[0]:
         scaled_w2 = g2 * scale.reshape(groups, -1, 1, 1, 1)

@@ -23,6 +23,7 @@ __all__ = [
     "embed_offset",
     "align_kernel",
     "merge_1x1_kxk",
+    "split_groups",
     "merge_1x1_depthwise",
     "avg_kernel",
     "identity_kernel",
@@ -138,7 +139,7 @@ def align_kernel(
     return embed_kernel(kernel, big["kernel_size"], offsets)
 
 
-def _split_groups(weight: Tensor, groups: int) -> Tensor:
+def split_groups(weight: Tensor, groups: int) -> Tensor:
     """``[O, I/g, ...]`` -> ``[g, O/g, I/g, ...]``."""
     return weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
 
@@ -153,8 +154,8 @@ def merge_1x1_kxk(
     Exact at the border only when the intermediate map is padded with ``b1`` rather than zeros
     (equivalently: the 1x1 conv runs on the already padded input), which is how blocks here run it.
     """
-    g1 = _split_groups(w1[:, :, 0, 0], groups)  # [g, T/g, C/g]
-    g2 = _split_groups(w2, groups)  # [g, O/g, T/g, kh, kw]
+    g1 = split_groups(w1[:, :, 0, 0], groups)  # [g, T/g, C/g]
+    g2 = split_groups(w2, groups)  # [g, O/g, T/g, kh, kw]
     merged = torch.einsum("gotuv,gti->goiuv", g2, g1).reshape(w2.shape[0], w1.shape[1], *w2.shape[2:])
     if b1 is None:
         return merged, b2
