@@ -107,9 +107,9 @@ def main() -> None:
                         "--model", model, "--variant", variant, "--input", inp, "--steps", str(args.steps),
                         "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device,
                     ], env=MALLOC_ENV))
-            plain_t = summary([s["time"] for s in samples["plain"]])["median"] if "plain" in samples else None
-            plain_m = summary([s["act_mib"] for s in samples["plain"]])["median"] if "plain" in samples else None
-            plain_c = summary([s["cpu_time"] for s in samples["plain"]])["median"] if "plain" in samples else None
+            plain = {key: summary([s[key] for s in samples["plain"]])["median"] if "plain" in samples else None
+                     for key in ("time", "act_mib", "cpu_time")}
+            plain_t, plain_m, plain_c = plain["time"], plain["act_mib"], plain["cpu_time"]
             for variant in variants:
                 t = summary([s["time"] for s in samples[variant]])
                 m = summary([s["act_mib"] for s in samples[variant]])
