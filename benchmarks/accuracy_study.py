@@ -1,14 +1,26 @@
-"""Reproduction study: plain vs DBB-all vs DyRep (dbb, online) vs OREPA-all on real Fashion-MNIST.
+"""The reproduction study: is there a re-parameterization gain at this scale, and does DyRep find it
+better than growing at random sites?
 
-The same VGG-style network (:func:`dyrep_fx.demo.make_net`), recipe, data order and seeds for every
-variant; each (seed, variant) trains in a fresh process (so peak memory is its own), seeds outer and
-variants inner so machine load spreads over all variants alike. Reported per variant: test accuracy
-mean +- std over the seeds (of the trained model, and of the folded model loaded into the unmodified
-network), seconds per epoch, peak RSS, parameters during training and after folding, and for DyRep the
-final structure (sites grown, branches that survived).
+Full Fashion-MNIST (60k train, 10k test) with random crop (padding 2) and horizontal flip, the study
+network (:data:`dyrep_fx.demo.NET_LAYOUTS` ``"study"``: ten 3x3 conv + BN + ReLU, VGG style), SGD
+momentum 0.9, cosine learning rate, weight decay 1e-4 on every parameter (DyRep's CIFAR recipe), the
+same data order and augmentation draws per seed for every variant. Each (variant, seed) trains in a
+fresh process with one torch thread and writes its result as JSON under ``--results``; a re-run skips
+finished runs, so the study can run in parts (and across sessions).
 
-    .venv/bin/python benchmarks/accuracy_study.py                  # the README's table (~30 min on 2 idle cores)
-    .venv/bin/python benchmarks/accuracy_study.py --seeds 0 --epochs 1 --train-limit 2000   # smoke run
+* stage 1, the ceiling: ``plain``, ``dbb_all`` (every conv with DBB's branches, dbb mode) and
+  ``orepa_all`` (every conv with OREPA's linear branches, online mode), 5 seeds;
+* stage 2, DyRep in online and dbb mode with the reference-parity decisions (signed synflow, inner
+  convs offered at once), the library's defaults, and random sites (the same schedule, so the same
+  number of growths): a step every 6.25 % of training until 75 %.
+
+Decision rule, fixed before the runs: a variant is said to beat another only when the mean of the
+paired (same-seed) accuracy differences exceeds two standard errors of that mean.
+
+    .venv/bin/python benchmarks/accuracy_study.py --stage 1            # 15 runs, 2 at a time
+    .venv/bin/python benchmarks/accuracy_study.py --stage 2 --seeds 0 1 2
+    .venv/bin/python benchmarks/accuracy_study.py --report             # tables and plot from the JSON files
+    .venv/bin/python benchmarks/accuracy_study.py --smoke              # a tiny run of every variant
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import multiprocessing
 import statistics
 import sys
@@ -28,134 +41,246 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, write_json  # noqa: E402
 
-from dyrep_fx.demo import DemoConfig, run_variant  # noqa: E402
+from dyrep_fx.demo import DemoConfig, make_net, multiply_adds, run_variant  # noqa: E402
 
-#: Study variant -> the demo's variant name.
-STUDY_VARIANTS = {"plain": "plain", "dbb_all": "dbb", "dyrep_dbb": "dyrep_dbb", "dyrep_online": "dyrep_online",
-                  "orepa_all": "orepa"}
+RESULTS = Path(__file__).resolve().parent / "results" / "study"
+
+#: Study variant -> (the demo's variant, extra DyRep arguments).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "plain": ("plain", {}),
+    "dbb_all": ("dbb", {}),
+    "orepa_all": ("orepa", {}),
+    "dyrep_online_parity": ("dyrep_online", {"metric": "synflow", "nested": "open"}),
+    "dyrep_online": ("dyrep_online", {}),
+    "dyrep_online_random": ("dyrep_online", {"metric": "random"}),
+    "dyrep_dbb_parity": ("dyrep_dbb", {"metric": "synflow", "nested": "open"}),
+    "dyrep_dbb": ("dyrep_dbb", {}),
+    "dyrep_dbb_random": ("dyrep_dbb", {"metric": "random"}),
+}
+STAGES = {
+    1: ["plain", "dbb_all", "orepa_all"],
+    2: ["dyrep_online_parity", "dyrep_online", "dyrep_online_random",
+        "dyrep_dbb_parity", "dyrep_dbb", "dyrep_dbb_random"],
+}
+#: Which variant each one is compared with, paired by seed.
+CONTROLS = {"dyrep_online_parity": "dyrep_online_random", "dyrep_online": "dyrep_online_random",
+            "dyrep_dbb_parity": "dyrep_dbb_random", "dyrep_dbb": "dyrep_dbb_random"}
+
+RECIPE = DemoConfig(epochs=12, train_limit=None, test_limit=None, batch_size=128, lr=0.1, weight_decay=1e-4,
+                    width=8, net="study", augment=True, step_fraction=0.0625, until_fraction=0.75, threads=1,
+                    progress=False)
+SMOKE = replace(RECIPE, epochs=1, train_limit=2000, test_limit=1000, step_fraction=0.2, until_fraction=0.8)
 
 
-def study_config(args: argparse.Namespace) -> DemoConfig:
-    """The recipe shared by every run (seed set per run)."""
-    return DemoConfig(epochs=args.epochs, train_limit=args.train_limit, test_limit=args.test_limit,
-                      batch_size=args.batch_size, lr=args.lr, width=args.width,
-                      grows_per_epoch=args.grows_per_epoch, until_fraction=args.until_fraction,
-                      threads=args.threads, progress=False, dyrep_options=parse_options(args.dyrep_option))
+# -- running -----------------------------------------------------------------------------------------
+def run_path(results: Path, variant: str, seed: int) -> Path:
+    """Where the JSON of one run lives."""
+    return results / variant / f"seed{seed}.json"
 
 
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """``["metric=abs", "init_scale=0.1"]`` -> ``{"metric": "abs", "init_scale": 0.1}`` (numbers parsed)."""
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--dyrep-option wants key=value, got {pair!r}")
-        try:
-            options[key] = json.loads(text)
-        except json.JSONDecodeError:
-            options[key] = text
-    return options
+def run_one(variant: str, seed: int, recipe: DemoConfig, results: Path) -> dict[str, Any]:
+    """Train one (variant, seed) in this process and write its JSON."""
+    demo_variant, options = VARIANTS[variant]
+    config = replace(recipe, seed=seed, dyrep_options=dict(options))
+    started = time.time()
+    run = run_variant(demo_variant, config)
+    run.update(study_variant=variant, seed=seed, recipe=asdict(replace(recipe, seed=0)), machine=machine(),
+               started=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)))
+    write_json(run_path(results, variant, seed), run)
+    return run
 
 
-def run_all(config: DemoConfig, variants: list[str], seeds: list[int], jobs: int = 1) -> list[dict[str, Any]]:
-    """Train every (seed, variant) in a fresh process; seeds outer, variants inner."""
-    plan = [(seed, variant) for seed in seeds for variant in variants]
+def pending(variants: list[str], seeds: list[int], recipe: DemoConfig, results: Path) -> list[tuple[str, int]]:
+    """The (variant, seed) runs without a result for this recipe, seeds outer so load spreads alike."""
+    todo = []
+    for seed in seeds:
+        for variant in variants:
+            path = run_path(results, variant, seed)
+            if path.exists():
+                saved = json.loads(path.read_text())["recipe"]
+                if saved != asdict(replace(recipe, seed=0)):
+                    raise SystemExit(f"{path} was trained with another recipe; use another --results folder")
+                continue
+            todo.append((variant, seed))
+    return todo
+
+
+def run_all(todo: list[tuple[str, int]], recipe: DemoConfig, results: Path, jobs: int) -> None:
+    """Train every pending run, ``jobs`` fresh processes at a time."""
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
-        futures = [pool.submit(run_variant, STUDY_VARIANTS[v], replace(config, seed=s)) for s, v in plan]
-        runs = []
-        for (seed, variant), future in zip(plan, futures):
+        futures = {pool.submit(run_one, v, s, recipe, results): (v, s) for v, s in todo}
+        for future in concurrent.futures.as_completed(futures):
+            variant, seed = futures[future]
             run = future.result()
-            run.update(study_variant=variant, seed=seed)
-            print(f"seed {seed} {variant}: test acc {100 * run['test_acc']:.2f}%, "
-                  f"{run['seconds_per_epoch']:.1f} s/epoch", flush=True)
-            runs.append(run)
+            print(f"{variant} seed {seed}: test acc {100 * run['test_acc']:.2f}%, "
+                  f"{run['seconds_per_epoch']:.0f} s/epoch ({run['cpu_seconds_per_epoch']:.0f} s CPU)", flush=True)
+
+
+# -- statistics --------------------------------------------------------------------------------------
+def load_runs(results: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    """``{variant: {seed: run}}`` of every finished run."""
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for path in sorted(results.glob("*/seed*.json")):
+        run = json.loads(path.read_text())
+        runs.setdefault(run["study_variant"], {})[run["seed"]] = run
     return runs
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def paired(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """Mean and standard error of ``acc(a) - acc(b)`` over the seeds both have (points of %)."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    diffs = [100 * (a[s]["test_acc"] - b[s]["test_acc"]) for s in seeds]
+    mean = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {"seeds": seeds, "mean": mean, "se": se, "diffs": diffs,
+            "verdict": "higher" if mean > 2 * se else "lower" if mean < -2 * se else "no difference"}
 
 
-def structure_summary(run: dict[str, Any]) -> dict[str, Any]:
-    """Which sites grew and which branches survived, as counts and per-site kinds."""
-    sites = {name: site["kinds"] for name, site in run["final_structure"].items() if site["kinds"]}
-    return {"sites_grown": len(sites), "branches": sum(len(k) for k in sites.values()), "sites": sites}
+def _ratio(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]], key: str) -> float | None:
+    seeds = sorted(set(a) & set(b))
+    return statistics.median(a[s][key] / b[s][key] for s in seeds) if seeds else None
 
 
-def summarise(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str, Any]]:
-    """One row per variant: accuracy mean +- std over seeds, cost and structure."""
+def growth_summary(run: dict[str, Any]) -> dict[str, Any]:
+    """Growths, cuts and nested growths of one DyRep run, from its history."""
+    history = run.get("branch_history", [])
+    grown = [name for event in history for name in event["grown"]]
+    previous: set[str] = set()
+    into_last = 0
+    for event in history:
+        for name in event["grown"]:
+            if any(name.startswith(p + ".") for p in previous):
+                into_last += 1
+        previous = set(event["grown"]) or previous
+    return {"growths": len(grown), "nested_growths": sum(".branches." in n for n in grown),
+            "growths_into_last_grown": into_last,
+            "cuts": sum(len(kinds) for event in history for kinds in event["cut"].values()),
+            "cuts_per_step": [sum(len(k) for k in event["cut"].values()) for event in history],
+            "sites": grown}
+
+
+def summarise(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    """Per variant: accuracy, paired differences to plain and to the random control, cost, structure."""
+    plain = runs.get("plain", {})
     rows = []
-    for variant in variants:
-        mine = [r for r in runs if r["study_variant"] == variant]
-        acc, acc_std = _mean_std([100 * r["test_acc"] for r in mine])
-        folded, folded_std = _mean_std([100 * r["folded_test_acc"] for r in mine])
-        structures = [structure_summary(r) for r in mine]
-        rows.append({
-            "variant": variant, "seeds": [r["seed"] for r in mine],
-            "test_acc_mean": acc, "test_acc_std": acc_std,
-            "folded_acc_mean": folded, "folded_acc_std": folded_std,
-            "per_seed_acc": [100 * r["test_acc"] for r in mine],
-            "seconds_per_epoch": statistics.median(r["seconds_per_epoch"] for r in mine),
-            "wall_seconds": sum(r["seconds_per_epoch"] * len(r["epochs"]) for r in mine),
-            "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in mine),
-            "params_training_peak": max(r["params_training_peak"] for r in mine),
-            "params_folded": mine[0]["params_folded"],
-            "max_fold_error": max(r["fold_max_abs_error"] for r in mine),
-            "sites_grown": [s["sites_grown"] for s in structures],
-            "branches": [s["branches"] for s in structures],
-            "structures": [s["sites"] for s in structures],
-        })
-    return rows
+    for variant in VARIANTS:
+        mine = runs.get(variant)
+        if not mine:
+            continue
+        accs = [100 * r["test_acc"] for r in mine.values()]
+        any_run = next(iter(mine.values()))
+        row = {
+            "variant": variant, "seeds": sorted(mine), "acc_mean": statistics.fmean(accs),
+            "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "folded_equal": all(r["folded_test_acc"] == r["test_acc"] for r in mine.values()),
+            "vs_plain": paired(mine, plain) if variant != "plain" else None,
+            "vs_control": paired(mine, runs.get(CONTROLS[variant], {})) if variant in CONTROLS else None,
+            "wall_ratio": _ratio(mine, plain, "seconds_per_epoch"),
+            "cpu_ratio": _ratio(mine, plain, "cpu_seconds_per_epoch"),
+            "cpu_seconds_per_epoch": statistics.median(r["cpu_seconds_per_epoch"] for r in mine.values()),
+            "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in mine.values()),
+            "params_training_peak": max(r["params_training_peak"] for r in mine.values()),
+            "params_folded": any_run["params_folded"],
+            "growth": {s: growth_summary(r) for s, r in sorted(mine.items())} if r_has_history(mine) else None,
+        }
+        rows.append(row)
+    return {"rows": rows}
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """The README table."""
-    plain = next((r for r in rows if r["variant"] == "plain"), None)
-    lines = ["| variant | test acc % (mean ± std) | folded acc % | s/epoch (× plain) | peak RSS MiB "
-             "| params: training peak / folded | sites grown / branches at end (per seed) |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ratio = f"{r['seconds_per_epoch'] / plain['seconds_per_epoch']:.2f}×" if plain else "no plain run"
-        grown = ", ".join(f"{g}/{b}" for g, b in zip(r["sites_grown"], r["branches"]))
-        lines.append(f"| {r['variant']} | {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} "
-                     f"| {r['folded_acc_mean']:.2f} | {r['seconds_per_epoch']:.1f} ({ratio}) "
-                     f"| {r['peak_rss_mib']:.0f} | {r['params_training_peak']:,} / {r['params_folded']:,} | {grown} |")
+def r_has_history(mine: dict[int, dict[str, Any]]) -> bool:
+    return any(r.get("branch_history") for r in mine.values())
+
+
+def _fmt_pair(p: dict[str, Any] | None) -> str:
+    return "" if p is None else f"{p['mean']:+.2f} ± {p['se']:.2f} ({p['verdict']})"
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The tables for the benchmarks README."""
+    lines = ["| variant | seeds | test acc % (mean ± std) | Δ vs plain (paired, ± SE) | Δ vs random sites "
+             "| CPU s/epoch (× plain) | peak RSS MiB | params training / folded |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        ratio = "" if r["cpu_ratio"] is None else f" ({r['cpu_ratio']:.2f}×)"
+        lines.append(f"| {r['variant']} | {len(r['seeds'])} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} "
+                     f"| {_fmt_pair(r['vs_plain'])} | {_fmt_pair(r['vs_control'])} "
+                     f"| {r['cpu_seconds_per_epoch']:.0f}{ratio} | {r['peak_rss_mib']:.0f} "
+                     f"| {r['params_training_peak']:,} / {r['params_folded']:,} |")
+    growth = [r for r in summary["rows"] if r["growth"]]
+    if growth:
+        lines += ["", "| variant | seed | growths (nested) | into the site grown the step before | cuts per step "
+                  "| sites grown, in order |", "|---|---|---|---|---|---|"]
+        for r in growth:
+            for seed, g in r["growth"].items():
+                lines.append(f"| {r['variant']} | {seed} | {g['growths']} ({g['nested_growths']}) "
+                             f"| {g['growths_into_last_grown']} | {g['cuts_per_step']} | {', '.join(g['sites'])} |")
     return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """Accuracy (mean ± SE of the paired difference to plain) against the CPU-time ratio to plain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in summary["rows"]:
+        if r["variant"] == "plain" or r["vs_plain"] is None or r["cpu_ratio"] is None:
+            continue
+        ax.errorbar(r["cpu_ratio"], r["vs_plain"]["mean"], yerr=2 * r["vs_plain"]["se"], fmt="o", capsize=4)
+        ax.annotate(r["variant"], (r["cpu_ratio"], r["vs_plain"]["mean"]), textcoords="offset points",
+                    xytext=(6, 4), fontsize=8)
+    ax.axhline(0.0, color="grey", lw=1)
+    ax.set(xlabel="training CPU time per epoch / plain", ylabel="test accuracy − plain (points, ± 2 SE)",
+           title="Fashion-MNIST study: gain over plain vs training cost")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(results: Path) -> dict[str, Any]:
+    """Write ``summary.json``, ``tables.md`` and ``study.png`` next to the runs; return the summary."""
+    summary = summarise(load_runs(results))
+    summary["recipe"] = asdict(replace(RECIPE, seed=0))
+    net = make_net(RECIPE.width, net=RECIPE.net)
+    summary["network"] = {"convs": sum(1 for m in net.modules() if m.__class__.__name__ == "Conv2d"),
+                          "parameters": sum(p.numel() for p in net.parameters()),
+                          "multiply_adds": multiply_adds(net)}
+    write_json(results / "summary.json", summary)
+    (results / "tables.md").write_text(markdown(summary) + "\n")
+    if summary["rows"]:
+        plot(summary, results / "study.png")
+    return summary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", nargs="+", default=list(STUDY_VARIANTS), choices=list(STUDY_VARIANTS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--train-limit", type=int, default=12000, help="balanced training subset (60000 = all)")
-    p.add_argument("--test-limit", type=int, default=None, help="default: the whole 10k test set")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--grows-per-epoch", type=int, default=2)
-    p.add_argument("--until-fraction", type=float, default=0.75)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run (this small net gains little from more)")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (timings then share the CPU)")
-    p.add_argument("--dyrep-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra dyrep_fx.DyRep argument for the DyRep variants, e.g. metric=abs (repeatable)")
-    p.add_argument("--out", default="out/benchmarks/accuracy_study.json")
+    p.add_argument("--stage", type=int, choices=sorted(STAGES), action="append", help="repeatable")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="instead of --stage")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one torch thread each")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--report", action="store_true", help="only summarise the finished runs")
+    p.add_argument("--smoke", action="store_true", help="a tiny recipe, results under out/study_smoke")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    config = study_config(args)
-    start = time.perf_counter()
-    runs = run_all(config, args.variants, args.seeds, args.jobs)
-    rows = summarise(runs, args.variants)
-    report = {"machine": machine(), "recipe": asdict(config), "seeds": args.seeds, "jobs": args.jobs,
-              "study_seconds": time.perf_counter() - start, "rows": rows, "runs": runs}
-    write_json(args.out, report)
-    print(markdown(rows))
-    print(f"\n{len(runs)} runs in {report['study_seconds'] / 60:.1f} min; JSON: {args.out}")
-    return report
+    recipe = SMOKE if args.smoke else RECIPE
+    results = Path("out/study_smoke") if args.smoke else args.results
+    if not args.report:
+        variants = args.variants or [v for stage in (args.stage or sorted(STAGES)) for v in STAGES[stage]]
+        todo = pending(variants, args.seeds, recipe, results)
+        print(f"{len(todo)} runs to train ({len(variants) * len(args.seeds) - len(todo)} already done)", flush=True)
+        run_all(todo, recipe, results, args.jobs)
+    summary = report(results)
+    print(markdown(summary))
+    return summary
 
 
 if __name__ == "__main__":

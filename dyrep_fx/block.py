@@ -151,6 +151,8 @@ class RepConv2d(nn.Module):
         for kind in BRANCH_KINDS:
             if kind in kinds:
                 branch = make_branch(kind, self.geometry, self.mode, self.init_scale, self.weight)
+                if self.mode == "online":
+                    self._start_at_init_share(branch, target[0])
                 branch.train(self.training)
                 self.branches[kind] = branch
                 new.append(branch)
@@ -199,11 +201,26 @@ class RepConv2d(nn.Module):
             self.bias.zero_()
 
     def importance(self) -> dict[str, float]:
-        """Each branch's importance: its mean |scale| (or last-BN |gamma|) relative to the main branch's."""
+        """Each branch's importance relative to the main branch (DyRep's Dep criterion compares it to 0.1).
+
+        * dbb mode (the reference's): ``mean|gamma_b| / mean|gamma_main|`` of the branches' last BatchNorms.
+          A BatchNorm output has std ``|gamma|``, so this is the branch's output scale over the main one's.
+        * online mode: the branch's share of the block's kernel, ``mean_o ||K_b[o]|| / mean_o ||W[o]||``
+          (Frobenius norms per output channel of the branch's scaled kernel and of the whole effective
+          kernel ``W``). A scale alone would not do: the branch kernel's own norm is free and differs by
+          kind, so the same scale would mean different contributions.
+
+        In both modes a new branch starts at ``init_scale`` exactly (online: its scale is set so).
+        """
         if not self.grown:
             return {}
-        main = self._main_gamma().detach().abs().mean()
-        return {kind: float(b.gamma().detach().abs().mean() / main) for kind, b in self.branches.items()}
+        if self.mode == "dbb":
+            main = self._main_gamma().detach().abs().mean()
+            return {kind: float(b.gamma().detach().abs().mean() / main) for kind, b in self.branches.items()}
+        with torch.no_grad():
+            whole = kernels.channel_norms(self._online_kernel()).mean()
+            return {kind: float(kernels.channel_norms(b.kernel()[0]).mean() / whole)
+                    for kind, b in self.branches.items()}
 
     # -- folding ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -244,6 +261,14 @@ class RepConv2d(nn.Module):
     def _detached_equivalent(self) -> tuple[Tensor, Tensor | None]:
         w, b = self.equivalent()
         return w.detach().clone(), None if b is None else b.detach().clone()
+
+    def _start_at_init_share(self, branch: Branch, kernel: Tensor) -> None:
+        """Scale a new online branch so that its kernel is ``init_scale`` of ``kernel`` (the block's, norm
+        per output channel averaged): every kind then starts at the same importance, as in dbb mode."""
+        whole = kernels.channel_norms(kernel).mean()
+        raw = kernels.channel_norms(branch.raw_kernel()).mean()
+        if whole > 0 and raw > 0:
+            branch.scale.fill_(float(self.init_scale * whole / raw))
 
     def _main_gamma(self) -> Tensor:
         return self.main_scale if self.mode == "online" else self.main_bn.weight

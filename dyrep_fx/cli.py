@@ -31,23 +31,42 @@ def _demo(args: argparse.Namespace) -> int:
         return 2
     json_path, png_path = write_report(report, Path(config.out))
     print(_demo_table(report))
+    if any(r["machine_loaded"] for r in report["runs"]):
+        print("note: other processes used over a quarter of a core during some runs (column 'other CPU'): "
+              "compare CPU seconds, not wall seconds")
     for run in report["runs"]:
         for event in run["events"]:
             what = [f"grew {s} ({', '.join(k)})" for s, k in event["grown"].items()]
             what += [f"cut {', '.join(k)} from {s}" for s, k in event["cut"].items()]
             print(f"  [{run['variant']}] epoch {event['epoch']}, iteration {event['unit']}: " + "; ".join(what))
+        if run["final_structure"]:
+            print(f"  [{run['variant']}] final structure before folding:")
+            print(_structure_lines(run["final_structure"]))
     print(f"report: {json_path}\nplot:   {png_path}")
     return 0
 
 
 def _demo_table(report: dict) -> str:
-    rows = ["| variant | test acc | folded acc | s/epoch | peak RSS MiB | params (train peak) | params folded "
-            "| fold max err |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| variant | test acc | folded acc | s/epoch wall | s/epoch CPU | other CPU | peak RSS MiB "
+            "| params (train peak) | params folded | fold max err |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
+        other = "n/a" if r["foreign_cpu_share"] is None else f"{r['foreign_cpu_share']:.2f} core"
         rows.append(f"| {r['variant']} | {100 * r['test_acc']:.2f}% | {100 * r['folded_test_acc']:.2f}% "
-                    f"| {r['seconds_per_epoch']:.1f} | {r['peak_rss_mib']:.0f} | {r['params_training_peak']:,} "
+                    f"| {r['seconds_per_epoch']:.1f} | {r['cpu_seconds_per_epoch']:.1f} | {other} "
+                    f"| {r['peak_rss_mib']:.0f} | {r['params_training_peak']:,} "
                     f"| {r['params_folded']:,} | {r['fold_max_abs_error']:.1e} |")
+    rows.append("(seconds: median over the epochs after the first; 'other CPU': what other processes used)")
     return "\n".join(rows)
+
+
+def _structure_lines(structure: dict, indent: str = "    ") -> str:
+    """One line per grown site with its branches; nested blocks indented under their parent."""
+    lines = []
+    for name, site in structure.items():
+        lines.append(f"{indent}{name}: {', '.join(site['kinds']) or 'plain conv (every branch cut)'}")
+        for inner, spec in site.get("nested", {}).items():
+            lines.append(_structure_lines({f"{name}.{inner}": spec}, indent + "  "))
+    return "\n".join(lines)
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -1,9 +1,23 @@
 """``DyRep``: the training controller that grows and prunes a transformed model during training.
 
-Per interval (epochs or iterations, the caller's unit) it collects synflow saliency from the
-optimizer (:mod:`dyrep_fx.saliency`); when a step is due it grows the most salient eligible sites
+Per interval (epochs or iterations, the caller's unit) it scores the growth candidates from the
+optimizer's gradients (:mod:`dyrep_fx.saliency`); when a step is due it grows the most salient candidates
 (Rep), cuts unimportant branches everywhere (Dep), calibrates new BatchNorms in dbb mode, keeps the
-optimizer (and any attached EMA copies) consistent, and reports what changed.
+optimizer (and any attached EMA copies) consistent, and records every decision with its numbers
+(``history``: candidate scores, branch importances and their spread, why a block kept its branches).
+
+Which convs are candidates (each a stated choice with a parity setting):
+
+* kernel size: convs with a kernel larger than 1x1 (the reference's rule); ``pointwise=True`` adds 1x1 convs.
+* nesting: the inner kxk conv of a grown ``1x1_kxk`` branch can grow in turn. By default
+  (``nested="gated"``) it is a candidate only once its branch has trained a whole interval and its
+  importance rose above the value it had when grown: a fresh branch's inner conv has a tiny share of its
+  block's kernel, and growing it spends a step on structure that stays inert. ``"open"`` offers it at once
+  (the reference), ``"off"`` never.
+* the main kernel of a grown block is not a candidate (the reference offers it, nesting a second block
+  there): in online mode that second block's branches are linear in the same window as the first
+  block's, so they add no function the block cannot already express; re-growing a block's own
+  branches after a cut would undo the cut.
 
     ctl = dyrep_fx.DyRep(model, optimizer, interval=5, until=100, calib_loader=train_loader)
     for epoch in range(epochs):
@@ -30,13 +44,18 @@ from .calibration import calibrate_batchnorms, default_forward
 from .distributed import broadcast_module, check_same_on_all_ranks
 from .optim_sync import GroupChooser, apply_layout, default_group, layout, sync_optimizer
 from .passes.base import PassError, Transaction
-from .saliency import SaliencyCollector
+from .saliency import DEFAULT_METRIC, SaliencyCollector, Scorer, metric_name
 
-__all__ = ["DyRep", "StepResult", "DYREP_KINDS"]
+__all__ = ["DyRep", "StepResult", "DYREP_KINDS", "NESTED_POLICIES"]
 
 #: The branch set of DyRep's DBB variant (the main kxk is the block's own kernel); OREPA's
 #: ``prior`` is opt-in through ``kinds=``.
 DYREP_KINDS: tuple[str, ...] = ("1x1", "1x1_kxk", "1x1_avg", "1xk", "kx1", "identity")
+
+#: How inner kxk convs of grown branches become candidates (see the module docstring).
+NESTED_POLICIES: tuple[str, ...] = ("gated", "open", "off")
+#: Candidate scores kept per step in ``history`` (the best first).
+TOP_SCORES = 5
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +69,17 @@ class StepResult:
     grown: dict[str, list[str]] = field(default_factory=dict)
     cut: dict[str, list[str]] = field(default_factory=dict)
     saliency: dict[str, float] = field(default_factory=dict)
+    verdicts: dict[str, dict[str, Any]] = field(default_factory=dict)
     calibrated_batches: int = 0
 
     @property
     def changed(self) -> bool:
         """True when the structure changed (DDP wrappers must then be rebuilt)."""
         return bool(self.grown or self.cut)
+
+
+def _describe_changes(changes: dict[str, list[str]], verb: str) -> str:
+    return "; ".join(f"{verb} {name} {kinds}" for name, kinds in changes.items())
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -72,8 +96,12 @@ class DyRep:
         until: no growth or cut after this many calls (paper: 100 of 120 epochs); ``None`` = never stop.
         topk: sites grown per step (paper: 1).
         kinds: branch kinds to grow where they apply (default: DyRep's set; ``None``: every kind).
-        metric: ``"synflow"`` (signed, as the reference) or ``"abs"``.
-        std_gate, threshold: the Dep criterion (see :func:`dyrep_fx.passes.dep.select_cuts`).
+        metric: how candidates are scored: ``"snip"`` (default), ``"synflow"`` (the reference's default),
+            ``"grad_norm"``, ``"random"``, or a callable ``(weight, grad) -> tensor``
+            (see :mod:`dyrep_fx.saliency`).
+        nested: ``"gated"``, ``"open"`` or ``"off"``: when inner kxk convs of grown branches are candidates.
+        pointwise: whether 1x1 convs are candidates (the reference: no).
+        std_gate, threshold: the Dep criterion (see :func:`dyrep_fx.passes.dep.judge`).
         calib_loader, calib_batches, forward_fn: dbb-mode BatchNorm calibration data (paper: 20 batches).
         group_chooser: which optimizer group a new Parameter joins (see :mod:`dyrep_fx.optim_sync`).
         seed: seeds branch initialisation per step, so runs and resumes are reproducible.
@@ -93,7 +121,9 @@ class DyRep:
         until: int | None = None,
         topk: int = 1,
         kinds: Iterable[str] | None = DYREP_KINDS,
-        metric: str = "synflow",
+        metric: str | Scorer = DEFAULT_METRIC,
+        nested: str = "gated",
+        pointwise: bool = False,
         std_gate: float = 0.02,
         threshold: float = 0.1,
         calib_loader: Iterable | None = None,
@@ -108,6 +138,8 @@ class DyRep:
     ) -> None:
         if interval < 1:
             raise ValueError("interval must be >= 1")
+        if nested not in NESTED_POLICIES:
+            raise ValueError(f"nested must be one of {NESTED_POLICIES}, got {nested!r}")
         self.model = _unwrap(model)
         self.roots: dict[str, nn.Module] = {}
         for prefix in ([""] if targets is None else list(targets)):
@@ -123,6 +155,7 @@ class DyRep:
         self.optimizer = optimizer
         self.interval, self.until, self.topk = interval, until, topk
         self.kinds = None if kinds is None else list(kinds)
+        self.nested, self.pointwise = nested, pointwise
         self.std_gate, self.threshold = std_gate, threshold
         self.calib_loader, self.calib_batches, self.forward_fn = calib_loader, calib_batches, forward_fn
         self.group_chooser = group_chooser
@@ -130,8 +163,10 @@ class DyRep:
         self.units = 0
         self.steps_done = 0
         self.history: list[dict[str, Any]] = []
+        #: ``{block: {"step": n, "importance": {kind: value}}}`` at growth, for the nesting gate.
+        self.births: dict[str, dict[str, Any]] = {}
         self._emas: list[nn.Module] = []
-        self.saliency = SaliencyCollector(optimizer, metric)
+        self.saliency = SaliencyCollector(optimizer, metric, seed=seed)
         self._watch()
 
     # -- what can grow -------------------------------------------------------------------------
@@ -158,20 +193,43 @@ class DyRep:
         return found
 
     def candidates(self) -> list[str]:
-        """Sites that can grow: eligible and not grown yet.
+        """Sites offered for growth now (see the module docstring for the rules).
 
         As in DyRep, a grown block does not regrow branches it lost (they were cut for a reason); it
         grows further through its inner kxk conv. A block whose branches were all cut is a conv again.
         """
-        return [s.name for s in self.sites() if s.eligible and s.kinds and not s.grown and
-                (self.kinds is None or any(k in s.kinds for k in self.kinds))]
+        return [s.name for s in self.sites() if self._growable(s) and self._offered(s)]
 
-    def _watch(self) -> None:
-        pairs = []
-        for name in self.candidates():
-            module = self.model.get_submodule(name)
-            pairs.append((name, module.weight))
-        self.saliency.watch(pairs)
+    def _growable(self, site) -> bool:
+        """Structurally able to grow one of the controller's kinds."""
+        return (site.eligible and bool(site.kinds) and not site.grown and
+                (self.kinds is None or any(k in site.kinds for k in self.kinds)))
+
+    def _offered(self, site) -> bool:
+        """The candidate policy: kernel size and the nesting gate."""
+        if not self.pointwise and all(k == 1 for k in site.kernel_size):
+            return False
+        if site.depth == 0 or self.nested == "open":
+            return True
+        return self.nested == "gated" and self._parent_branch_grew(site.name)
+
+    def _parent_branch_grew(self, name: str) -> bool:
+        """Whether the branch holding inner conv ``name`` gained importance since its block grew.
+
+        Blocks grown outside this controller (no birth record) are not gated.
+        """
+        parent, _, rest = name.rpartition(".branches.")
+        kind = rest.split(".")[0]
+        birth = self.births.get(parent)
+        if birth is None or kind not in birth["importance"]:
+            return True
+        now = self.model.get_submodule(parent).importance().get(kind, 0.0)
+        return now > birth["importance"][kind]
+
+    def _watch(self, names: list[str] | None = None) -> None:
+        """Score ``names`` (default: the current candidates) over the next interval."""
+        names = self.candidates() if names is None else names
+        self.saliency.watch([(name, self.model.get_submodule(name).weight) for name in names])
 
     def is_due(self) -> bool:
         """Whether the next :meth:`step` call will change the structure (if anything qualifies)."""
@@ -190,9 +248,9 @@ class DyRep:
         if not due:
             self.units += 1
             return result
-        result.saliency = self.saliency.mean()
+        result.saliency = self.saliency.mean(self.steps_done)
         targets = self._choose(result.saliency)
-        cuts = self._plan_cuts()
+        cuts = self._plan_cuts(result)
         check_same_on_all_ranks({"grow": targets, "cut": {self._join(prefix, local): kinds
                                                           for prefix, plan in cuts.items()
                                                           for local, kinds in plan.items()}},
@@ -215,11 +273,16 @@ class DyRep:
         for block in grown_blocks.values():
             broadcast_module(block)
         result.calibrated_batches = self._calibrate(grown_blocks, new_branches)
+        for name, block in grown_blocks.items():
+            self.births[name] = {"step": self.steps_done, "importance": block.importance()}
         self._sync_ema_growth(result.grown)
         for prefix, root in self.roots.items():
             cut_report = passes.dep.run(api._state(root).traced, root, cuts=cuts[prefix])
             for local, what in cut_report.changed.items():
                 result.cut[self._join(prefix, local)] = what.removeprefix("cut ").split(", ")
+        for name in result.cut:
+            if not self.model.get_submodule(name).grown:
+                self.births.pop(name, None)
         for name in result.cut:
             # A cut folds each rank's own BatchNorm statistics into the kernel: make the ranks agree.
             broadcast_module(self.model.get_submodule(name))
@@ -230,20 +293,29 @@ class DyRep:
         self._watch()
         return result
 
-    def _plan_cuts(self) -> dict[str, dict[str, list[str]]]:
+    def _plan_cuts(self, result: StepResult) -> dict[str, dict[str, list[str]]]:
         """``{target: {block: kinds}}`` the Dep criterion cuts, chosen before this step's growth.
 
-        Blocks grown in this step are not blocks yet, so they are judged next time (their branches
-        start with equal scales); growing a block's inner kxk conv leaves the importances of the
-        block's branches as they are.
+        Every block's verdict (cuts, importance spread, reason) goes into ``result.verdicts``. Blocks
+        grown in this step are not blocks yet, so they are judged next time (their branches start
+        with equal scales); growing a block's inner kxk conv leaves the importances of the block's
+        branches as they are.
         """
-        return {prefix: passes.dep.plan(root, std_gate=self.std_gate, threshold=self.threshold)
-                for prefix, root in self.roots.items()}
+        cuts: dict[str, dict[str, list[str]]] = {}
+        for prefix, root in self.roots.items():
+            verdicts = passes.dep.judge_blocks(root, std_gate=self.std_gate, threshold=self.threshold)
+            cuts[prefix] = {local: v.cut for local, v in verdicts.items() if v.cut}
+            for local, verdict in verdicts.items():
+                block = root.get_submodule(local)
+                result.verdicts[self._join(prefix, local)] = {"importance": block.importance(),
+                                                              **verdict.as_dict()}
+        return cuts
 
     def _choose(self, saliency: dict[str, float]) -> list[str]:
-        candidates = set(self.candidates())
-        ranked = sorted((v, n) for n, v in saliency.items() if n in candidates)
-        return [n for _, n in reversed(ranked)][: self.topk]
+        """The ``topk`` highest scores among the watched sites that can still grow (ties: by name)."""
+        growable = {s.name for s in self.sites() if self._growable(s)}
+        ranked = sorted(((v, n) for n, v in saliency.items() if n in growable), key=lambda t: (-t[0], t[1]))
+        return [n for _, n in ranked][: self.topk]
 
     def _kinds_for(self, name: str) -> list[str] | None:
         if self.kinds is None:
@@ -282,15 +354,19 @@ class DyRep:
 
     def _record(self, result: StepResult) -> None:
         counts = {name: len(b.kinds) for name, b in api.blocks(self.model).items()}
-        event = {"unit": result.unit, "grown": result.grown, "cut": result.cut, "branches": counts}
+        ranked = sorted(result.saliency.items(), key=lambda t: (-t[1], t[0]))[:TOP_SCORES]
+        event = {"unit": result.unit, "step": self.steps_done, "grown": result.grown, "cut": result.cut,
+                 "branches": counts, "scores": [[name, value] for name, value in ranked],
+                 "candidates": len(result.saliency), "verdicts": result.verdicts}
         self.history.append(event)
-        for name, kinds in result.grown.items():
-            log.info("DyRep step %d (unit %d): grew %s with %s (saliency %.4g)", self.steps_done, result.unit,
-                     name, kinds, result.saliency.get(name, float("nan")))
-        for name, kinds in result.cut.items():
-            log.info("DyRep step %d (unit %d): cut %s from %s", self.steps_done, result.unit, kinds, name)
-        if not result.grown and not result.cut:
-            log.info("DyRep step %d (unit %d): no change", self.steps_done, result.unit)
+        log.info("DyRep step %d (unit %d): %s; %s; top %s scores: %s", self.steps_done, result.unit,
+                 _describe_changes(result.grown, "grew") or "grew nothing",
+                 _describe_changes(result.cut, "cut") or "cut nothing", metric_name(self.saliency.metric),
+                 ", ".join(f"{n} {v:.4g}" for n, v in ranked) or "no candidates")
+        for name, verdict in result.verdicts.items():
+            importance = ", ".join(f"{k} {v:.3g}" for k, v in verdict["importance"].items())
+            log.info("DyRep step %d: block %s importance {%s}, std %.3g: %s%s", self.steps_done, name,
+                     importance, verdict["std"], "cut " if verdict["cut"] else "kept: ", verdict["reason"])
 
     # -- EMA -------------------------------------------------------------------------------------
     def attach_ema(self, ema_module: nn.Module) -> None:
@@ -353,6 +429,7 @@ class DyRep:
             "units": self.units,
             "steps_done": self.steps_done,
             "history": self.history,
+            "births": self.births,
             "saliency": self.saliency.state_dict(),
             "optimizer_layout": layout(self.optimizer, self.model),
         }
@@ -369,13 +446,17 @@ class DyRep:
         self._check_structures(structures)
         undo = [self._restore_on(self.model, structures)]
         groups = [(group, list(group["params"])) for group in self.optimizer.param_groups]
+        births = self.births
         try:
             apply_layout(self.optimizer, self.model, state["optimizer_layout"])
             for ema in self._emas:
                 for prefix in structures:
                     self._share_trace(self.roots[prefix], ema.get_submodule(prefix) if prefix else ema)
                 undo.append(self._restore_on(ema, structures))
-            self._watch()
+            self.births = dict(state.get("births", {}))
+            # The watched set as saved: the nesting gate reads branch values not loaded yet.
+            growable = {s.name for s in self.sites() if self._growable(s)}
+            self._watch([n for n in state["saliency"]["names"] if n in growable])
             self.saliency.load_state_dict(state["saliency"])
         except Exception:
             del self.optimizer.param_groups[len(groups):]
@@ -383,6 +464,7 @@ class DyRep:
                 group["params"] = params
             for txn in reversed(undo):
                 txn.rollback()
+            self.births = births
             self._watch()
             raise
         self.units = state["units"]

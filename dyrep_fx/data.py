@@ -28,6 +28,7 @@ __all__ = [
     "fashion_mnist_loaders",
     "fashion_mnist_root",
     "load_fashion_mnist",
+    "random_crop_flip",
     "read_idx",
 ]
 
@@ -268,3 +269,23 @@ def fashion_mnist_loaders(
             loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
         loaders.append(loader)
     return loaders[0], loaders[1]
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 2,
+                     fill: float = 0.0) -> torch.Tensor:
+    """Standard light augmentation of a batch ``[B, C, H, W]``: pad, random crop back, random h-flip.
+
+    Every draw comes from ``generator``, so runs that seed it alike see the same augmented batches
+    whatever else consumes the global RNG. ``fill`` is the padding value (the normalised black pixel
+    for normalised images).
+    """
+    b, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (padding,) * 4, value=fill)
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    flip = torch.rand(b, generator=generator) < 0.5
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(b, c, h, w + 2 * padding)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(b, c, h, w)
+    out = out.gather(3, cols)
+    return torch.where(flip[:, None, None, None], out.flip(3), out)

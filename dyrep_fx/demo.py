@@ -23,7 +23,9 @@ import concurrent.futures
 import json
 import logging
 import multiprocessing
+import os
 import resource
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,10 +36,10 @@ from torch import nn
 
 from . import api
 from .controller import DyRep
-from .data import fashion_mnist_loaders
+from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist_loaders, random_crop_flip
 from .geometry import DBB_KINDS, OREPA_KINDS
 
-__all__ = ["DemoConfig", "make_net", "run_variant", "run_demo", "plot_report", "VARIANTS", "VARIANT_RECIPES"]
+__all__ = ["DemoConfig", "make_net", "multiply_adds", "NET_LAYOUTS", "dyrep_schedule", "epoch_timing", "run_variant", "run_demo", "plot_report", "VARIANTS", "VARIANT_RECIPES"]
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +66,11 @@ class DemoConfig:
     lr: float = 0.05
     weight_decay: float = 1e-4
     width: int = 16
+    net: str = "demo"
+    augment: bool = False
     seed: int = 0
     mode: str = "online"
-    grows_per_epoch: int = 2
+    step_fraction: float = 0.08
     until_fraction: float = 0.75
     variants: tuple[str, ...] = VARIANTS
     threads: int = 2
@@ -77,23 +81,58 @@ class DemoConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
         """A setting that runs in well under a minute (for tests and smoke runs)."""
-        base = dict(epochs=2, train_limit=2000, test_limit=1000, batch_size=100, width=8, grows_per_epoch=2,
+        base = dict(epochs=2, train_limit=2000, test_limit=1000, batch_size=100, width=8, step_fraction=0.25,
                     progress=False)
         base.update(overrides)
         return cls(**base)
 
 
-def make_net(width: int = 16, num_classes: int = 10) -> nn.Sequential:
-    """A small VGG-style CNN for 28x28 grey images: 3x3 convs with BatchNorm and ReLU."""
-    def block(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+#: Convs per stage of each network :func:`make_net` builds (a 2x2 max-pool between stages).
+NET_LAYOUTS: dict[str, tuple[int, ...]] = {
+    "demo": (2, 2, 1),        # 5 convs: the demo's network
+    "study": (2, 3, 3, 2),    # 10 convs: the reproduction study's (more sites than DyRep steps)
+}
 
-    w = width
-    return nn.Sequential(
-        *block(1, w), *block(w, w), nn.MaxPool2d(2),
-        *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
-        *block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, num_classes),
-    )
+
+def make_net(width: int = 16, num_classes: int = 10, net: str = "demo") -> nn.Sequential:
+    """A small VGG-style CNN for 28x28 grey images: 3x3 convs with BatchNorm and ReLU.
+
+    ``net`` picks the layout (:data:`NET_LAYOUTS`); stage ``i`` has ``width * 2**i`` channels.
+    """
+    if net not in NET_LAYOUTS:
+        raise ValueError(f"unknown net {net!r}; choose from {sorted(NET_LAYOUTS)}")
+    layers: list[nn.Module] = []
+    cin = 1
+    for stage, convs in enumerate(NET_LAYOUTS[net]):
+        if stage:
+            layers.append(nn.MaxPool2d(2))
+        cout = width * 2 ** stage
+        for _ in range(convs):
+            layers += [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+
+
+def multiply_adds(model: nn.Module, shape: tuple[int, ...] = (1, 1, 28, 28)) -> int:
+    """Multiply-adds of the convs and linear layers of one forward pass on ``shape``."""
+    total = 0
+
+    def count(module: nn.Module, inputs, output) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            total += output.numel() * module.weight[0].numel()
+        elif isinstance(module, nn.Linear):
+            total += module.weight.numel() * (output.numel() // output.shape[-1])
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(shape))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train()
+    return total
 
 
 def _param_count(model: nn.Module) -> int:
@@ -119,39 +158,54 @@ def _progress(iterable, enabled: bool, desc: str, total: int):
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
+def _build(variant: str, config: DemoConfig) -> tuple[nn.Module, str | None, tuple[str, ...] | None]:
+    if variant not in VARIANT_RECIPES:
+        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANT_RECIPES)}")
+    mode, static_kinds = VARIANT_RECIPES[variant]
+    model = make_net(config.width, net=config.net)
+    if static_kinds:
+        api.transform(model, mode=mode)
+        api.grow(model, [s.name for s in api.sites(model) if s.eligible and s.kernel_size == (3, 3)],
+                 list(static_kinds))
+    return model, mode or config.mode, static_kinds
+
+
+def dyrep_schedule(config: DemoConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """``(interval, until)`` in iterations: a step every ``step_fraction`` of training until ``until_fraction``."""
+    total = steps_per_epoch * config.epochs
+    return max(1, round(total * config.step_fraction)), int(total * config.until_fraction)
+
+
 def run_variant(variant: str, config: DemoConfig) -> dict[str, Any]:
     """Train one variant and return its measurements (runs in the calling process)."""
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     train_loader, test_loader = fashion_mnist_loaders(config.batch_size, config.train_limit, config.test_limit,
                                                       seed=config.seed)
-    if variant not in VARIANT_RECIPES:
-        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANT_RECIPES)}")
-    mode, static_kinds = VARIANT_RECIPES[variant]
-    mode = mode or config.mode
-    model = make_net(config.width)
-    ctl = None
-    if static_kinds:
-        api.transform(model, mode=mode)
-        api.grow(model, [s.name for s in api.sites(model) if s.eligible and s.kernel_size == (3, 3)],
-                 list(static_kinds))
+    model, mode, static_kinds = _build(variant, config)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
+    ctl = None
     if static_kinds is None:
-        interval = max(1, steps_per_epoch // config.grows_per_epoch)
-        ctl = DyRep(model, optimizer, interval=interval, until=int(total_steps * config.until_fraction),
-                    mode=mode, calib_loader=train_loader, seed=config.seed, **config.dyrep_options)
+        interval, until = dyrep_schedule(config, steps_per_epoch)
+        ctl = DyRep(model, optimizer, interval=interval, until=until, mode=mode, calib_loader=train_loader,
+                    seed=config.seed, **config.dyrep_options)
+    # Augmentation draws from its own generator: the same batches for every variant of a seed.
+    augment = torch.Generator().manual_seed(config.seed + 7919) if config.augment else None
+    fill = -FASHION_MNIST_MEAN / FASHION_MNIST_STD
     peak_params = _param_count(model)
     epochs: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     for epoch in range(config.epochs):
-        start = time.perf_counter()
+        start, cpu_start, busy_start = time.perf_counter(), time.process_time(), machine_busy_seconds()
         running = 0.0
         for x, y in _progress(train_loader, config.progress, f"{variant} epoch {epoch + 1}", steps_per_epoch):
+            if augment is not None:
+                x = random_crop_flip(x, augment, fill=fill)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
             loss.backward()
@@ -164,11 +218,14 @@ def run_variant(variant: str, config: DemoConfig) -> dict[str, Any]:
                     events.append({"epoch": epoch + 1, "unit": result.unit, "grown": result.grown,
                                    "cut": result.cut})
                     peak_params = max(peak_params, _param_count(model))
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        busy = machine_busy_seconds()
+        foreign = None if busy is None or busy_start is None else max(0.0, busy - busy_start - cpu_seconds)
         epochs.append({"epoch": epoch + 1, "train_loss": running / steps_per_epoch, "seconds": seconds,
+                       "cpu_seconds": cpu_seconds, "foreign_cpu_seconds": foreign,
                        "test_acc": _accuracy(model, test_loader)})
-        log.info("%s epoch %d: loss %.4f, test acc %.4f, %.1f s", variant, epoch + 1, epochs[-1]["train_loss"],
-                 epochs[-1]["test_acc"], seconds)
+        log.info("%s epoch %d: loss %.4f, test acc %.4f, %.1f s (CPU %.1f s)", variant, epoch + 1,
+                 epochs[-1]["train_loss"], epochs[-1]["test_acc"], seconds, cpu_seconds)
     trained_params = _param_count(model)
     folded = api.fold(model) if "_dyrep_fx" in model.__dict__ else model
     model.eval()
@@ -176,24 +233,53 @@ def run_variant(variant: str, config: DemoConfig) -> dict[str, Any]:
     x, _ = next(iter(test_loader))
     with torch.no_grad():
         fold_error = float((folded(x) - model(x)).abs().max())
-    fresh = make_net(config.width)
+    fresh = make_net(config.width, net=config.net)
     fresh.load_state_dict(folded.state_dict(), strict=True)
     return {
         "variant": variant,
         "epochs": epochs,
         "test_acc": epochs[-1]["test_acc"],
         "folded_test_acc": _accuracy(fresh, test_loader),
-        "seconds_per_epoch": sum(e["seconds"] for e in epochs) / len(epochs),
+        **epoch_timing(epochs),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "params_training_peak": peak_params,
         "params_training_end": trained_params,
         "params_folded": _param_count(folded),
+        "multiply_adds_folded": multiply_adds(fresh),
         "fold_max_abs_error": fold_error,
         "events": events,
         "branch_history": ctl.history if ctl is not None else [],
         "total_iterations": total_steps,
+        "dyrep_interval": ctl.interval if ctl is not None else None,
         "final_structure": api.structure(model)["sites"] if "_dyrep_fx" in model.__dict__ else {},
     }
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds the whole machine has been busy since boot (Linux ``/proc/stat``; else ``None``)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def epoch_timing(epochs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median wall and CPU seconds per epoch over the epochs after the first (warm-up), and load.
+
+    ``foreign_cpu_share`` is the CPU time other processes used during those epochs per wall second
+    (median); ``machine_loaded`` is set above a quarter of a core, when wall-clock ratios between runs
+    are not to be trusted (CPU time is disturbed much less).
+    """
+    timed = epochs[1:] or epochs
+    wall = statistics.median(e["seconds"] for e in timed)
+    cpu = statistics.median(e["cpu_seconds"] for e in timed)
+    shares = [e["foreign_cpu_seconds"] / e["seconds"] for e in timed if e.get("foreign_cpu_seconds") is not None]
+    share = statistics.median(shares) if shares else None
+    return {"seconds_per_epoch": wall, "cpu_seconds_per_epoch": cpu, "foreign_cpu_share": share,
+            "machine_loaded": share is not None and share > 0.25}
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
@@ -203,7 +289,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     for variant in config.variants:
         with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
             results.append(pool.submit(run_variant, variant, config).result())
-    return {"config": asdict(config), "plain_params": _param_count(make_net(config.width)), "runs": results}
+    return {"config": asdict(config), "plain_params": _param_count(make_net(config.width, net=config.net)),
+            "runs": results}
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:

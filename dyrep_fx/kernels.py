@@ -18,6 +18,7 @@ from torch import Tensor
 
 __all__ = [
     "AlignmentError",
+    "channel_norms",
     "fuse_bn",
     "embed_kernel",
     "embed_offset",
@@ -253,6 +254,11 @@ def add_branches(
     weight = torch.stack(list(kernels)).sum(0)
     present = [b for b in biases if b is not None]
     return weight, (torch.stack(present).sum(0) if present else None)
+
+
+def channel_norms(kernel: Tensor) -> Tensor:
+    """The Frobenius norm of each output channel's kernel ``[O, I, kh, kw] -> [O]`` (in float64)."""
+    return kernel.detach().to(torch.float64).flatten(1).norm(dim=1)
 
 
 def frequency_prior(

@@ -1,13 +1,15 @@
 """Dep pass: cut branches and absorb them into the main kernel (DyRep's Dep step).
 
 Cuts are given by name, or chosen by DyRep's criterion on each block's branch importances
-(mean |scale| or last-BN |gamma|, relative to the main branch): when the importances of a block's
+(see :meth:`dyrep_fx.block.RepConv2d.importance`: the branch kernel's norm in online mode, its last
+BatchNorm's |gamma| in dbb mode, each relative to the main branch's): when the importances of a block's
 branches are spread out (std > ``std_gate``), a branch below both their mean and ``threshold`` goes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,22 +18,51 @@ from ..block import find_blocks
 from ..tracing import TracedModel
 from .base import PassError, PassReport, Transaction, get_module
 
-__all__ = ["select_cuts", "plan", "run"]
+__all__ = ["Verdict", "judge", "select_cuts", "judge_blocks", "plan", "run"]
 
 
-def select_cuts(importance: Mapping[str, float], std_gate: float = 0.02, threshold: float = 0.1) -> list[str]:
+@dataclass(frozen=True)
+class Verdict:
+    """The Dep criterion's judgement of one block: what to cut, the spread it saw, and why."""
+
+    cut: list[str]
+    std: float
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain data for histories and logs."""
+        return {"cut": list(self.cut), "std": self.std, "reason": self.reason}
+
+
+def judge(importance: Mapping[str, float], std_gate: float = 0.02, threshold: float = 0.1) -> Verdict:
     """DyRep's criterion on one block: kinds whose importance is below the mean and ``threshold``.
 
     Nothing is cut while the importances are not spread out (unbiased std <= ``std_gate``), which
     protects freshly grown blocks whose branches all start at the same scale.
     """
     if len(importance) < 2:
-        return []
+        return Verdict([], 0.0, "fewer than two branches")
     values = torch.tensor(list(importance.values()), dtype=torch.float64)
-    if float(values.std()) <= std_gate:
-        return []
+    std = float(values.std())
+    if std <= std_gate:
+        return Verdict([], std, f"std {std:.3g} <= gate {std_gate:g}")
     mean = float(values.mean())
-    return [kind for kind, v in importance.items() if v < mean and v < threshold]
+    cut = [kind for kind, v in importance.items() if v < mean and v < threshold]
+    if not cut:
+        return Verdict([], std, f"no branch below both the mean {mean:.3g} and the threshold {threshold:g}")
+    return Verdict(cut, std, f"below both the mean {mean:.3g} and the threshold {threshold:g}")
+
+
+def select_cuts(importance: Mapping[str, float], std_gate: float = 0.02, threshold: float = 0.1) -> list[str]:
+    """The kinds :func:`judge` cuts from one block."""
+    return judge(importance, std_gate, threshold).cut
+
+
+def judge_blocks(model: nn.Module, std_gate: float = 0.02, threshold: float = 0.1,
+                 protect: Sequence[str] = ()) -> dict[str, Verdict]:
+    """:func:`judge` on every block of ``model`` except those in ``protect``."""
+    return {name: judge(b.importance(), std_gate, threshold) for name, b in find_blocks(model).items()
+            if name not in protect}
 
 
 def plan(model: nn.Module, cuts: Mapping[str, Sequence[str]] | None = None, std_gate: float = 0.02,
@@ -42,9 +73,8 @@ def plan(model: nn.Module, cuts: Mapping[str, Sequence[str]] | None = None, std_
     """
     blocks = find_blocks(model)
     if cuts is None:
-        chosen = {name: select_cuts(b.importance(), std_gate, threshold) for name, b in blocks.items()
-                  if name not in protect}
-        return {name: kinds for name, kinds in chosen.items() if kinds}
+        verdicts = judge_blocks(model, std_gate, threshold, protect)
+        return {name: v.cut for name, v in verdicts.items() if v.cut}
     checked: dict[str, list[str]] = {}
     for name, kinds in cuts.items():
         if name not in blocks:

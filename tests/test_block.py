@@ -375,9 +375,14 @@ def test_importance_matches_the_parameters(mode, cfg, seed):
     imp = blk.importance()
     assert list(imp) == blk.kinds
     if mode == "online":
-        main = blk.main_scale.detach().abs().mean()
+        # the branch kernel's share of the block's: mean per-channel Frobenius norms, written out
+        def norms(k):
+            return k.detach().reshape(k.shape[0], -1).pow(2).sum(1).sqrt().mean()
+
+        whole = norms(blk.equivalent()[0])
         for kind, branch in blk.branches.items():
-            assert imp[kind] == pytest.approx(float(branch.scale.detach().abs().mean() / main), rel=1e-12)
+            scaled = branch.scale.detach().reshape(-1, 1, 1, 1) * branch.raw_kernel().detach()
+            assert imp[kind] == pytest.approx(float(norms(scaled) / whole), rel=1e-12)
     else:
         main = blk.main_bn.weight.detach().abs().mean()
         for kind, branch in blk.branches.items():

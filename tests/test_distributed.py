@@ -17,15 +17,17 @@ import pytest
 import torch
 from helpers.launch import free_port
 
+from dyrep_fx.saliency import random_scores
+
 WORKER = Path(__file__).parent / "scripts" / "ddp_worker.py"
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 
 
-def launch(out: Path, mode: str) -> list[dict]:
+def launch(out: Path, mode: str, metric: str = "snip") -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(WORLD),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), "--out", str(out),
-           "--mode", mode]
+           "--mode", mode, "--metric", metric]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -92,3 +94,20 @@ def test_collectives_once_per_step_and_none_per_iteration(ranks):
             # one all_reduce for the interval's saliency; in dbb mode two per calibrated BatchNorm
             assert c.get("all_reduce", 0) == 1 + (2 * s["new_bns"] if mode == "dbb" else 0), (s, c)
             assert c.get("all_gather_object", 0) == 1  # the growth decision is checked once
+
+
+@pytest.mark.slow
+def test_random_metric_draws_the_same_sites_on_every_rank(tmp_path):
+    """Ranks use different DyRep seeds (0 and 1); the random scores are rank 0's draws everywhere."""
+    r0, r1 = launch(tmp_path, "online", metric="random")
+    assert r0["history"] == r1["history"]
+    assert [s["grown"] for s in r0["steps"]] == [s["grown"] for s in r1["steps"]]
+    for event in r0["history"]:
+        values = sorted(v for _, v in event["scores"])
+        assert event["candidates"] == len(values) and all(0.0 <= v < 1.0 for v in values)
+        names = [n for n, _ in event["scores"]]
+        # The multiset of draws does not depend on the names' order: rank 0's seed, this step's draw.
+        assert values == sorted(random_scores(names, seed=0, step=event["step"] - 1).values())
+        assert values != sorted(random_scores(names, seed=1, step=event["step"] - 1).values())
+        if event["grown"]:
+            assert list(event["grown"]) == [event["scores"][0][0]]

@@ -83,14 +83,14 @@ def test_optimizer_and_scheduler_follow_structure(opt_name, sched_name, mode):
                                      "weight_decay": g["weight_decay"]} for g in opt.param_groups])
     ref_sched = SCHEDULERS[sched_name](ref_opt)
     calib = [batch(500 + i) for i in range(3)]
-    ctl = dyrep_fx.DyRep(model, opt, interval=1, mode=mode, calib_loader=calib, calib_batches=3)
+    ctl = dyrep_fx.DyRep(model, opt, interval=1, mode=mode, calib_loader=calib, calib_batches=3, nested="open")
     hyper = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in opt.param_groups]
     changed_steps, cut_seen, nested_seen = 0, False, False
     for unit in range(6):
         losses = train(model, opt, 2, start=2 * unit)
         assert all(math.isfinite(v) for v in losses)
         if unit == 3:  # force a cut at the first block
-            block = next(iter(dyrep_fx.blocks(model).values()))
+            forced, block = next(iter(dyrep_fx.blocks(model).items()))
             with torch.no_grad():
                 for i, b in enumerate(block.branches.values()):
                     b.gamma().fill_(0.5 if i % 2 else 0.001)
@@ -133,7 +133,8 @@ def test_optimizer_and_scheduler_follow_structure(opt_name, sched_name, mode):
         gone = {i: n for i, n in removed_candidates.items() if i not in {id(p) for p in after.values()}}
         if unit == 3:
             assert result.cut and gone, "the forced cut removes parameters"
-            assert all(n.startswith(next(iter(result.cut)) + ".branches.") for n in gone.values())
+            assert forced in result.cut  # (another block whose branches spread may be cut too)
+            assert all(any(n.startswith(c + ".branches.") for c in result.cut) for n in gone.values())
         state_ids = {id(p) for p in opt.state}
         assert not set(gone) & state_ids, [gone[i] for i in set(gone) & state_ids]
 

@@ -1,7 +1,8 @@
-"""Synflow saliency as the DyRep controller collects it (dyrep_fx.saliency through dyrep_fx.DyRep).
+"""Saliency as the DyRep controller collects it (dyrep_fx.saliency through dyrep_fx.DyRep).
 
 Every expected value is computed by hand in the training loop, right before ``optimizer.step()``:
-``sum(weight.grad * weight)`` per watched conv, averaged over the iterations of the interval.
+the metric of ``(weight, weight.grad)`` per watched conv (``snip``: ``sum |g*w|``; ``synflow``:
+``sum g*w``; ``grad_norm``: ``||g||``), averaged over the iterations of the interval.
 """
 
 from __future__ import annotations
@@ -38,12 +39,18 @@ def batch(i: int, dtype=torch.float64):
     return torch.randn(8, 3, 8, 8, generator=g, dtype=dtype), torch.randint(0, 10, (8,), generator=g)
 
 
-def by_hand(model: nn.Module, names: list[str]) -> dict[str, float]:
-    """sum(grad * weight) of each site, from the gradients as they are now, in float64."""
+def by_hand(model: nn.Module, names: list[str], metric: str = "snip") -> dict[str, float]:
+    """The metric of each site, from the gradients as they are now, in float64, written out in full."""
     out = {}
     for name in names:
-        w = model.get_submodule(name).weight
-        out[name] = float((w.grad.double() * w.detach().double()).sum())
+        w = model.get_submodule(name).weight.detach().double().reshape(-1).tolist()
+        g = model.get_submodule(name).weight.grad.double().reshape(-1).tolist()
+        if metric == "snip":
+            out[name] = math.fsum(abs(a * b) for a, b in zip(g, w))
+        elif metric == "synflow":
+            out[name] = math.fsum(a * b for a, b in zip(g, w))
+        else:
+            out[name] = math.sqrt(math.fsum(a * a for a in g))
     return out
 
 
@@ -51,10 +58,13 @@ def mean_of(records: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(r[k] for r in records) / len(records) for k in records[0]}
 
 
-def assert_close(got: dict[str, float], want: dict[str, float], rel: float = 1e-10) -> None:
+def assert_close(got: dict[str, float], want: dict[str, float], rel: float = 1e-10,
+                 scale: dict[str, float] | None = None) -> None:
+    """Equal to ``rel``; with ``scale``, to ``rel * scale`` absolutely (for sums that cancel)."""
     assert set(got) == set(want)
     for k in want:
-        assert got[k] == pytest.approx(want[k], rel=rel, abs=1e-300), k
+        tol = 1e-300 if scale is None else rel * scale[k]
+        assert got[k] == pytest.approx(want[k], rel=rel, abs=tol), k
 
 
 def loss_of(model, i, dtype=torch.float64):
@@ -62,26 +72,29 @@ def loss_of(model, i, dtype=torch.float64):
     return nn.functional.cross_entropy(model(x), y)
 
 
-def test_saliency_is_mean_of_sum_grad_times_weight():
-    model, opt, ctl = make(interval=4)
+@pytest.mark.parametrize("metric", ["snip", "synflow", "grad_norm"])
+def test_saliency_is_the_interval_mean_of_the_metric(metric):
+    model, opt, ctl = make(interval=4, metric=metric)
     names = ctl.candidates()
     assert names == ["conv1", "conv2", "conv3"]
     assert ctl.saliency.names == names
-    records = []
+    records, scale = [], []
     for i in range(4):
         opt.zero_grad()
         loss_of(model, i).backward()
-        records.append(by_hand(model, names))
+        records.append(by_hand(model, names, metric))
+        scale.append(by_hand(model, names, "snip"))
         opt.step()
         if i < 3:
             assert ctl.step().due is False
     want = mean_of(records)
     # Weights moved between iterations: a value taken from the last step only would differ.
     assert any(abs(records[0][k] - want[k]) > 1e-6 * abs(want[k]) for k in names)
-    assert_close(ctl.saliency.mean(), want)
+    scale = mean_of(scale)  # synflow cancels: compare it to the size of its terms
+    assert_close(ctl.saliency.mean(), want, scale=scale)
     result = ctl.step()
     assert result.due
-    assert_close(result.saliency, want)
+    assert_close(result.saliency, want, scale=scale)
     # The top-1 site by that mean grew.
     assert list(result.grown) == [max(want, key=want.get)]
 
@@ -101,26 +114,30 @@ def test_weight_decay_and_momentum_do_not_enter_saliency():
     assert_close(ctl.saliency.mean(), mean_of(records))
 
 
-def test_abs_metric():
-    model, opt, ctl = make(interval=100, metric="abs")
+def test_snip_is_not_the_absolute_value_of_synflow():
+    """snip sums |g*w| element-wise (the reference's); |sum g*w| would be another score."""
+    model, opt, ctl = make(interval=100, metric="snip")
     names = ctl.candidates()
-    signed = []
-    for i in range(6):
+    records = []
+    for i in range(3):
         opt.zero_grad()
         loss_of(model, i).backward()
-        signed.append(by_hand(model, names))
+        records.append((by_hand(model, names, "snip"), by_hand(model, names, "synflow")))
         opt.step()
-    abs_mean = mean_of([{k: abs(v) for k, v in r.items()} for r in signed])
-    signed_mean = mean_of(signed)
-    # The test can only tell the metrics apart if some per-iteration value is negative.
-    assert any(v < 0 for r in signed for v in r.values())
-    assert any(not math.isclose(abs_mean[k], signed_mean[k]) for k in names)
-    assert_close(ctl.saliency.mean(), abs_mean)
+    got = ctl.saliency.mean()
+    assert_close(got, mean_of([r[0] for r in records]))
+    abs_of_sum = mean_of([{k: abs(v) for k, v in r[1].items()} for r in records])
+    assert all(got[k] > 100 * abs_of_sum[k] for k in names)  # BatchNorm'ed convs: |sum g*w| ~ eps residual
+
+
+def test_abs_metric_is_gone_with_a_pointer():
+    with pytest.raises(ValueError, match="'abs'.*removed.*'snip'"):
+        make(metric="abs")
 
 
 def test_bad_metric_is_refused():
-    with pytest.raises(ValueError, match="metric"):
-        make(metric="snip")
+    with pytest.raises(ValueError, match="metric must be one of .*snip.*synflow.*grad_norm.*random"):
+        make(metric="taylor")
 
 
 def test_gradient_accumulation_and_clipping_are_seen():
@@ -208,7 +225,7 @@ def test_gradients_zeroed_inside_the_update_call_still_give_saliency():
 
 
 def test_interval_restarts_after_a_due_step():
-    model, opt, ctl = make(interval=1)
+    model, opt, ctl = make(interval=1, nested="open")
     for i in range(2):
         opt.zero_grad()
         loss_of(model, i).backward()
@@ -273,7 +290,7 @@ def test_no_collective_and_no_item_per_iteration(tmp_path, monkeypatch):
             loss_of(model, i).backward()
             with torch.no_grad():
                 records.append({n: model.get_submodule(n).weight.grad.mul(model.get_submodule(n).weight)
-                                .sum() for n in names})
+                                .abs().sum() for n in names})
             opt.step()
         assert calls == {}, f"per-iteration work did {calls}"
         monkeypatch.undo()

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 
 from .. import api
 from ..controller import DYREP_KINDS, DyRep
+from ..saliency import DEFAULT_METRIC
 from ..tracing import _set_training_flags
 from .checkpoint import mmengine_checkpoint_loading
 
@@ -167,7 +168,8 @@ class DyRepHook(Hook):
         interval: a DyRep step every ``interval`` iterations (or epochs with ``by_epoch=True``).
         by_epoch: count epochs instead of iterations.
         until: no growth or cut after this many units (default: never stop).
-        topk, kinds, metric, std_gate, threshold, calib_batches, seed: see :class:`dyrep_fx.DyRep`.
+        topk, kinds, metric, nested, pointwise, std_gate, threshold, calib_batches, seed: see
+            :class:`dyrep_fx.DyRep`.
         mode: ``"online"`` (one conv per site) or ``"dbb"`` (branches with BatchNorms).
         init_scale: initial scale of new branches.
         deploy: at the end, fold and save ``deploy_filename`` (and ``ema_`` + it with an EMAHook)
@@ -190,7 +192,9 @@ class DyRepHook(Hook):
         kinds: Sequence[str] | None = DYREP_KINDS,
         mode: str = "online",
         init_scale: float = 0.01,
-        metric: str = "synflow",
+        metric: str = DEFAULT_METRIC,
+        nested: str = "gated",
+        pointwise: bool = False,
         std_gate: float = 0.02,
         threshold: float = 0.1,
         calib_batches: int = 20,
@@ -205,7 +209,7 @@ class DyRepHook(Hook):
         self.deploy = deploy
         self.deploy_filename = deploy_filename
         self.options = dict(interval=interval, until=until, topk=topk, kinds=None if kinds is None else list(kinds),
-                            metric=metric, std_gate=std_gate, threshold=threshold, calib_batches=calib_batches,
+                            metric=metric, nested=nested, pointwise=pointwise, std_gate=std_gate, threshold=threshold, calib_batches=calib_batches,
                             seed=seed, mode=mode, init_scale=init_scale)
         self.controller: DyRep | None = None
 

@@ -42,3 +42,32 @@ def spread_first_block(model: nn.Module) -> None:
     block = next(iter(dyrep_fx.blocks(model).values()))
     for i, branch in enumerate(block.branches.values()):
         branch.gamma().mul_(50.0 if i % 2 else 0.01)
+
+
+@torch.no_grad()
+def set_importance(block, values: dict[str, float], main: float = 1.0) -> None:
+    """Set the main branch's scale (or BN gamma) to ``main`` and each branch's so that its importance
+    (:meth:`dyrep_fx.RepConv2d.importance`) is ``values[kind] / main``.
+
+    dbb mode: the last-BN gamma is the value. Online mode: importance is the branch kernel's share of the
+    block's kernel ``W = main * weight + sum_b s_b * raw_b``; with ``s_b = c * values[b] / |raw_b|`` the
+    share is ``c * values[b] / |W(c)|``, so ``c`` solves ``|W(c)| = c * main`` (a fixed point, found by
+    iteration; ``|.|``: per-channel Frobenius norm, averaged).
+    """
+    from dyrep_fx.kernels import channel_norms
+
+    if block.mode == "dbb":
+        block.main_bn.weight.fill_(main)
+        for kind, v in values.items():
+            block.branches[kind].bn.weight.fill_(v)
+        return
+    block.main_scale.fill_(main)
+    raw = {kind: float(channel_norms(block.branches[kind].raw_kernel()).mean()) for kind in values}
+    c = float(channel_norms(block.weight).mean())
+    for _ in range(200):
+        for kind, v in values.items():
+            block.branches[kind].scale.fill_(c * v / raw[kind])
+        c_next = float(channel_norms(block.equivalent()[0]).mean()) / main
+        if abs(c_next - c) <= 1e-15 * c:
+            break
+        c = c_next

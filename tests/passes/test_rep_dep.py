@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.nets import set_importance as set_block_importance
 from helpers.numerics import randomise_bns
 from torch import nn
 
@@ -80,8 +81,10 @@ def test_rep_run_report_and_new_modules(mode):
     new = report.details["new_modules"]
     assert [b.kind for b in new["a"]] == ["1x1", "1x1_kxk", "1x1_avg", "1xk", "kx1", "prior"]
     assert all(b.mode == mode for b in new["a"] + new["pw"])
-    for branch in new["a"]:
-        assert torch.allclose(branch.gamma(), torch.full((6,), 0.05, dtype=torch.float64))
+    for branch in new["a"]:  # every new branch starts at importance init_scale (its gamma in dbb mode)
+        assert model.a.importance()[branch.kind] == pytest.approx(0.05, rel=1e-12)
+        if mode == "dbb":
+            assert torch.equal(branch.gamma().detach(), torch.full((6,), 0.05, dtype=torch.float64))
     assert isinstance(model.a, dyrep_fx.RepConv2d) and model.a.branches["1x1"] is new["a"][0]
     assert type(model.b) is nn.Conv2d
     assert rel(out(model), ref) <= TOL
@@ -123,12 +126,8 @@ def test_select_cuts_parameters():
 
 
 # -- dep: run -------------------------------------------------------------------------------------------
-@torch.no_grad()
 def set_importance(block: dyrep_fx.RepConv2d, values: dict[str, float]) -> None:
-    main = block.main_scale if block.mode == "online" else block.main_bn.weight
-    main.fill_(2.0)
-    for kind, value in values.items():
-        block.branches[kind].gamma().fill_(2.0 * value)
+    set_block_importance(block, {k: 2.0 * v for k, v in values.items()}, main=2.0)
 
 
 @pytest.mark.parametrize("mode", ["online", "dbb"])
@@ -137,9 +136,10 @@ def test_dep_run_with_criterion(mode):
     dyrep_fx.grow(model, ["a", "b"])
     if mode == "dbb":
         randomise_bns(model, seed=4)  # the branches' BatchNorms too
-        set_importance(model.b, {k: 0.01 for k in model.b.kinds})
+    set_importance(model.b, {k: 0.01 for k in model.b.kinds})
     set_importance(model.a, {"1x1": 0.01, "1x1_kxk": 0.5, "1x1_avg": 0.05, "1xk": 0.6, "kx1": 0.4, "prior": 0.3})
     ref = out(model)
+    kept_1xk = model.a.branches["1xk"].gamma().detach().clone()
     report = dep.run(traced(model), model)
     assert report.name == "dep"
     assert report.changed == {"a": "cut 1x1, 1x1_avg"}  # b's branches all have the same importance
@@ -148,7 +148,7 @@ def test_dep_run_with_criterion(mode):
     assert model.a.kinds == ["1x1_kxk", "1xk", "kx1", "prior"]
     assert rel(out(model), ref) <= TOL
     # surviving branches keep their parameters
-    assert torch.equal(model.a.branches["1xk"].gamma().detach(), torch.full((6,), 1.2, dtype=torch.float64))
+    assert torch.equal(model.a.branches["1xk"].gamma().detach(), kept_1xk)
     # a second run finds nothing more to cut in a (spread, but nothing below 0.1), nothing in b
     assert dep.run(traced(model), model).changed == {}
 

@@ -84,6 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--mode", default="online")
+    parser.add_argument("--metric", default="snip")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -96,7 +97,9 @@ def main() -> None:
     ddp = DDP(model)  # rank 0's initial weights everywhere
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     calib = [batch(rank, 900 + i) for i in range(3)]
-    ctl = dyrep_fx.DyRep(ddp, opt, interval=1, mode=args.mode, calib_loader=calib, calib_batches=3, seed=rank)
+    # nested="open": three sites and five steps; the growth mechanics under DDP are what is tested here.
+    ctl = dyrep_fx.DyRep(ddp, opt, interval=1, mode=args.mode, calib_loader=calib, calib_batches=3, seed=rank,
+                         metric=args.metric, nested="open")
     assert ctl.model is model
 
     steps = []
