@@ -18,6 +18,9 @@ Modes (see :mod:`dyrep_fx.branches`):
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -68,6 +71,12 @@ class RepConv2d(nn.Module):
                 setattr(self, key, value)
         self.train(conv.training)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The kept online kernel is a non-leaf tensor of one forward pass: never copied or pickled.
+        state = dict(self.__dict__)
+        state.pop("_kernel_cache", None)
+        return state
+
     # -- structure -------------------------------------------------------------------------------
     @property
     def grown(self) -> bool:
@@ -114,11 +123,38 @@ class RepConv2d(nn.Module):
         terms = [branch.term() for kind, branch in self.branches.items() if kind != skip]
         return assemble_kernel(self.weight, self.main_scale, terms)
 
+    def _call_kernel(self, skip: str | None = None) -> Tensor:
+        """The online kernel for this call, assembled once per training forward pass however often the
+        conv is called.
+
+        With gradients, the kernel is kept under a key of every parameter's and buffer's version and
+        storage, the autocast mode and ``skip``: a conv called several times in one forward pass (a head
+        conv shared by the pyramid levels) reuses the same kernel tensor, so its autograd node runs once
+        and receives the summed gradient of all calls. The kept kernel is dropped as soon as backward
+        has passed through it (a second forward before any optimizer step, as in gradient accumulation,
+        builds a fresh graph), and an optimizer step, ``load_state_dict`` or ``.to()`` changes a version
+        or a storage. Without gradients (evaluation) nothing is kept: code such as EMA updates writes
+        ``param.data`` in place, which no version counter sees.
+        """
+        if not torch.is_grad_enabled():
+            return self._online_kernel(skip)
+        key = (skip, torch.is_autocast_enabled(),
+               tuple((t._version, t.data_ptr()) for t in itertools.chain(self.parameters(), self.buffers())))
+        kept = self.__dict__.get("_kernel_cache")
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        kernel = self._online_kernel(skip)
+        if not kernel.requires_grad:  # frozen block: nothing to share, nothing would drop it
+            return kernel
+        kernel.register_hook(functools.partial(_forget_kernel, weakref.ref(self)))
+        self.__dict__["_kernel_cache"] = (key, kernel)
+        return kernel
+
     def _online_forward(self, x: Tensor) -> Tensor:
         composed = self.branches["1x1_kxk"] if "1x1_kxk" in self.branches else None
         if composed is None or not run_composed_as_convs(self.geometry, tuple(x.shape), self.plan):
-            return self.geometry.conv(x, self._online_kernel(), self.bias)
-        out = self.geometry.conv(x, self._online_kernel(skip="1x1_kxk"), self.bias)
+            return self.geometry.conv(x, self._call_kernel(), self.bias)
+        out = self.geometry.conv(x, self._call_kernel(skip="1x1_kxk"), self.bias)
         return out + composed(x, self.geometry.pad_input(x))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -308,6 +344,13 @@ class RepConv2d(nn.Module):
         return (f"{g.in_channels}, {g.out_channels}, kernel_size={g.kernel_size}, stride={g.stride}, "
                 f"padding={g.padding}, dilation={g.dilation}, groups={g.groups}, mode={self.mode!r}, "
                 f"kinds={self.kinds}")
+
+
+def _forget_kernel(owner: weakref.ref, grad: Tensor) -> None:
+    """Backward passed through a kept online kernel: the next forward assembles a new one."""
+    block = owner()
+    if block is not None:
+        block.__dict__.pop("_kernel_cache", None)
 
 
 def find_blocks(model: nn.Module, outermost: bool = False) -> dict[str, RepConv2d]:

@@ -1,10 +1,13 @@
 """Analysis pass: every conv site of a traced model, its geometry, and whether it can grow.
 
 A site is a conv-like module. It is eligible when it is an ``nn.Conv2d`` (subclasses included)
-called exactly once, with a trainable, unparametrized weight, outside any untraceable leaf, at a
+called at least once, with a trainable, unparametrized weight, outside any untraceable leaf, at a
 nesting depth below :data:`MAX_DEPTH`; in dbb mode a conv without bias must feed only a BatchNorm
-(which absorbs the bias the branches bring when the model is folded). Every other site carries the
-reason it is not eligible.
+(which absorbs the bias the branches bring when the model is folded). A conv called several times
+per forward (a head conv shared by the pyramid levels) grows as one block that serves every call; in
+dbb mode its branches' BatchNorms are shared by the calls as the conv is (each call normalises with its
+own batch statistics in training; calibration averages the statistics over calls). Every other site
+carries the reason it is not eligible.
 """
 
 from __future__ import annotations
@@ -104,8 +107,8 @@ def _why_not(site: Site, module: nn.Module, use: ConvUse | None, traced: TracedM
         if use.runtime_calls is None and not traced.root_traced:
             return (f"the model's forward could not be traced ({traced.untraceable.get('')}); "
                     "pass example_inputs so that calls can be counted at run time")
-        if calls != 1:
-            return f"called {calls} times (a shared module); growing it would change every call"
+        if calls == 0:
+            return "never called when the model ran on the example inputs"
     shared = _shared_with(site, module, owners or {})
     if shared is not None:
         return f"its weight is shared with {shared!r} (tied weights); growing it would change that module too"
