@@ -18,7 +18,9 @@ custom_imports = dict(imports=['dyrep_fx.mm'], allow_failed_imports=False)
 # Scaled to this 1x schedule (12 epochs x 7330 iterations at 8 GPUs x 2 images = ~88k iterations): a step
 # every 3500 iterations until iteration 70000 (80% of training), i.e. the same 20 steps. The iterations
 # count runner iterations, so with another total batch size scale `interval` and `until` with the schedule.
-# The frozen stem and stage 1 (frozen_stages=1) never grow; the rest of the backbone and the FPN convs can.
+# The frozen stem and stage 1 (frozen_stages=1) never grow; the rest of the backbone, the FPN convs and the
+# head's convs can (each head conv serves the five pyramid levels as one block).
 custom_hooks = [
-    dict(type='DyRepHook', targets=['backbone', 'neck'], interval=3500, until=70000, topk=1, mode='online'),
+    dict(type='DyRepHook', targets=['backbone', 'neck', 'bbox_head'], interval=3500, until=70000, topk=1,
+         mode='online'),
 ]

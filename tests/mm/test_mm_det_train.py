@@ -74,7 +74,9 @@ def test_dyrep_grows_during_training_with_finite_loss(run):
     blocks = api.blocks(model)
     assert blocks and all(isinstance(b, RepConv2d) for b in blocks.values())
     assert {name for name in grown if "branches" not in name} <= set(blocks)
-    assert all(name.startswith(("backbone.", "neck.")) for name in blocks)
+    assert all(name.startswith(("backbone.", "neck.", "bbox_head.")) for name in blocks)
+    head = [s for s in run.hook.controller.sites() if s.name.startswith("bbox_head.")]
+    assert head and all(s.eligible and s.calls == 5 for s in head), [(s.name, s.calls, s.reason) for s in head]
     published = run.runner.message_hub.get_scalar("train/dyrep_blocks").current()
     assert published == sum(b.grown for b in blocks.values())
     losses = [it["loss"] for it in run.recorder.iters]
