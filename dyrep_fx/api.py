@@ -169,6 +169,9 @@ def _check_restorable(model: nn.Module, name: str, entry: dict[str, Any]) -> Non
         raise PassError(f"structure names site {name!r}, which this model does not have") from exc
     if not isinstance(module, (nn.Conv2d, RepConv2d)):
         raise PassError(f"structure names {name!r}, which is a {type(module).__name__}, not a Conv2d")
+    why = None if isinstance(module, RepConv2d) else RepConv2d.why_not_wrap(module)
+    if why is not None:
+        raise PassError(f"structure grows {name!r}, which cannot take a block: {why}")
     geometry = module.geometry if isinstance(module, RepConv2d) else ConvGeometry.from_conv(module)
     bad = [k for k in entry.get("kinds", []) if k not in geometry.kinds()]
     if bad:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import kernels
+from . import conv_classes, kernels
 from .assembly import assemble_kernel
 from .branches import Branch, make_branch
 from .geometry import BRANCH_KINDS, ConvGeometry
@@ -36,6 +36,11 @@ from .plan import run_composed_as_convs
 __all__ = ["RepConv2d", "MODES", "find_blocks"]
 
 MODES = ("online", "dbb")
+
+# Names a block uses for its own state: a wrapped conv's extra parameters, buffers or children cannot
+# take them (see RepConv2d.why_not_wrap).
+_BLOCK_NAMES = frozenset({"weight", "bias", "geometry", "mode", "init_scale", "branches", "plan", "main_scale",
+                          "main_bn", "_template", "_kernel_cache"})
 
 
 class RepConv2d(nn.Module):
@@ -53,6 +58,9 @@ class RepConv2d(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"RepConv2d wraps an nn.Conv2d, got {type(conv).__name__}")
+        why = self.why_not_wrap(conv)
+        if why is not None:
+            raise TypeError(f"RepConv2d cannot stand in for this conv exactly: {why}")
         self.geometry = ConvGeometry.from_conv(conv)
         self.mode = mode
         self.init_scale = float(init_scale)
@@ -64,12 +72,40 @@ class RepConv2d(nn.Module):
         # The original module, kept outside the module tree so that folding can rebuild the very class
         # the user had (e.g. an mmcv Conv2d subclass) without registering its parameters twice.
         self.__dict__["_template"] = conv
+        # State a Conv2d subclass adds beside weight and bias (unused by its forward, which is Conv2d's)
+        # stays in the module tree under its own names: the state_dict keeps its keys, and folding hands
+        # the current values back to the rebuilt conv.
+        for key, param in conv._parameters.items():
+            if key not in ("weight", "bias"):
+                self.register_parameter(key, param)
+        for key, buf in conv._buffers.items():
+            self.register_buffer(key, buf, persistent=key not in conv._non_persistent_buffers_set)
+        for key, child in conv._modules.items():
+            self.add_module(key, child)
         # Forward/backward hooks the user put on the conv keep firing on the block that replaces it
         # (the registries are shared, so their handles still remove them).
         for key, value in vars(conv).items():
             if "hook" in key and ("forward" in key or "backward" in key) and isinstance(value, dict):
                 setattr(self, key, value)
         self.train(conv.training)
+
+    @staticmethod
+    def why_not_wrap(conv: nn.Module) -> str | None:
+        """Why a block could not stand in for ``conv`` exactly, or None when it can.
+
+        Refused: a class whose function is not a plain convolution of its weight (see
+        :mod:`dyrep_fx.conv_classes`), and extra parameters, buffers or children under a name the block
+        uses itself.
+        """
+        why = conv_classes.why_not_exact(conv)
+        if why is not None:
+            return why
+        extra = [k for d in (conv._parameters, conv._buffers, conv._modules) for k in d if k not in ("weight", "bias")]
+        clash = [k for k in extra if k in _BLOCK_NAMES or hasattr(RepConv2d, k)]
+        if clash:
+            return (f"{type(conv).__name__} holds {clash}, which a re-parameterization block uses as names of "
+                    "its own")
+        return None
 
     def __getstate__(self) -> dict[str, Any]:
         # The kept online kernel is a non-leaf tensor of one forward pass: never copied or pickled.
@@ -267,16 +303,23 @@ class RepConv2d(nn.Module):
         (dbb mode on a bias-free conv); folding passes then push that bias into the next BatchNorm.
         """
         weight, bias = self.equivalent()
-        conv = copy.copy(self._template)
-        conv._parameters = {}
-        conv._buffers = dict(self._template._buffers)
-        conv._modules = dict(self._template._modules)
+        template = self._template
+        conv = copy.copy(template)
+        # The copy shares the template's containers: give it its own, in the original order, holding
+        # copies of the block's current values (extra state a subclass added included; see __init__).
+        own = {"weight": nn.Parameter(weight.detach().clone(), requires_grad=self.weight.requires_grad),
+               "bias": None if bias is None else nn.Parameter(bias.detach().clone())}
+        conv._parameters = {k: own[k] if k in own else _copy_parameter(self._parameters[k])
+                            for k in template._parameters}
+        conv._parameters.setdefault("bias", own["bias"])
+        conv._buffers = {k: None if self._buffers[k] is None else self._buffers[k].detach().clone()
+                         for k in template._buffers}
+        conv._non_persistent_buffers_set = set(template._non_persistent_buffers_set)
+        conv._modules = {k: copy.deepcopy(self._modules[k]) for k in template._modules}
         # Hook registries are per module: the copy gets its own (holding the original's hooks).
         for key, value in list(vars(conv).items()):
             if "hook" in key and isinstance(value, dict):
                 setattr(conv, key, type(value)(value))
-        conv.weight = nn.Parameter(weight.detach().clone(), requires_grad=self.weight.requires_grad)
-        conv.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         conv.train(self.training)
         return conv
 
@@ -351,6 +394,10 @@ def _forget_kernel(owner: weakref.ref, grad: Tensor) -> None:
     block = owner()
     if block is not None:
         block.__dict__.pop("_kernel_cache", None)
+
+
+def _copy_parameter(param: nn.Parameter | None) -> nn.Parameter | None:
+    return None if param is None else nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
 
 
 def find_blocks(model: nn.Module, outermost: bool = False) -> dict[str, RepConv2d]:

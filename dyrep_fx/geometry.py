@@ -3,7 +3,9 @@
 A block and its branches share one geometry. Branches that run on feature maps (dbb mode) all read
 the same explicitly padded input and run *valid* convolutions on windows of it, so every branch is
 exactly a kernel embedded in the conv's own ``kh x kw`` window, whatever the padding, stride,
-dilation or padding mode.
+dilation or padding mode. A conv class that pads to TensorFlow "same" from the input size at
+every call (:data:`~dyrep_fx.conv_classes.SAME_FROM_INPUT`, e.g. mmcv's ``Conv2dAdaptivePadding``)
+gets its pads computed per call the same way, after which everything runs as valid convolutions.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
+from .conv_classes import SAME_FROM_INPUT, padding_rule
 
 __all__ = ["ConvGeometry", "BRANCH_KINDS", "DBB_KINDS", "OREPA_KINDS"]
 
@@ -32,12 +35,23 @@ def _pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
+def _same_pads(size: int, k: int, s: int, d: int) -> tuple[int, int]:
+    """TensorFlow "same" padding of one axis of length ``size``: the odd pixel goes after."""
+    total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+    return (total // 2, total - total // 2)
+
+
 @dataclass(frozen=True)
 class ConvGeometry:
     """The hyper-parameters of a 2-D convolution, with its padding resolved per side.
 
     ``pads`` is ``((top, bottom), (left, right))``; ``padding`` keeps the conv's own value (an int,
     a tuple or ``'same'``/``'valid'``) so that a folded conv is built exactly like the original.
+
+    ``same_from_input`` marks a conv class that zero-pads to TensorFlow "same" computed from the input
+    size at every call (its stored ``padding`` is 0): :meth:`pads_for` then depends on the input size,
+    and ``pads`` holds the pads of stride 1, which are the same for every input size (exact there;
+    nominal for larger strides, where no kind depends on them).
     """
 
     in_channels: int
@@ -50,12 +64,16 @@ class ConvGeometry:
     padding_mode: str
     pads: tuple[tuple[int, int], tuple[int, int]]
     has_bias: bool
+    same_from_input: bool = False
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> ConvGeometry:
         """Read the geometry of ``conv`` (any ``nn.Conv2d``, subclasses included)."""
         k, s, d = _pair(conv.kernel_size), _pair(conv.stride), _pair(conv.dilation)
-        if conv.padding == "valid":
+        same_from_input = padding_rule(type(conv)) == SAME_FROM_INPUT
+        if same_from_input:
+            pads = tuple(_same_pads(1, k[i], 1, d[i]) for i in range(2))
+        elif conv.padding == "valid":
             pads = ((0, 0), (0, 0))
         elif conv.padding == "same":
             # torch's rule: total d*(k-1), the odd pixel goes after.
@@ -77,6 +95,7 @@ class ConvGeometry:
             padding_mode=conv.padding_mode,
             pads=pads,
             has_bias=conv.bias is not None,
+            same_from_input=same_from_input,
         )
 
     # -- what the geometry allows -------------------------------------------------------------
@@ -127,12 +146,19 @@ class ConvGeometry:
         return [k for k, why in self.applicable_kinds().items() if why is None]
 
     # -- running convolutions in this geometry ------------------------------------------------
+    def pads_for(self, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The pads per side for an input of spatial ``size`` (``pads``, unless they come from the size)."""
+        if not self.same_from_input:
+            return self.pads
+        return tuple(_same_pads(size[i], self.kernel_size[i], self.stride[i], self.dilation[i]) for i in range(2))
+
     def pad_input(self, x: Tensor) -> Tensor:
         """The conv's input after its own padding (any padding mode), ready for valid convolutions."""
-        (top, bottom), (left, right) = self.pads
+        (top, bottom), (left, right) = self.pads_for((x.shape[-2], x.shape[-1]))
         if top == bottom == left == right == 0:
             return x
-        return F.pad(x, (left, right, top, bottom), mode=_PAD_MODES[self.padding_mode])
+        mode = "constant" if self.same_from_input else _PAD_MODES[self.padding_mode]
+        return F.pad(x, (left, right, top, bottom), mode=mode)
 
     def window(self, xp: Tensor, size: tuple[int, int], offset: tuple[int, int]) -> Tensor:
         """The part of the padded input that a ``size`` kernel at ``offset`` of the window reads."""
@@ -148,12 +174,18 @@ class ConvGeometry:
 
     def conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """Exactly what the original ``nn.Conv2d`` computes, with another kernel and bias."""
-        if self.padding_mode != "zeros":
+        if self.padding_mode != "zeros" or self.same_from_input:
             return self.conv_valid(self.pad_input(x), weight, bias)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def make_conv(self, weight: Tensor, bias: Tensor | None) -> nn.Conv2d:
-        """A new plain ``nn.Conv2d`` of this geometry holding ``weight`` and ``bias``."""
+        """A new plain ``nn.Conv2d`` of this geometry holding ``weight`` and ``bias``.
+
+        Not for a geometry whose pads come from the input size (a plain conv cannot pad so); fold a block
+        with :meth:`~dyrep_fx.block.RepConv2d.to_conv` instead, which keeps the conv's own class.
+        """
+        if self.same_from_input:
+            raise ValueError("a plain nn.Conv2d cannot pad to 'same' from the input size; use RepConv2d.to_conv")
         conv = nn.Conv2d(
             self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
             self.dilation, self.groups, bias=bias is not None, padding_mode=self.padding_mode,

@@ -35,9 +35,10 @@ def composed_costs(geom: ConvGeometry, input_shape: tuple[int, ...]) -> tuple[in
     n, _, h, w = input_shape
     (kh, kw), g = geom.kernel_size, geom.groups
     c_in, c_mid, c_out = geom.in_channels, geom.in_channels, geom.out_channels
-    hp, wp = h + sum(geom.pads[0]), w + sum(geom.pads[1])
-    ho = _output_size(h, geom.pads[0], kh, geom.stride[0], geom.dilation[0])
-    wo = _output_size(w, geom.pads[1], kw, geom.stride[1], geom.dilation[1])
+    pads = geom.pads_for((h, w))
+    hp, wp = h + sum(pads[0]), w + sum(pads[1])
+    ho = _output_size(h, pads[0], kh, geom.stride[0], geom.dilation[0])
+    wo = _output_size(w, pads[1], kw, geom.stride[1], geom.dilation[1])
     merged = c_out * (c_mid // g) * (c_in // g) * kh * kw
     convs = n * hp * wp * c_mid * (c_in // g) + n * ho * wo * c_out * (c_mid // g) * kh * kw
     return merged, convs

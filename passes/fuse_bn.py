@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import kernels
+from .. import conv_classes, kernels
 from ..block import RepConv2d
 from ..tracing import TracedModel
 from .base import PassError, PassReport, Transaction, get_module
@@ -29,6 +29,10 @@ def run(traced: TracedModel, model: nn.Module) -> PassReport:
         for name, use in traced.convs.items():
             conv = get_module(model, name)
             if not isinstance(conv, nn.Conv2d):
+                continue
+            why = conv_classes.why_not_exact(conv)
+            if why is not None:  # e.g. weight standardisation: a fused kernel would be standardised again
+                report.skipped[name] = why
                 continue
             if use.calls != 1 or use.next_bn is None:
                 report.skipped[name] = "its output does not feed only a BatchNorm"
