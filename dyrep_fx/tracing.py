@@ -11,6 +11,7 @@ example inputs, a run-time pass with forward hooks adds shapes and actual call c
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter
 from collections.abc import Iterable
@@ -22,6 +23,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+from torch.overrides import TorchFunctionMode
 
 from .block import RepConv2d
 
@@ -48,6 +50,9 @@ class ConvUse:
     runtime_calls: int | None = None
     input_shape: tuple[int, ...] | None = None
     output_shape: tuple[int, ...] | None = None
+    #: How the weight (or bias) is used other than by the conv's own forward, if it is: a traced
+    #: ``get_attr`` node, or an op seen at run time (e.g. ``conv2d`` called on ``conv.weight`` directly).
+    weight_used_outside: str | None = None
 
 
 @dataclass
@@ -142,6 +147,8 @@ def _record_graph(
 ) -> None:
     """Count conv calls in ``graph`` (traced from module ``prefix``) and note who uses each output."""
     for node in graph.nodes:
+        if node.op == "get_attr":
+            _note_attribute_use(str(node.target), prefix, modules, convs)
         if node.op != "call_module":
             continue
         name = f"{prefix}.{node.target}" if prefix else str(node.target)
@@ -162,6 +169,36 @@ def _record_graph(
                 use.next_bn = bn_name
         if use.calls > 1:
             use.next_bn = None
+
+
+def _note_attribute_use(target: str, prefix: str, modules: dict[str, nn.Module], convs: dict[str, ConvUse]) -> None:
+    """A graph reads ``<conv>.weight`` / ``<conv>.bias`` itself: growing that conv would change the read value."""
+    owner, _, attr = target.rpartition(".")
+    name = f"{prefix}.{owner}" if prefix and owner else (owner or prefix)
+    if attr in ("weight", "bias") and isinstance(modules.get(name), (_ConvNd, RepConv2d)):
+        convs.setdefault(name, ConvUse(graph=prefix)).weight_used_outside = f"the traced graph reads {attr}"
+
+
+class _OutsideUseWatch(TorchFunctionMode):
+    """Records ops that take a conv's weight or bias while that conv's own forward is not running."""
+
+    def __init__(self, owners: dict[int, str]) -> None:
+        super().__init__()
+        self.owners = owners
+        self.active: list[str] = []
+        self.outside: dict[str, str] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if isinstance(result, torch.Tensor):
+            for value in itertools.chain(args, kwargs.values()):
+                for t in value if isinstance(value, (list, tuple)) else (value,):
+                    name = self.owners.get(id(t)) if isinstance(t, torch.Tensor) else None
+                    if name is not None and name not in self.active:
+                        self.outside.setdefault(name, f"{getattr(func, '__name__', func)} takes its weight "
+                                                      "outside its forward")
+        return result
 
 
 def _graph_signature(graph: fx.Graph) -> list[tuple[str, str]]:
@@ -192,12 +229,22 @@ def _concrete_args_for(model: nn.Module, example_inputs: tuple | None) -> dict[s
 
 
 def _runtime_facts(model: nn.Module, example_inputs: tuple, convs: dict[str, ConvUse]) -> None:
-    """Run the model once (eval mode, no grad, flags restored) counting conv calls and shapes."""
+    """Run the model once (eval mode, no grad, flags restored) counting conv calls and shapes, and
+    noting any op that takes a conv's weight outside that conv's own forward (code torch.fx could not
+    trace may do so; growing such a conv would change what that op computes)."""
     handles = []
     counts: Counter[str] = Counter()
+    owners: dict[int, str] = {}
+    watch = _OutsideUseWatch(owners)
 
-    def hook(name):
+    def enter(name):
+        def record(mod, inputs):
+            watch.active.append(name)
+        return record
+
+    def leave(name):
         def record(mod, inputs, output):
+            watch.active.remove(name)
             counts[name] += 1
             use = convs.setdefault(name, ConvUse())
             if isinstance(inputs[0], torch.Tensor) and use.input_shape is None:
@@ -208,10 +255,14 @@ def _runtime_facts(model: nn.Module, example_inputs: tuple, convs: dict[str, Con
 
     for name, m in model.named_modules():
         if isinstance(m, (_ConvNd, RepConv2d)):
-            handles.append(m.register_forward_hook(hook(name)))
+            handles.append(m.register_forward_pre_hook(enter(name)))
+            handles.append(m.register_forward_hook(leave(name)))
+            for p in (m.weight, m.bias):
+                if p is not None:
+                    owners.setdefault(id(p), name)
     old = _set_training_flags(model, False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), watch:
             model(*example_inputs)
     finally:
         _set_training_flags(model, old)
@@ -219,6 +270,8 @@ def _runtime_facts(model: nn.Module, example_inputs: tuple, convs: dict[str, Con
             h.remove()
     for name, use in convs.items():
         use.runtime_calls = counts.get(name, 0)
+    for name, how in watch.outside.items():
+        convs.setdefault(name, ConvUse(runtime_calls=counts.get(name, 0))).weight_used_outside = how
 
 
 def _conv_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -1,7 +1,10 @@
 """Analysis pass: every conv site of a traced model, its geometry, and whether it can grow.
 
-A site is a conv-like module. It is eligible when it is an ``nn.Conv2d`` (subclasses included)
-called at least once, with a trainable, unparametrized weight, outside any untraceable leaf, at a
+A site is a conv-like module. It is eligible when it is an ``nn.Conv2d`` (subclasses that compute a
+plain convolution of their weight: one overriding ``forward`` or ``_conv_forward`` is refused unless
+:mod:`dyrep_fx.conv_classes` knows its function exactly)
+called at least once (inside code torch.fx cannot trace: counted at run time on example inputs),
+with a trainable, unparametrized weight used by nothing but its own forward, at a
 nesting depth below :data:`MAX_DEPTH`; in dbb mode a conv without bias must feed only a BatchNorm
 (which absorbs the bias the branches bring when the model is folded). A conv called several times
 per forward (a head conv shared by the pyramid levels) grows as one block that serves every call; in
@@ -87,28 +90,45 @@ def _shared_with(site: Site, module: nn.Module, owners: dict[int, list[str]]) ->
     return None
 
 
+def _why_not_called(name: str, use: ConvUse | None, traced: TracedModel) -> str | None:
+    """Why the calls of a top-level conv are unknown or unfit for growth, or None.
+
+    Convs inside code torch.fx cannot trace are sites when the model ran on example inputs: forward
+    hooks counted their calls, and a watch on every op saw whether anything but the conv's own forward
+    took its weight (which growing would change).
+    """
+    counted = use is not None and use.runtime_calls is not None
+    leaf = traced.leaf_containing(name)
+    if leaf is not None and not counted:
+        return (f"inside {leaf!r}, which torch.fx could not trace ({traced.untraceable[leaf]}); pass "
+                "example_inputs so that its calls can be counted at run time")
+    if not counted and not traced.root_traced:
+        return (f"the model's forward could not be traced ({traced.untraceable.get('')}); "
+                "pass example_inputs so that calls can be counted at run time")
+    if use is not None and use.weight_used_outside is not None:
+        return f"{use.weight_used_outside}; growing it would change what that computes"
+    if use is None or (use.calls == 0 and not counted):
+        return "never called in the traced graph"
+    if counted and use.runtime_calls == 0:
+        return "never called when the model ran on the example inputs"
+    return None
+
+
 def _why_not(site: Site, module: nn.Module, use: ConvUse | None, traced: TracedModel, mode: str,
              owners: dict[int, list[str]] | None = None) -> str | None:
     """The first reason the site cannot grow, or None."""
     if not isinstance(module, (nn.Conv2d, RepConv2d)):
         return f"{type(module).__name__} is not a Conv2d (only 2-D convolutions are re-parameterized)"
+    if not isinstance(module, RepConv2d):
+        why = RepConv2d.why_not_wrap(module)
+        if why is not None:
+            return why
     if site.depth >= MAX_DEPTH:
         return f"nested {site.depth} deep; growth stops at depth {MAX_DEPTH - 1}"
     if site.depth == 0:
-        leaf = traced.leaf_containing(site.name)
-        if leaf is not None:
-            return f"inside {leaf!r}, which torch.fx could not trace ({traced.untraceable[leaf]})"
-        if use is None or (use.calls == 0 and use.runtime_calls is None):
-            if not traced.root_traced:
-                return (f"the model's forward could not be traced ({traced.untraceable.get('')}); "
-                        "pass example_inputs so that calls can be counted at run time")
-            return "never called in the traced graph"
-        calls = use.runtime_calls if use.runtime_calls is not None else use.calls
-        if use.runtime_calls is None and not traced.root_traced:
-            return (f"the model's forward could not be traced ({traced.untraceable.get('')}); "
-                    "pass example_inputs so that calls can be counted at run time")
-        if calls == 0:
-            return "never called when the model ran on the example inputs"
+        why = _why_not_called(site.name, use, traced)
+        if why is not None:
+            return why
     shared = _shared_with(site, module, owners or {})
     if shared is not None:
         return f"its weight is shared with {shared!r} (tied weights); growing it would change that module too"

@@ -336,3 +336,70 @@ def test_trace_model_flags_restored_for_forest_and_leaves():
         before = flags(model)
         trace_model(model)
         assert flags(model) == before
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it, so it becomes a leaf of its parent."""
+
+    def __init__(self, direct: bool = False) -> None:
+        super().__init__()
+        self.direct = direct
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.other = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        for _ in range(int(x.abs().sum() > 0) + 1):  # twice, decided by the data
+            x = torch.relu(self.conv(x))
+        if self.direct:  # the weight used without the module, as some heads do
+            return nn.functional.conv2d(x, self.other.weight, self.other.bias, padding=1)
+        return self.other(x)
+
+
+class WithUntraceable(nn.Module):
+    def __init__(self, direct: bool = False) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 4)
+        self.body = Untraceable(direct)
+
+    def forward(self, x):
+        return self.body(self.stem(x))
+
+
+def test_convs_inside_untraceable_code_need_example_inputs():
+    model = WithUntraceable()
+    dyrep_fx.transform(model)
+    found = sites_by_name(model)
+    assert found["stem.0"].eligible
+    reason = found["body.conv"].reason
+    assert not found["body.conv"].eligible and "'body', which torch.fx could not trace" in reason
+    assert "pass example_inputs so that its calls can be counted at run time" in reason
+
+
+def test_convs_inside_untraceable_code_are_sites_with_example_inputs():
+    model = WithUntraceable().double()
+    x = X.double()
+    dyrep_fx.transform(model, example_inputs=(x,))
+    found = sites_by_name(model)
+    assert "body" in model.__dict__["_dyrep_fx"].traced.untraceable
+    assert found["body.conv"].eligible and found["body.conv"].calls == 2
+    assert found["body.other"].eligible and found["body.other"].calls == 1
+    assert all("example_inputs" not in (s.reason or "") for s in found.values())
+    model.eval()
+    before = model(x)
+    dyrep_fx.grow(model, ["body.conv", "body.other"])
+    assert float((model(x) - before).abs().max() / before.abs().max()) < 1e-12
+    deploy = dyrep_fx.fold(model)
+    fresh = WithUntraceable().double()
+    fresh.load_state_dict(deploy.state_dict(), strict=True)
+    assert float((fresh.eval()(x) - before).abs().max() / before.abs().max()) < 1e-12
+
+
+def test_a_weight_used_outside_its_conv_in_untraceable_code_is_refused():
+    model = WithUntraceable(direct=True)
+    dyrep_fx.transform(model, example_inputs=(X,))
+    found = sites_by_name(model)
+    assert found["body.conv"].eligible
+    other = found["body.other"]
+    assert not other.eligible and "conv2d takes its weight outside its forward" in other.reason
+    with pytest.raises(dyrep_fx.passes.PassError, match="outside its forward"):
+        dyrep_fx.grow(model, ["body.other"])

@@ -115,21 +115,23 @@ def test_run_reports_eligible_and_skipped_without_changing_anything():
             super().__init__()
             self.ok = nn.Conv2d(3, 4, 3)
             self.shared = nn.Conv2d(4, 4, 1)
+            self.direct = nn.Conv2d(4, 4, 1)
             self.c1d = nn.Conv1d(4, 4, 1)
 
         def forward(self, x):
             y = self.shared(self.shared(self.ok(x)))
+            y = y + nn.functional.conv2d(y, self.direct.weight)  # the weight used without the module
             return self.c1d(y.flatten(2))
 
     model = Net()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = analysis.run(trace_model(model), model)
     assert report.name == "analysis" and not report.changed
-    assert report.details["eligible"] == ["ok"]
-    assert set(report.skipped) == {"shared", "c1d"}
-    assert "called 2 times" in report.skipped["shared"] and "Conv1d" in report.skipped["c1d"]
+    assert report.details["eligible"] == ["ok", "shared"]
+    assert set(report.skipped) == {"direct", "c1d"}
+    assert "the traced graph reads weight" in report.skipped["direct"] and "Conv1d" in report.skipped["c1d"]
     assert report.details["untraceable"] == {} and report.details["graph_differs_in_eval"] is False
-    assert [s.name for s in report.details["sites"]] == ["ok", "shared", "c1d"]
+    assert [s.name for s in report.details["sites"]] == ["ok", "shared", "direct", "c1d"]
     json.dumps([s.as_dict() for s in report.details["sites"]])
     assert "1 skipped" not in str(report) and "2 skipped" in str(report)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
