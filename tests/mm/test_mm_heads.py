@@ -36,9 +36,9 @@ ATOL_FRACTION, RTOL = 1e-5, 1e-4
 def small_detector(key: str):
     """The config's detector with an R-18 backbone, 32-channel neck and head (no weights loaded)."""
     mmdet = pytest.importorskip("mmdet")
+    from mmdet.registry import MODELS
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
-    from mmdet.registry import MODELS
 
     cfg = Config.fromfile(os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs", CONFIGS[key]))
     model_cfg = cfg.model
