@@ -3,7 +3,7 @@
 Training runs under autocast; growth changes parameters (in float32) between steps. What must hold:
 the model's float32 function is unchanged by each growth (to float32 rounding), and its autocast
 function stays within bf16 rounding of that float32 function. A growth that is off by as much as its
-new branches (their scales doubled after the rebalance) fails the first check by a factor of 10 or more,
+new branches (their scales doubled after the rebalance) fails the first check (by 5x to 500x),
 which the second test shows; the bf16 rounding itself (~4e-3 of max|out|) is as large as such a broken
 growth, so a tolerance at bf16's level could not tell them apart.
 """
@@ -94,5 +94,7 @@ def test_a_growth_that_misses_its_new_branches_fails_the_check(mode, monkeypatch
 
     monkeypatch.setattr(RepConv2d, "rebalance", broken)
     records = train_and_grow(mode)
-    # measured 2e-4 .. 1e-2: at or below bf16's own rounding (~4e-3), so only the float32 check sees it
-    assert records and all(r["growth"] > 5 * FP32_TOL for r in records), records
+    # measured 1e-4 (a nested growth inside a 1 % branch) .. 1e-2: at or below bf16's own rounding
+    # (~4e-3), so only the float32 check sees them; every one of them fails it
+    assert records and all(r["growth"] > 2 * FP32_TOL for r in records), records
+    assert max(r["growth"] for r in records) > 100 * FP32_TOL
