@@ -100,3 +100,10 @@ def test_epoch_timing_takes_the_median_after_the_first_and_flags_load() -> None:
 def test_dyrep_schedule_steps_on_a_fraction_of_training() -> None:
     config = DemoConfig(epochs=12, step_fraction=0.0625, until_fraction=0.75)
     assert dyrep_schedule(config, 469) == (352, 4221)
+
+
+def test_cli_demo_without_the_data_names_the_package_and_the_variable(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("DYREP_FASHION_MNIST", str(tmp_path))  # an empty folder
+    assert cli.main(["demo", "--quick", "--variants", "plain", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "dataset-fashion-mnist" in err and "DYREP_FASHION_MNIST" in err
