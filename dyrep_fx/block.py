@@ -172,7 +172,8 @@ class RepConv2d(nn.Module):
         or a storage. Without gradients (evaluation) nothing is kept: code such as EMA updates writes
         ``param.data`` in place, which no version counter sees.
         """
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # (a compiled graph computes the kernel once per graph anyway: its calls share the inputs)
             return self._online_kernel(skip)
         key = (skip, torch.is_autocast_enabled(),
                tuple((t._version, t.data_ptr()) for t in itertools.chain(self.parameters(), self.buffers())))
