@@ -8,6 +8,10 @@ activations go back to the OS; CUDA: ``max_memory_allocated`` minus the allocati
 
     .venv/bin/python benchmarks/train_cost.py                      # ResNet-18/50 at 8x224 and 32x32
     .venv/bin/python benchmarks/train_cost.py --models resnet18 --rounds 3 --device cuda
+    .venv/bin/python benchmarks/train_cost.py --compile     # every variant under torch.compile (plain too)
+
+With ``--compile`` every model, plain included, runs under ``torch.compile`` (compilation happens in the
+warm-up steps, which are not timed), so the ratios compare compiled with compiled.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ def worker(args: argparse.Namespace) -> None:
     model = build(args.model, args.variant).to(device)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    params = sum(p.numel() for p in model.parameters())
+    if args.compile:
+        model = torch.compile(model)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -71,7 +78,7 @@ def worker(args: argparse.Namespace) -> None:
         act = peak_rss_mib() - base
     print(json.dumps({"time": sorted(times)[len(times) // 2], "cpu_time": sorted(cpu_times)[len(cpu_times) // 2],
                       "act_mib": act,
-                      "params": sum(p.numel() for p in model.parameters())}))
+                      "params": params}))
 
 
 def main() -> None:
@@ -88,13 +95,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="run every variant under torch.compile")
     parser.add_argument("--out", default="out/benchmarks/train_cost.json")
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
     variants = args.variants.split(",")
-    results: dict = {"machine": dict(machine(), threads=args.threads), "rounds": args.rounds, "rows": []}
+    results: dict = {"machine": dict(machine(), threads=args.threads), "rounds": args.rounds, "rows": [],
+                     "compiled": args.compile}
     print("| model | input | variant | step time / plain (median [min, max]) | step s | CPU time / plain "
           "| act. memory / plain | act. MiB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -106,6 +115,7 @@ def main() -> None:
                     samples[variant].append(run_worker("train_cost.py", [
                         "--model", model, "--variant", variant, "--input", inp, "--steps", str(args.steps),
                         "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device,
+                        *(["--compile"] if args.compile else []),
                     ], env=MALLOC_ENV))
             plain = {key: summary([s[key] for s in samples["plain"]])["median"] if "plain" in samples else None
                      for key in ("time", "act_mib", "cpu_time")}
