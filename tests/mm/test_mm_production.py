@@ -143,10 +143,12 @@ def test_resume_needs_no_unsafe_loading_switch_from_the_user(resumed):
 
 @pytest.fixture
 def fresh_runner(deepforest_root, tmp_path):
-    """A Runner of the same config, set up as ``Runner.train`` has it when it loads a checkpoint."""
+    """A Runner of the same config, set up as ``Runner.train`` has it when it resumes a checkpoint."""
     from mmengine.runner import Runner
 
-    runner = Runner.from_cfg(det_cfg(deepforest_root, tmp_path, 2, 1))
+    cfg = det_cfg(deepforest_root, tmp_path, 2, 1)
+    cfg.resume = True  # after_load_checkpoint restores the whole controller state only when resuming
+    runner = Runner.from_cfg(cfg)
     runner.optim_wrapper = runner.build_optim_wrapper(runner.optim_wrapper)
     return runner
 
@@ -176,11 +178,26 @@ BAD_STATES = [
 ]
 
 
+def _values(runner, model) -> dict:
+    """Copies of every parameter and buffer value and of the optimizer's state and groups."""
+    optimizer = runner.optim_wrapper.optimizer
+    return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "optimizer": copy.deepcopy(optimizer.state_dict())}
+
+
+def _assert_same_values(got: dict, want: dict, what: str) -> None:
+    assert list(got["model"]) == list(want["model"]), what
+    for key, value in want["model"].items():
+        assert torch.equal(got["model"][key], value), (what, key)
+    assert_same(got["optimizer"], want["optimizer"], what)
+
+
 def test_checkpoint_that_does_not_fit_fails_naming_the_difference_and_changes_nothing(resumed, fresh_runner):
     runner, checkpoint = fresh_runner, load_mmengine_checkpoint(str(resumed.half_path))
     hook, model = find_hook(runner, "DyRepHook"), _unwrap(fresh_runner.model)
     params = {n: id(p) for n, p in model.named_parameters()}
     groups = [[id(p) for p in g["params"]] for g in runner.optim_wrapper.optimizer.param_groups]
+    values = _values(runner, model)
     for spoil, message in BAD_STATES:
         bad = copy.deepcopy(checkpoint)
         spoil(bad["dyrep_fx"])
@@ -191,10 +208,12 @@ def test_checkpoint_that_does_not_fit_fails_naming_the_difference_and_changes_no
         assert not api.blocks(model), spoil.__name__
         assert {n: id(p) for n, p in model.named_parameters()} == params, spoil.__name__
         assert [[id(p) for p in g["params"]] for g in runner.optim_wrapper.optimizer.param_groups] == groups
+        _assert_same_values(_values(runner, model), values, spoil.__name__)
     # grown weights without the structure
     bad = {k: v for k, v in checkpoint.items() if k != "dyrep_fx"}
     with pytest.raises(ValueError, match=r"holds grown blocks \(e.g. '[\w.]+'\) but no 'dyrep_fx' structure"):
         hook.after_load_checkpoint(runner, bad)
+    _assert_same_values(_values(runner, model), values, "no dyrep_fx entry")
     # and the checkpoint itself still loads into the same model after all these refusals
     hook.after_load_checkpoint(runner, checkpoint)
     model.load_state_dict(checkpoint["state_dict"], strict=True)
