@@ -615,3 +615,27 @@ def test_structure_is_json_and_tracks_the_tree(cfg, data, mode, seed):
 def test_defaults():
     blk = RepConv2d(nn.Conv2d(2, 2, 3, padding=1))
     assert blk.mode == "online" and math.isclose(blk.init_scale, 0.01)
+
+
+@pytest.mark.parametrize("mode", ["online", "dbb"])
+def test_a_nested_block_survives_its_parents_cut_with_its_parameters(mode):
+    """Cutting other branches of the parent keeps the nested block's parameters and statistics as they
+    were (objects and values): the reference re-initialises them."""
+    torch.manual_seed(0)
+    blk = RepConv2d(nn.Conv2d(4, 4, 3, 1, 1, dtype=torch.float64), mode)
+    blk.grow(["1x1", "1x1_kxk", "1x1_avg"])
+    inner = nest(blk, mode)
+    inner.grow(["1x1", "1xk"])
+    perturb(blk)
+    randomize_bns(blk)
+    kept = {n: (t, t.detach().clone()) for n, t in inner.state_dict(keep_vars=True).items()}
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    blk.eval()
+    before = blk(x)
+    blk.cut(["1x1", "1x1_avg"])
+    assert blk.branches["1x1_kxk"].conv2 is inner and inner.kinds == ["1x1", "1xk"]
+    after = inner.state_dict(keep_vars=True)
+    assert list(after) == list(kept)
+    for name, (obj, value) in kept.items():
+        assert after[name] is obj and torch.equal(after[name], value), name
+    assert rel_err(blk(x), before) < 1e-12
