@@ -1,10 +1,11 @@
-"""The ``dyrep-fx`` command line: ``demo``, ``inspect`` and ``fold``. The only code that prints."""
+"""The ``dyrep-fx`` command line: ``demo``, ``inspect``, ``train`` and ``fold``. The only code that prints."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -69,7 +70,31 @@ def _structure_lines(structure: dict, indent: str = "    ") -> str:
     return "\n".join(lines)
 
 
+def _is_config(name: str) -> bool:
+    """An OpenMMLab config (a ``.py`` file or ``package::path``) rather than a torchvision model name."""
+    return name.endswith(".py") or "::" in name
+
+
+def _sites_table(found: list) -> list[str]:
+    """The sites table: one line per site, eligible ones with the kinds they can grow, others with why not."""
+    lines = [f"{'site':44} {'cin':>5} {'cout':>5} {'k':>5} {'s':>3} {'g':>5} {'output':>16} {'calls':>5}"
+             "  kinds / reason"]
+    for s in found:
+        k = "x".join(map(str, s.kernel_size))
+        out = "x".join(map(str, s.output_shape[1:])) if s.output_shape else "?"
+        calls = "?" if s.calls is None else str(s.calls)
+        tail = ",".join(s.kinds) if s.eligible else f"NOT ELIGIBLE: {s.reason}"
+        lines.append(f"{s.name:44} {s.in_channels:5} {s.out_channels:5} {k:>5} {s.stride[0]:3} {s.groups:5} "
+                     f"{out:>16} {calls:>5}  {tail}")
+    return lines
+
+
 def _inspect(args: argparse.Namespace) -> int:
+    if _is_config(args.name):
+        return _inspect_config(args)
+    if args.targets or args.cfg_options:
+        print("error: --targets and --cfg-options apply to OpenMMLab configs only", file=sys.stderr)
+        return 2
     import torch
     import torchvision
 
@@ -80,20 +105,75 @@ def _inspect(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    size = args.size
+    size = args.size or 224
+    mode = args.mode or "online"
     example = (torch.randn(1, 3, size, size),)
-    api.transform(model, example_inputs=example, mode=args.mode)
+    api.transform(model, example_inputs=example, mode=mode)
     found = api.sites(model)
     if args.json:
         print(json.dumps([s.as_dict() for s in found], indent=1, default=str))
         return 0
-    print(f"{args.name}: {len(found)} conv sites, {sum(s.eligible for s in found)} eligible ({args.mode} mode)")
-    print(f"{'site':40} {'cin':>5} {'cout':>5} {'k':>5} {'s':>4} {'g':>5} {'output':>18}  kinds / reason")
-    for s in found:
-        k = "x".join(map(str, s.kernel_size))
-        out = "x".join(map(str, s.output_shape[1:])) if s.output_shape else "?"
-        tail = ",".join(s.kinds) if s.eligible else f"NOT ELIGIBLE: {s.reason}"
-        print(f"{s.name:40} {s.in_channels:5} {s.out_channels:5} {k:>5} {s.stride[0]:4} {s.groups:5} {out:>18}  {tail}")
+    print(f"{args.name}: {len(found)} conv sites, {sum(s.eligible for s in found)} eligible ({mode} mode)")
+    print("\n".join(_sites_table(found)))
+    return 0
+
+
+def _inspect_config(args: argparse.Namespace) -> int:
+    try:
+        from .mm.inspect_config import inspect_config
+        from .mm.train import TrainConfigError
+    except ImportError as exc:
+        print(f"error: inspecting a config needs OpenMMLab's mmengine ({exc}); install dyrep_fx[mm]", file=sys.stderr)
+        return 2
+    size = None if args.size is None else (args.size, args.size)
+    try:
+        targets = args.targets.split(",") if args.targets else None
+        found = inspect_config(args.name, size=size, mode=args.mode, targets=targets,
+                               cfg_options=args.cfg_options)
+    except TrainConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(found.as_dict(), indent=1, default=str))
+        return 0
+    height, width = found.image_size
+    print(f"{found.config}: {found.model_type}, DyRep targets {', '.join(found.targets)} ({found.mode} mode), "
+          f"dummy input 1x3x{height}x{width}")
+    if not found.hook_found:
+        print("note: the config has no DyRepHook in custom_hooks: showing DyRepHook's default targets "
+              f"{found.targets}")
+    if found.forward_error:
+        print(f"note: the model's tensor-mode forward failed on the dummy input ({found.forward_error}); "
+              "the targets were traced without example inputs")
+    for entry in found.per_target:
+        eligible = sum(s.eligible for s in entry.sites)
+        print(f"\n[{entry.target}] {len(entry.sites)} conv sites, {eligible} eligible")
+        if entry.note:
+            print(f"note: {entry.note}")
+        if entry.sites:
+            print("\n".join(_sites_table(entry.sites)))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))  # torch.distributed.launch's argument
+    try:
+        from .mm.train import TrainConfigError, train_from_config
+    except ImportError as exc:
+        print(f"error: dyrep-fx train needs OpenMMLab's mmengine and the config's package (mmdet, mmseg...) "
+              f"({exc}); install dyrep_fx[mm]", file=sys.stderr)
+        return 2
+    try:
+        runner = train_from_config(args.config, work_dir=args.work_dir, resume=args.resume,
+                                   cfg_options=args.cfg_options, launcher=args.launcher, amp=args.amp,
+                                   auto_scale_lr=args.auto_scale_lr)
+    except TrainConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if runner.rank == 0:
+        print(f"dyrep-fx train: finished at iteration {runner.iter} (epoch {runner.epoch}); "
+              f"work dir {runner.work_dir}")
     return 0
 
 
@@ -124,12 +204,52 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_demo)
 
-    inspect = sub.add_parser("inspect", help="the conv sites table of a torchvision model")
-    inspect.add_argument("name", help="a torchvision model name, e.g. resnet18")
-    inspect.add_argument("--mode", choices=["online", "dbb"], default="online")
-    inspect.add_argument("--size", type=int, default=224, help="input image size for shapes")
+    inspect = sub.add_parser(
+        "inspect", help="the conv sites table of a torchvision model or of an OpenMMLab config's DyRep targets",
+        description="The conv sites of a torchvision model, or of the DyRepHook targets of an OpenMMLab config "
+                    "(a .py file or package::path such as mmdet::retinanet/retinanet_r50_fpn_1x_coco.py; "
+                    "the targets and mode of its DyRepHook entry, ['backbone'] without one): geometry, "
+                    "output shape, calls per forward, and the branch kinds each site can grow or why not. "
+                    "A config's model is built without loading any weights and run once on a dummy image.")
+    inspect.add_argument("name", help="a torchvision model name (e.g. resnet18) or an OpenMMLab config")
+    inspect.add_argument("--mode", choices=["online", "dbb"],
+                         help="block mode (default: the config's DyRepHook mode, else online)")
+    inspect.add_argument("--size", type=int, help="square input size for shapes (default: 224 for torchvision "
+                                                  "models; a config's own image scale, else 256)")
+    inspect.add_argument("--targets", help="a config's submodules to inspect, comma-separated (default: its "
+                                           "DyRepHook targets)")
+    inspect.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE",
+                         help="override a config's entries (as for train), e.g. model.backbone.frozen_stages=1")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(func=_inspect)
+
+    train = sub.add_parser(
+        "train", help="train an OpenMMLab config with mmengine's Runner (what mmdet's / mmseg's tools/train.py do)",
+        description="Train an OpenMMLab (mmdet, mmseg, ...) config with mmengine's Runner, as the tools/train.py "
+                    "of mmdet and mmseg do, which pip installs do not ship. CONFIG is a file, or package::path "
+                    "in the installed package's shipped configs (its .mim/configs folder), e.g. "
+                    "mmdet::retinanet/retinanet_r50_fpn_1x_coco.py. Registries resolve in the config's "
+                    "default_scope. Distributed: torchrun --nproc_per_node N -m dyrep_fx.cli train CONFIG "
+                    "--launcher pytorch (without a GPU the ranks train on CPU over gloo).")
+    train.add_argument("config", help="config file, or package::path (e.g. mmdet::retinanet/...py)")
+    train.add_argument("--work-dir", help="where logs and checkpoints go (default: the config's work_dir, "
+                                          "else work_dirs/<config name>)")
+    train.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
+                       help="resume training: from CHECKPOINT, or without a value from the latest checkpoint in "
+                            "the work dir")
+    train.add_argument("--amp", action="store_true",
+                       help="mixed precision: OptimWrapper becomes AmpOptimWrapper (needs a CUDA GPU)")
+    train.add_argument("--auto-scale-lr", action="store_true",
+                       help="scale the learning rate by the total batch size (the config's auto_scale_lr)")
+    train.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE",
+                       help="override config entries, parsed by mmengine's DictAction, e.g. "
+                            "train_cfg.max_iters=100 'train_dataloader.dataset.pipeline.2.scale=(256,256)' "
+                            "custom_hooks.0.interval=10")
+    train.add_argument("--launcher", choices=["none", "pytorch"], default="none",
+                       help="'pytorch' under torchrun (one process per rank)")
+    train.add_argument("--local-rank", "--local_rank", type=int, dest="local_rank",
+                       help=argparse.SUPPRESS)  # torch.distributed.launch passes it
+    train.set_defaults(func=_train)
 
     fold = sub.add_parser("fold", help="fold a DyRepHook training checkpoint into the config's plain model")
     fold.add_argument("config", help="the mmdet/mmseg config the checkpoint was trained with")

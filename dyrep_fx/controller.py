@@ -471,6 +471,43 @@ class DyRep:
         self.steps_done = state["steps_done"]
         self.history = list(state["history"])
 
+    def load_structure(self, state: dict[str, Any]) -> None:
+        """Rebuild the structure of a saved :meth:`state_dict` and start the schedule over (fine-tuning
+        from a grown checkpoint, where :meth:`load_state_dict` is for resuming).
+
+        The blocks are rebuilt on this (fresh) model and its EMA copies, so the checkpoint's grown weights
+        load afterwards. What belonged to the run that saved the state is dropped: ``units`` and
+        ``steps_done`` are 0 (the first step is due after ``interval`` units again), ``history`` and the
+        nesting gate's birth records are empty (the loaded blocks count as grown outside this controller),
+        and the interval saliency starts empty over the current candidates. The saved optimizer layout is
+        ignored: the new Parameters join this optimizer's groups as grown ones do (``group_chooser``), so
+        do not load the saved optimizer state after this call. A state that does not fit (other targets,
+        mode, sites or branch kinds) raises a ``ValueError`` and changes nothing.
+        """
+        structures = state["structures"]
+        self._check_structures(structures)
+        sources = {self._join(prefix, name): self.model.get_submodule(self._join(prefix, name)).weight
+                   for prefix, spec in structures.items() for name in spec["sites"]}
+        before = {id(p) for p in self.model.parameters()}
+        undo = [self._restore_on(self.model, structures)]
+        groups = [(group, list(group["params"])) for group in self.optimizer.param_groups]
+        try:
+            for ema in self._emas:
+                for prefix in structures:
+                    self._share_trace(self.roots[prefix], ema.get_submodule(prefix) if prefix else ema)
+                undo.append(self._restore_on(ema, structures))
+            self._sync_optimizer(before, sources)
+        except Exception:
+            del self.optimizer.param_groups[len(groups):]
+            for group, params in groups:
+                group["params"] = params
+            for txn in reversed(undo):
+                txn.rollback()
+            raise
+        self.units = self.steps_done = 0
+        self.history, self.births = [], {}
+        self._watch()
+
     def restore_structure(self, structures: dict[str, dict[str, Any]]) -> None:
         """Rebuild saved structures (``{target: spec}``) on fresh targets; all checked before any change."""
         self._check_structures(structures)

@@ -8,7 +8,9 @@ Events used:
 * ``before_run``: under torch >= 2.6, let mmengine's own ``load_or_resume`` unpickle its checkpoint
   (``trust_checkpoint``; see :mod:`dyrep_fx.mm.checkpoint`), for that call only;
 * ``after_load_checkpoint`` (resume / load_from of a DyRep checkpoint): rebuild the saved structure
-  before mmengine loads the weights and optimizer state into it; a checkpoint that does not fit the
+  before mmengine loads the weights and optimizer state into it; with ``resume=True`` also the
+  controller's counters, history, interval saliency and optimizer layout, with ``load_from`` alone only
+  the structure (the schedule starts over; see :class:`DyRepHook`); a checkpoint that does not fit the
   config fails there, naming what differs, with the model and optimizer left as they were;
 * ``before_train``: trace the targets (after weights are initialised or loaded) and start the
   controller; attach the EMA model of an ``EMAHook``;
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import os.path as osp
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -43,7 +45,7 @@ from ..saliency import DEFAULT_METRIC
 from ..tracing import _set_training_flags
 from .checkpoint import mmengine_checkpoint_loading
 
-__all__ = ["DyRepHook", "scope_checkpoint_loading"]
+__all__ = ["DyRepHook", "capture_target_inputs", "is_resuming", "scope_checkpoint_loading"]
 
 STATE_KEY = "dyrep_fx"
 
@@ -58,22 +60,42 @@ def mm_forward(model: nn.Module, batch: Any) -> Any:
     return model(**data, mode="tensor")
 
 
-def capture_target_inputs(model: nn.Module, batch: Any, targets: Sequence[str]) -> dict[str, tuple]:
-    """The positional inputs each target submodule receives on one real batch (eval mode, no grad)."""
+def _recording_forward(forward: Callable[..., Any], name: str, captured: dict[str, tuple]) -> Callable[..., Any]:
+    def record(*args: Any, **kwargs: Any) -> Any:
+        captured.setdefault(name, tuple(args))
+        return forward(*args, **kwargs)
+
+    return record
+
+
+def capture_target_inputs(model: nn.Module, batch: Any, targets: Sequence[str],
+                          forward_fn: Callable[[nn.Module, Any], Any] = mm_forward) -> dict[str, tuple]:
+    """The positional inputs each target submodule receives on one batch (eval mode, no grad).
+
+    ``forward_fn(model, batch)`` runs the model (default: :func:`mm_forward`). The heads of mmdet's and
+    mmseg's ``mode='tensor'`` path are called as ``head.forward(x)``, which runs no forward hooks, so each
+    target's ``forward`` is wrapped on the instance for this one pass (and put back afterwards). A target
+    the pass does not reach is missing from the result.
+    """
     captured: dict[str, tuple] = {}
-    handles = []
-    for name in targets:
-        def record(mod, args, name=name):
-            captured.setdefault(name, tuple(args))
-        handles.append(model.get_submodule(name).register_forward_pre_hook(record))
-    flags = _set_training_flags(model, False)
+    patched: list[tuple[nn.Module, Any]] = []
     try:
-        with torch.no_grad():
-            mm_forward(model, batch)
+        for name in targets:
+            module = model.get_submodule(name)
+            patched.append((module, module.__dict__.get("forward")))
+            module.forward = _recording_forward(module.forward, name, captured)
+        flags = _set_training_flags(model, False)
+        try:
+            with torch.no_grad():
+                forward_fn(model, batch)
+        finally:
+            _set_training_flags(model, flags)
     finally:
-        _set_training_flags(model, flags)
-        for h in handles:
-            h.remove()
+        for module, own in reversed(patched):
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
     return captured
 
 
@@ -178,6 +200,20 @@ class DyRepHook(Hook):
             (``resume`` / ``load_from``), as it did before torch 2.6: mmengine 0.10.7's checkpoints hold
             pickled objects that ``weights_only`` loading refuses. Only for checkpoints you trust; with
             ``False`` run under ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` yourself to resume.
+
+    Checkpoints: every checkpoint gets the structure and the controller's state under ``"dyrep_fx"``.
+    Loading one of them (in ``after_load_checkpoint``, before mmengine loads the weights):
+
+    * ``resume=True`` (``load_from`` a checkpoint, or the latest one in ``work_dir``): the run goes on as
+      if never stopped: the structure, the unit and step counters, the history, the saliency of the
+      unfinished interval and the optimizer's group layout are restored, then mmengine loads the weights,
+      the optimizer state and the schedulers (:meth:`dyrep_fx.DyRep.load_state_dict`).
+    * ``load_from`` with ``resume=False`` (fine-tuning from a grown checkpoint): only the structure is
+      rebuilt, so the grown weights load; DyRep's schedule starts over: units and steps at 0 (the first
+      step is due after ``interval`` units again), empty history, no saliency carried over, and the new
+      Parameters join this run's optimizer as grown ones do (mmengine loads no optimizer state then)
+      (:meth:`dyrep_fx.DyRep.load_structure`). A folded deploy file (no ``"dyrep_fx"`` entry, no
+      branches) loads as a plain checkpoint and training starts from the plain architecture.
     """
 
     priority = "ABOVE_NORMAL"  # before EMAHook, so the EMA model is synced before it averages
@@ -265,16 +301,25 @@ class DyRepHook(Hook):
                                  f"{STATE_KEY!r} structure to rebuild them; was it saved without DyRepHook?")
             return
         ctl = self._controller(runner)
+        resuming = is_resuming(runner)
         try:
-            ctl.load_state_dict(state)
+            if resuming:
+                ctl.load_state_dict(state)
+            else:
+                ctl.load_structure(state)
         except ValueError as exc:
             raise ValueError(f"DyRepHook (targets {self.targets}, {ctl.mode} mode): the checkpoint's "
                              f"{STATE_KEY!r} state does not fit this config, nothing was changed: "
                              f"{exc}") from exc
         _cover_new_groups(runner)  # a resume then loads the schedulers' saved state over this
         self._rewrap(runner)
+        if resuming:
+            how = f"resuming DyRep's schedule at unit {ctl.units} ({len(ctl.history)} steps taken)"
+        else:
+            how = (f"load_from without resume: DyRep's schedule starts over (the checkpoint's run had "
+                   f"taken {len(state.get('history', []))} steps)")
         runner.logger.info(f"DyRepHook: restored the grown structure ({len(api.blocks(ctl.model))} blocks) "
-                           "before loading the checkpoint's weights")
+                           f"before loading the checkpoint's weights; {how}")
 
     # -- steps -------------------------------------------------------------------------------------
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
@@ -341,6 +386,20 @@ class DyRepHook(Hook):
         deploy = fold_targets(model, self.targets)
         torch.save({"meta": {"dyrep_fx": "folded", "targets": self.targets},
                     "state_dict": deploy.state_dict()}, path)
+
+
+def is_resuming(runner) -> bool:
+    """Whether the runner's checkpoint load is a resume (``resume=True``) rather than a ``load_from``.
+
+    mmengine 0.10.7's ``Runner.load_or_resume`` resumes exactly when the runner's ``resume`` argument
+    (``cfg.resume``, kept as ``runner._resume``) is true, and loads ``load_from`` as weights otherwise; both
+    go through ``Runner.load_checkpoint``, which fires ``after_load_checkpoint``.
+    """
+    flag = getattr(runner, "_resume", None)
+    if flag is None:
+        cfg = getattr(runner, "cfg", None)
+        flag = cfg.get("resume", False) if cfg is not None else False
+    return bool(flag)
 
 
 def scope_checkpoint_loading(runner) -> None:

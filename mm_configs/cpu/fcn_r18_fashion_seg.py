@@ -6,10 +6,8 @@
 # Data, once (Fashion-MNIST from Debian's dataset-fashion-mnist package; no download):
 #     python -c "from dyrep_fx.mm.datasets import fashion_mnist_segmentation as f; f('data/fashion_seg', 400)"
 # Train (no mim or tools/train.py needed; DYREP_FASHION_SEG overrides the data folder):
-#     from mmengine.config import Config
-#     from mmengine.runner import Runner
-#     cfg = Config.fromfile('mm_configs/cpu/fcn_r18_fashion_seg.py')
-#     Runner.from_cfg(cfg).train()
+#     dyrep-fx train mm_configs/cpu/fcn_r18_fashion_seg.py
+# (in Python: Runner.from_cfg(Config.fromfile('mm_configs/cpu/fcn_r18_fashion_seg.py')).train())
 _base_ = ['mmseg::fcn/fcn_r18-d8_4xb2-80k_cityscapes-512x1024.py']
 
 data_root = '{{$DYREP_FASHION_SEG:data/fashion_seg}}/'

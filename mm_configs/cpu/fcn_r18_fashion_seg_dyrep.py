@@ -4,10 +4,8 @@
 # Data, once (Fashion-MNIST from Debian's dataset-fashion-mnist package; no download):
 #     python -c "from dyrep_fx.mm.datasets import fashion_mnist_segmentation as f; f('data/fashion_seg', 400)"
 # Train (no mim or tools/train.py needed; DYREP_FASHION_SEG overrides the data folder):
-#     from mmengine.config import Config
-#     from mmengine.runner import Runner
-#     cfg = Config.fromfile('mm_configs/cpu/fcn_r18_fashion_seg_dyrep.py')
-#     Runner.from_cfg(cfg).train()
+#     dyrep-fx train mm_configs/cpu/fcn_r18_fashion_seg_dyrep.py
+# (in Python: Runner.from_cfg(Config.fromfile('mm_configs/cpu/fcn_r18_fashion_seg_dyrep.py')).train())
 # work_dir/dyrep_deploy.pth (written at the end) is the folded segmentor: it loads with strict=True into
 # fcn_r18_fashion_seg.py.
 _base_ = ['./fcn_r18_fashion_seg.py']

@@ -5,10 +5,8 @@
 # Data, once (reads the installed package, no download; `pip install --no-deps deepforest==2.1.0`):
 #     python -c "from dyrep_fx.mm.datasets import deepforest_coco; deepforest_coco('data/deepforest_coco')"
 # Train (no mim or tools/train.py needed; DYREP_DEEPFOREST overrides the data folder):
-#     from mmengine.config import Config
-#     from mmengine.runner import Runner
-#     cfg = Config.fromfile('mm_configs/cpu/retinanet_r18_fpn_deepforest.py')
-#     Runner.from_cfg(cfg).train()
+#     dyrep-fx train mm_configs/cpu/retinanet_r18_fpn_deepforest.py
+# (in Python: Runner.from_cfg(Config.fromfile('mm_configs/cpu/retinanet_r18_fpn_deepforest.py')).train())
 _base_ = ['mmdet::retinanet/retinanet_r18_fpn_1x_coco.py']
 
 data_root = '{{$DYREP_DEEPFOREST:data/deepforest_coco}}/'

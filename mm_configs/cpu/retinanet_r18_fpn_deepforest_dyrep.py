@@ -6,10 +6,8 @@
 # Data, once (`pip install --no-deps deepforest==2.1.0`, then):
 #     python -c "from dyrep_fx.mm.datasets import deepforest_coco; deepforest_coco('data/deepforest_coco')"
 # Train (no mim or tools/train.py needed; DYREP_DEEPFOREST overrides the data folder):
-#     from mmengine.config import Config
-#     from mmengine.runner import Runner
-#     cfg = Config.fromfile('mm_configs/cpu/retinanet_r18_fpn_deepforest_dyrep.py')
-#     Runner.from_cfg(cfg).train()
+#     dyrep-fx train mm_configs/cpu/retinanet_r18_fpn_deepforest_dyrep.py
+# (in Python: Runner.from_cfg(Config.fromfile('mm_configs/cpu/retinanet_r18_fpn_deepforest_dyrep.py')).train())
 # work_dir/dyrep_deploy.pth (written at the end) is the folded detector: it loads with strict=True into
 # retinanet_r18_fpn_deepforest.py, and retinanet_r18_fpn_deepforest_finetune.py starts its backbone from it.
 _base_ = ['./retinanet_r18_fpn_deepforest.py']

@@ -5,10 +5,8 @@
 # its checkpoints:
 #     dyrep-fx fold mm_configs/cpu/retinanet_r18_fpn_deepforest_dyrep.py iter_300.pth -o deploy.pth
 # Then (DYREP_BACKBONE_CKPT overrides the checkpoint path, DYREP_DEEPFOREST the data folder):
-#     from mmengine.config import Config
-#     from mmengine.runner import Runner
-#     cfg = Config.fromfile('mm_configs/cpu/retinanet_r18_fpn_deepforest_finetune.py')
-#     Runner.from_cfg(cfg).train()
+#     dyrep-fx train mm_configs/cpu/retinanet_r18_fpn_deepforest_finetune.py
+# (in Python: Runner.from_cfg(Config.fromfile('mm_configs/cpu/retinanet_r18_fpn_deepforest_finetune.py')).train())
 # (To start the whole detector, FPN and head too, from the folded file, set load_from=<it> instead.)
 _base_ = ['./retinanet_r18_fpn_deepforest.py']
 

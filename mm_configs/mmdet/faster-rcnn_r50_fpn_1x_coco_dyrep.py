@@ -1,11 +1,9 @@
 # Faster R-CNN R-50-FPN, 1x COCO (mmdet's shipped config, unchanged) + DyRep on the backbone and the FPN.
 #
 # Train (COCO under data/coco/, as mmdet expects; no mim or tools/train.py needed):
-#     from mmengine.config import Config
-#     from mmengine.runner import Runner
-#     cfg = Config.fromfile('mm_configs/mmdet/faster-rcnn_r50_fpn_1x_coco_dyrep.py')
-#     cfg.work_dir = 'work_dirs/faster-rcnn_r50_fpn_1x_coco_dyrep'
-#     Runner.from_cfg(cfg).train()
+#     dyrep-fx train mm_configs/mmdet/faster-rcnn_r50_fpn_1x_coco_dyrep.py
+#     torchrun --nproc_per_node 8 -m dyrep_fx.cli train mm_configs/mmdet/faster-rcnn_r50_fpn_1x_coco_dyrep.py --launcher pytorch  # 8 GPUs
+# (in Python: Runner.from_cfg(Config.fromfile('mm_configs/mmdet/faster-rcnn_r50_fpn_1x_coco_dyrep.py')).train(), with cfg.work_dir set)
 # (or mmdet's tools/train.py from a source checkout: `python tools/train.py mm_configs/mmdet/...`).
 # At the end DyRepHook writes work_dir/dyrep_deploy.pth: the folded model, which loads with strict=True into
 # mmdet's own faster-rcnn_r50_fpn_1x_coco.py (e.g. as `load_from=`). Fold an intermediate checkpoint with

@@ -2,11 +2,9 @@
 # backbone.
 #
 # Train (Cityscapes under data/cityscapes/, as mmseg expects; no mim or tools/train.py needed):
-#     from mmengine.config import Config
-#     from mmengine.runner import Runner
-#     cfg = Config.fromfile('mm_configs/mmseg/pspnet_r50-d8_4xb2-80k_cityscapes-512x1024_dyrep.py')
-#     cfg.work_dir = 'work_dirs/pspnet_r50-d8_4xb2-80k_cityscapes-512x1024_dyrep'
-#     Runner.from_cfg(cfg).train()
+#     dyrep-fx train mm_configs/mmseg/pspnet_r50-d8_4xb2-80k_cityscapes-512x1024_dyrep.py
+#     torchrun --nproc_per_node 8 -m dyrep_fx.cli train mm_configs/mmseg/pspnet_r50-d8_4xb2-80k_cityscapes-512x1024_dyrep.py --launcher pytorch  # 8 GPUs
+# (in Python: Runner.from_cfg(Config.fromfile('mm_configs/mmseg/pspnet_r50-d8_4xb2-80k_cityscapes-512x1024_dyrep.py')).train(), with cfg.work_dir set)
 # (or mmseg's tools/train.py from a source checkout; SyncBN needs a distributed launch, single-process runs
 # fall back to BN). At the end DyRepHook writes work_dir/dyrep_deploy.pth, the folded model, which loads
 # with strict=True into mmseg's own pspnet_r50-d8_4xb2-80k_cityscapes-512x1024.py. Fold an intermediate

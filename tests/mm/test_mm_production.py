@@ -226,7 +226,7 @@ def test_resuming_with_other_targets_in_the_config_fails_before_training(resumed
     from mmengine.runner import Runner
 
     runner = Runner.from_cfg(cfg)
-    expected = r"targets \['backbone', 'neck'\].*only in the checkpoint: \['neck'\]"
+    expected = r"targets \['backbone', 'bbox_head', 'neck'\].*only in the checkpoint: \['bbox_head', 'neck'\]"
     with pytest.raises(ValueError, match=expected):
         runner.train()
     assert not api.blocks(runner.model) and runner.iter == 0
