@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "tests" / "scripts"
-#: The unsafe-loading switch tests/conftest.py sets for the in-process tests; fresh processes go without it.
+#: torch's unsafe-loading switch; fresh test processes never inherit it (the library scopes its own use).
 UNSAFE_LOAD_FLAG = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
 

@@ -175,11 +175,17 @@ def load_deploy(path: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_fold_command_equals_deploy(config: str, work_dir: Path, iters: int, out: Path) -> None:
-    """``dyrep-fx fold`` on the run's last checkpoint gives exactly the hook's deploy file."""
-    from dyrep_fx import cli
+    """``dyrep-fx fold`` on the run's last checkpoint, in a fresh process without any unsafe-loading
+    switch in its environment (the command scopes its own), gives exactly the hook's deploy file."""
+    import subprocess
+    import sys
+
+    from helpers.launch import ROOT, clean_env
 
     ckpt = work_dir / f"iter_{iters}.pth"
-    assert cli.main(["fold", str(CONFIG_DIR / config), str(ckpt), "-o", str(out)]) == 0
+    proc = subprocess.run([sys.executable, "-m", "dyrep_fx.cli", "fold", str(CONFIG_DIR / config), str(ckpt),
+                           "-o", str(out)], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folded, deploy = load_deploy(out), load_deploy(work_dir / "dyrep_deploy.pth")
     assert list(folded) == list(deploy)
     for key in deploy:

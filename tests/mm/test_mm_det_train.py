@@ -75,7 +75,8 @@ def test_dyrep_grows_during_training_with_finite_loss(run):
     assert blocks and all(isinstance(b, RepConv2d) for b in blocks.values())
     assert {name for name in grown if "branches" not in name} <= set(blocks)
     assert all(name.startswith(("backbone.", "neck.", "bbox_head.")) for name in blocks)
-    head = [s for s in run.hook.controller.sites() if s.name.startswith("bbox_head.")]
+    # the head's own convs (depth 0); inner convs of grown branches are assembled once per forward, not per level
+    head = [s for s in run.hook.controller.sites() if s.name.startswith("bbox_head.") and s.depth == 0]
     assert head and all(s.eligible and s.calls == 5 for s in head), [(s.name, s.calls, s.reason) for s in head]
     published = run.runner.message_hub.get_scalar("train/dyrep_blocks").current()
     assert published == sum(b.grown for b in blocks.values())
@@ -195,3 +196,22 @@ def test_ema_hook_takes_every_growth(run, tmp_path, targets):
     assert all(not p.requires_grad for p in ema.parameters())
     plain = build_model(without_dyrep(cfg))
     plain.load_state_dict(load_deploy(Path(cfg.work_dir) / "ema_dyrep_deploy.pth"), strict=True)
+
+
+@pytest.mark.parametrize("trust", [True, False])
+def test_resume_loads_mmengine_checkpoints_only_when_trusted(run, tmp_path, trust):
+    """mmengine's checkpoints need unpickling, which torch >= 2.6 refuses by default: DyRepHook allows it
+    for the run's own load_or_resume when ``trust_checkpoint`` (the default), and not otherwise."""
+    import os
+
+    assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ  # nothing global hides the refusal
+    cfg = small_run(run.cfg, tmp_path / "resume", ITERS, INTERVAL, batch_size=BATCH, validate=False,
+                    trust_checkpoint=trust)
+    cfg.resume, cfg.load_from = True, str(run.work_dir / f"iter_{ITERS}.pth")
+    if trust:
+        runner, _ = train(cfg)
+        assert runner.iter == ITERS and api.blocks(runner.model)
+        assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ  # scoped to that one load
+    else:
+        with pytest.raises(Exception, match="(?i)weights.only"):
+            train(cfg)
