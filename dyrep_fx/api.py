@@ -23,12 +23,14 @@ from .passes.base import PassError, PassReport, get_module
 from .tracing import TracedModel, TraceFailure, trace_model
 
 __all__ = ["transform", "sites", "grow", "cut", "fold", "structure", "restore", "blocks", "DyRepState",
-           "STRUCTURE_FORMAT"]
+           "STRUCTURE_FORMAT", "STATE_ATTR", "state_of", "is_transformed", "restore_block", "check_restorable",
+           "apply_structure"]
 
 log = logging.getLogger(__name__)
 
 STRUCTURE_FORMAT = "dyrep_fx.structure/1"
-_STATE_ATTR = "_dyrep_fx"
+#: The attribute (in the module's ``__dict__``, outside its state_dict) holding :class:`DyRepState`.
+STATE_ATTR = "_dyrep_fx"
 
 
 @dataclass
@@ -40,8 +42,14 @@ class DyRepState:
     init_scale: float
 
 
-def _state(model: nn.Module) -> DyRepState:
-    state = model.__dict__.get(_STATE_ATTR)
+def is_transformed(model: nn.Module) -> bool:
+    """Whether :func:`transform` has prepared ``model`` (its state is kept on it)."""
+    return STATE_ATTR in model.__dict__
+
+
+def state_of(model: nn.Module) -> DyRepState:
+    """What :func:`transform` kept on ``model``; a clear error if it was not transformed."""
+    state = model.__dict__.get(STATE_ATTR)
     if state is None:
         raise PassError(f"{type(model).__name__} has not been transformed; call dyrep_fx.transform(model) first")
     return state
@@ -71,12 +79,12 @@ def transform(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    old = model.__dict__.get(_STATE_ATTR)
+    old = model.__dict__.get(STATE_ATTR)
     if old is not None and old.mode != mode:
         raise PassError(f"model was transformed in {old.mode!r} mode; fold it before using {mode!r}")
     inputs = tuple(example_inputs) if example_inputs is not None else None
     traced = trace_model(model, inputs, leaf_modules, concrete_args)
-    model.__dict__[_STATE_ATTR] = DyRepState(traced=traced, mode=mode, init_scale=init_scale)
+    model.__dict__[STATE_ATTR] = DyRepState(traced=traced, mode=mode, init_scale=init_scale)
     found = sites(model)
     log.info("transform %s: %d conv sites, %d eligible, %d untraceable submodules", type(model).__name__,
              len(found), sum(s.eligible for s in found), len(traced.untraceable))
@@ -85,7 +93,7 @@ def transform(
 
 def sites(model: nn.Module) -> list[Site]:
     """Every conv site of a transformed model: name, geometry, calls, shapes, eligible or why not."""
-    state = _state(model)
+    state = state_of(model)
     return passes.analysis.analyse(state.traced, model, state.mode)
 
 
@@ -99,20 +107,20 @@ def grow(model: nn.Module, names: Iterable[str] | None = None, kinds: Iterable[s
 
     The model's function is kept (exactly in online mode; in eval mode in dbb mode). All or nothing.
     """
-    state = _state(model)
+    state = state_of(model)
     report = passes.rep.run(state.traced, model, names=names, kinds=kinds, mode=state.mode,
                             init_scale=state.init_scale)
-    for name, what in report.changed.items():
-        log.info("grow %s: %s", name, what)
+    for name in report.changed:
+        log.info("grow %s: %s", name, report.describe(name))
     return report
 
 
 def cut(model: nn.Module, name: str, kinds: Iterable[str]) -> PassReport:
     """Remove ``kinds`` branches of the block at ``name``, absorbing them exactly into its main kernel."""
-    state = _state(model)
+    state = state_of(model)
     report = passes.dep.run(state.traced, model, cuts={name: list(kinds)})
-    for site, what in report.changed.items():
-        log.info("cut %s: %s", site, what)
+    for site in report.changed:
+        log.info("cut %s: %s", site, report.describe(site))
     return report
 
 
@@ -123,17 +131,17 @@ def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
     which then computes what the grown model computes in eval mode. ``inplace=False`` (default)
     leaves ``model`` as it is and returns a folded deep copy.
     """
-    state = _state(model)
+    state = state_of(model)
     target = model if inplace else copy.deepcopy(model)
     report = passes.fold.run(state.traced, target)
-    target.__dict__.pop(_STATE_ATTR, None)
+    target.__dict__.pop(STATE_ATTR, None)
     log.info("fold %s: %d blocks folded", type(model).__name__, len(report.changed))
     return target
 
 
 def structure(model: nn.Module) -> dict[str, Any]:
     """A JSON-serialisable description of every block of ``model`` (what :func:`restore` rebuilds)."""
-    state = _state(model)
+    state = state_of(model)
     spec_sites: dict[str, Any] = {}
     for name, block in find_blocks(model, outermost=True).items():  # nested ones: in their outer block
         entry = block.structure()
@@ -142,7 +150,9 @@ def structure(model: nn.Module) -> dict[str, Any]:
     return {"format": STRUCTURE_FORMAT, "mode": state.mode, "init_scale": state.init_scale, "sites": spec_sites}
 
 
-def _restore_block(model: nn.Module, name: str, spec: dict[str, Any], mode: str, init_scale: float) -> None:
+def restore_block(model: nn.Module, name: str, spec: dict[str, Any], mode: str, init_scale: float) -> None:
+    """Grow the block described by ``spec`` (kinds, bias, nested blocks) at ``name``, without the
+    eligibility check (e.g. on a frozen EMA copy); branch values are fresh until a state_dict loads."""
     module = get_module(model, name)
     if not isinstance(module, RepConv2d):
         if not isinstance(module, nn.Conv2d):
@@ -152,12 +162,12 @@ def _restore_block(model: nn.Module, name: str, spec: dict[str, Any], mode: str,
     if spec.get("kinds"):
         module.grow([k for k in spec["kinds"] if k not in module.branches])
     if spec.get("bias") and module.bias is None:
-        module._ensure_bias()
+        module.ensure_bias()
     for rel, inner in spec.get("nested", {}).items():
-        _restore_block(module, rel, inner, mode, init_scale)
+        restore_block(module, rel, inner, mode, init_scale)
 
 
-def _check_restorable(model: nn.Module, name: str, entry: dict[str, Any]) -> None:
+def check_restorable(model: nn.Module, name: str, entry: dict[str, Any]) -> None:
     """The site exists, is a 2-D conv, and every kind (nested ones too) applies to its geometry.
 
     Eligibility is not re-checked: it was when the structure grew (a fresh model may not trace as
@@ -196,43 +206,43 @@ def restore(model: nn.Module, spec: dict[str, Any], example_inputs: Sequence[Any
     """
     if spec.get("format") != STRUCTURE_FORMAT:
         raise PassError(f"not a dyrep_fx structure (format {spec.get('format')!r}, expected {STRUCTURE_FORMAT!r})")
-    if _STATE_ATTR not in model.__dict__:
+    if STATE_ATTR not in model.__dict__:
         try:
             transform(model, example_inputs, mode=spec["mode"], init_scale=spec.get("init_scale", 0.01))
         except TraceFailure as exc:
             # Restoring only needs the convs at the named paths; growth eligibility was checked when the
             # structure grew. Keep an empty trace (nothing else grows without example inputs).
             log.warning("restore: %s; restoring the structure without a trace", exc)
-            model.__dict__[_STATE_ATTR] = DyRepState(
+            model.__dict__[STATE_ATTR] = DyRepState(
                 traced=TracedModel(convs={}, untraceable={"": str(exc)}, root_traced=False,
                                    graph_differs_in_eval=False),
                 mode=spec["mode"], init_scale=spec.get("init_scale", 0.01))
-    state = _state(model)
+    state = state_of(model)
     if state.mode != spec["mode"]:
         raise PassError(f"structure is for {spec['mode']!r} mode but the model is in {state.mode!r} mode")
     for name, entry in spec["sites"].items():
-        _check_restorable(model, name, entry)
+        check_restorable(model, name, entry)
     txn = passes.base.Transaction(model)
     try:
-        _apply_structure(model, spec, txn)
+        apply_structure(model, spec, txn)
     except Exception:
         txn.rollback()
         raise
     return model
 
 
-def _apply_structure(model: nn.Module, spec: dict[str, Any], txn: passes.base.Transaction, prefix: str = "") -> None:
+def apply_structure(model: nn.Module, spec: dict[str, Any], txn: passes.base.Transaction, prefix: str = "") -> None:
     """Grow the checked ``spec`` on the transformed ``model``, recording every change in ``txn``.
 
     ``txn`` may belong to a larger model of which ``model`` is the submodule ``prefix``, so that one
     rollback undoes several targets.
     """
-    state = _state(model)
+    state = state_of(model)
     # Branch values are about to be overwritten by a state_dict: don't consume the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         for name, entry in spec["sites"].items():
             original = get_module(model, name)
             txn.save(original)
-            _restore_block(model, name, entry, state.mode, state.init_scale)
+            restore_block(model, name, entry, state.mode, state.init_scale)
             if get_module(model, name) is not original:
                 txn.record_replacement(f"{prefix}.{name}" if prefix else name, original)

@@ -115,6 +115,11 @@ class RepConv2d(nn.Module):
 
     # -- structure -------------------------------------------------------------------------------
     @property
+    def template(self) -> nn.Conv2d:
+        """The conv this block took the place of (its class and hyper-parameters; values are the block's)."""
+        return self.__dict__["_template"]
+
+    @property
     def grown(self) -> bool:
         """True when the block carries at least one branch."""
         return len(self.branches) > 0
@@ -251,7 +256,7 @@ class RepConv2d(nn.Module):
         self._remove_main_scale()
         self.weight.copy_(target[0])
         if target[1] is not None:
-            self._ensure_bias()
+            self.ensure_bias()
             self.bias.copy_(target[1])
 
     @torch.no_grad()
@@ -268,7 +273,7 @@ class RepConv2d(nn.Module):
             self._reset_main_scale()
         self.weight.copy_(w_rest)
         if b_rest is not None:
-            self._ensure_bias()
+            self.ensure_bias()
             self.bias.copy_(b_rest)
         elif self.bias is not None:
             self.bias.zero_()
@@ -361,7 +366,7 @@ class RepConv2d(nn.Module):
         else:
             self.main_bn = nn.BatchNorm2d(self.geometry.out_channels, device=like.device, dtype=like.dtype)
             self.main_bn.train(self.training)
-            self._ensure_bias()
+            self.ensure_bias()
 
     def _reset_main_scale(self) -> None:
         if self.mode == "online":
@@ -378,7 +383,8 @@ class RepConv2d(nn.Module):
         else:
             del self.main_bn
 
-    def _ensure_bias(self) -> None:
+    def ensure_bias(self) -> None:
+        """Give the block a zero bias Parameter if it has none (dbb mode and restored structures need one)."""
         if self.bias is None:
             self.bias = nn.Parameter(torch.zeros(self.geometry.out_channels, device=self.weight.device,
                                                  dtype=self.weight.dtype))

@@ -144,11 +144,11 @@ class DyRep:
         self.roots: dict[str, nn.Module] = {}
         for prefix in ([""] if targets is None else list(targets)):
             root = self.model.get_submodule(prefix) if prefix else self.model
-            if "_dyrep_fx" not in root.__dict__:
+            if not api.is_transformed(root):
                 inputs = example_inputs.get(prefix) if isinstance(example_inputs, dict) else example_inputs
                 api.transform(root, inputs, mode=mode, init_scale=init_scale)
             self.roots[prefix] = root
-        modes = {root.__dict__["_dyrep_fx"].mode for root in self.roots.values()}
+        modes = {api.state_of(root).mode for root in self.roots.values()}
         if len(modes) != 1:
             raise ValueError(f"targets were transformed in different modes: {sorted(modes)}")
         self.mode = modes.pop()
@@ -267,7 +267,7 @@ class DyRep:
                 _, root, local = self._split(name)
                 report = api.grow(root, [local], self._kinds_for(name))
                 if report.changed:
-                    result.grown[name] = report.changed[local].removeprefix("grew ").split(", ")
+                    result.grown[name] = list(report.changed[local])
                     grown_blocks[name] = self.model.get_submodule(name)
                     new_branches[name] = report.details["new_modules"][local]
         for block in grown_blocks.values():
@@ -277,9 +277,9 @@ class DyRep:
             self.births[name] = {"step": self.steps_done, "importance": block.importance()}
         self._sync_ema_growth(result.grown)
         for prefix, root in self.roots.items():
-            cut_report = passes.dep.run(api._state(root).traced, root, cuts=cuts[prefix])
+            cut_report = passes.dep.run(api.state_of(root).traced, root, cuts=cuts[prefix])
             for local, what in cut_report.changed.items():
-                result.cut[self._join(prefix, local)] = what.removeprefix("cut ").split(", ")
+                result.cut[self._join(prefix, local)] = list(what)
         for name in result.cut:
             if not self.model.get_submodule(name).grown:
                 self.births.pop(name, None)
@@ -389,8 +389,8 @@ class DyRep:
     @staticmethod
     def _share_trace(root: nn.Module, ema_root: nn.Module) -> None:
         """An EMA copy has the live target's architecture: reuse its trace instead of tracing again."""
-        if "_dyrep_fx" not in ema_root.__dict__:
-            ema_root.__dict__["_dyrep_fx"] = copy.deepcopy(root.__dict__["_dyrep_fx"])
+        if not api.is_transformed(ema_root):
+            ema_root.__dict__[api.STATE_ATTR] = copy.deepcopy(api.state_of(root))
 
     @torch.no_grad()
     def _sync_ema_growth(self, grown: dict[str, list[str]]) -> None:
@@ -403,7 +403,7 @@ class DyRep:
                 before = old.equivalent() if isinstance(old, RepConv2d) else (old.weight, old.bias)
                 before = tuple(None if t is None else t.detach().clone() for t in before)
                 # EMA copies are often frozen (mmengine's): grow them without the eligibility check.
-                api._restore_block(ema_root, local, {"kinds": kinds}, self.mode, api._state(ema_root).init_scale)
+                api.restore_block(ema_root, local, {"kinds": kinds}, self.mode, api.state_of(ema_root).init_scale)
                 block = ema.get_submodule(name)
                 block.requires_grad_(old.weight.requires_grad)
                 for kind in kinds:
@@ -531,7 +531,7 @@ class DyRep:
                                  f"{api.STRUCTURE_FORMAT!r} in {self.mode!r} mode")
             for name, entry in spec["sites"].items():
                 try:
-                    api._check_restorable(root, name, entry)
+                    api.check_restorable(root, name, entry)
                 except PassError as exc:
                     raise PassError(f"checkpoint structure of {where}: {exc}") from exc
 
@@ -541,7 +541,7 @@ class DyRep:
         txn = Transaction(model)
         try:
             for prefix, spec in structures.items():
-                api._apply_structure(model.get_submodule(prefix) if prefix else model, spec, txn, prefix)
+                api.apply_structure(model.get_submodule(prefix) if prefix else model, spec, txn, prefix)
         except Exception:
             txn.rollback()
             raise

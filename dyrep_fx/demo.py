@@ -227,7 +227,7 @@ def run_variant(variant: str, config: DemoConfig) -> dict[str, Any]:
         log.info("%s epoch %d: loss %.4f, test acc %.4f, %.1f s (CPU %.1f s)", variant, epoch + 1,
                  epochs[-1]["train_loss"], epochs[-1]["test_acc"], seconds, cpu_seconds)
     trained_params = _param_count(model)
-    folded = api.fold(model) if "_dyrep_fx" in model.__dict__ else model
+    folded = api.fold(model) if api.is_transformed(model) else model
     model.eval()
     folded.eval()
     x, _ = next(iter(test_loader))
@@ -251,7 +251,7 @@ def run_variant(variant: str, config: DemoConfig) -> dict[str, Any]:
         "branch_history": ctl.history if ctl is not None else [],
         "total_iterations": total_steps,
         "dyrep_interval": ctl.interval if ctl is not None else None,
-        "final_structure": api.structure(model)["sites"] if "_dyrep_fx" in model.__dict__ else {},
+        "final_structure": api.structure(model)["sites"] if api.is_transformed(model) else {},
     }
 
 

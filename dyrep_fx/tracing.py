@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from .block import RepConv2d
 
-__all__ = ["TracedModel", "trace_model", "TraceFailure"]
+__all__ = ["TracedModel", "ConvUse", "trace_model", "TraceFailure", "conv_modules", "set_training_flags"]
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def _graph_signature(graph: fx.Graph) -> list[tuple[str, str]]:
     return [(n.op, str(n.target)) for n in graph.nodes]
 
 
-def _set_training_flags(model: nn.Module, flags: dict[str, bool] | bool) -> dict[str, bool]:
+def set_training_flags(model: nn.Module, flags: dict[str, bool] | bool) -> dict[str, bool]:
     """Set every module's ``training`` flag directly (no ``train()`` overrides run); return the old ones."""
     old = {name: m.training for name, m in model.named_modules()}
     for name, m in model.named_modules():
@@ -260,12 +260,12 @@ def _runtime_facts(model: nn.Module, example_inputs: tuple, convs: dict[str, Con
             for p in (m.weight, m.bias):
                 if p is not None:
                     owners.setdefault(id(p), name)
-    old = _set_training_flags(model, False)
+    old = set_training_flags(model, False)
     try:
         with torch.no_grad(), watch:
             model(*example_inputs)
     finally:
-        _set_training_flags(model, old)
+        set_training_flags(model, old)
         for h in handles:
             h.remove()
     for name, use in convs.items():
@@ -274,7 +274,7 @@ def _runtime_facts(model: nn.Module, example_inputs: tuple, convs: dict[str, Con
         convs.setdefault(name, ConvUse(runtime_calls=counts.get(name, 0))).weight_used_outside = how
 
 
-def _conv_modules(model: nn.Module) -> dict[str, nn.Module]:
+def conv_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every conv-like module outside re-parameterization blocks (blocks themselves included)."""
     found: dict[str, nn.Module] = {}
     skip: list[str] = []
@@ -340,14 +340,14 @@ def trace_model(
     """
     leaf_types = tuple(leaf_modules)
     modules = dict(model.named_modules())
-    if not _conv_modules(model):
+    if not conv_modules(model):
         raise TraceFailure(f"{type(model).__name__} holds no convolution: nothing to re-parameterize")
     if concrete_args is None:
         concrete_args = _concrete_args_for(model, example_inputs)
     untraceable: dict[str, str] = {}
     convs: dict[str, ConvUse] = {}
     norm_calls: dict[str, int] = {}
-    old = _set_training_flags(model, True)
+    old = set_training_flags(model, True)
     try:
         try:
             graph = _trace_with_leaf_fallback(model, leaf_types, concrete_args, untraceable)
@@ -360,7 +360,7 @@ def trace_model(
         differs = False
         if graph is not None:
             _record_graph(graph, "", modules, convs, norm_calls)
-            _set_training_flags(model, False)
+            set_training_flags(model, False)
             try:
                 eval_graph = _trace_once(model, set(untraceable), leaf_types, concrete_args)
                 differs = _graph_signature(eval_graph) != _graph_signature(graph)
@@ -370,7 +370,7 @@ def trace_model(
                 log.warning("%s traces to a different graph in eval mode than in train mode",
                             type(model).__name__)
     finally:
-        _set_training_flags(model, old)
+        set_training_flags(model, old)
     if example_inputs is not None:
         _runtime_facts(model, tuple(example_inputs), convs)
     if graph is None and not convs:

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..block import RepConv2d
-from ..tracing import ConvUse, TracedModel, _conv_modules
+from ..tracing import ConvUse, TracedModel, conv_modules
 from .base import PassReport
 
 __all__ = ["Site", "MAX_DEPTH", "analyse", "run"]
@@ -61,7 +61,7 @@ class Site:
 
 
 def _describe(name: str, module: nn.Module, depth: int) -> Site:
-    conv = module._template if isinstance(module, RepConv2d) else module
+    conv = module.template if isinstance(module, RepConv2d) else module
     return Site(
         name=name, module_type=type(module).__name__, in_channels=conv.in_channels,
         out_channels=conv.out_channels, kernel_size=tuple(conv.kernel_size), stride=tuple(conv.stride),
@@ -169,13 +169,13 @@ def analyse(traced: TracedModel, model: nn.Module, mode: str = "online") -> list
             for rel, inner in module.inner_convs().items():
                 visit(f"{name}.{rel}", inner, depth + 1)
 
-    for name, module in _conv_modules(model).items():
+    for name, module in conv_modules(model).items():
         visit(name, module, 0)
     return sites
 
 
 def run(traced: TracedModel, model: nn.Module, mode: str = "online") -> PassReport:
-    """The analysis as a pass: eligible sites under ``changed`` (nothing is changed), others skipped."""
+    """The analysis as a pass: eligible sites in ``details['eligible']`` (nothing is changed), others skipped."""
     report = PassReport("analysis")
     sites = analyse(traced, model, mode)
     for site in sites:

@@ -15,18 +15,32 @@ class PassError(ValueError):
     """A pass refused its input; the message names the module and what to do."""
 
 
+#: How each pass's changes read in prose (``str(report)`` and logs only; callers read the data).
+VERBS = {"rep": "grew", "dep": "cut", "fold": "folded", "fuse_bn": "absorbed", "analysis": "eligible"}
+
+
 @dataclass
 class PassReport:
-    """What a pass changed and what it skipped, with the reason for each skip."""
+    """What a pass changed and what it skipped, with the reason for each skip.
+
+    ``changed`` is data: ``{module name: items}``, the branch kinds grown (rep), cut (dep) or folded
+    (fold; empty for a block without branches), or the BatchNorm absorbed (fuse_bn). Prose is made
+    only by :meth:`describe` and ``str()``.
+    """
 
     name: str
-    changed: dict[str, str] = field(default_factory=dict)
+    changed: dict[str, list[str]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
+    def describe(self, module: str) -> str:
+        """One change in words, e.g. ``"grew 1x1, prior"``."""
+        items = self.changed[module]
+        return f"{VERBS.get(self.name, self.name)} {', '.join(items) if items else 'nothing'}"
+
     def __str__(self) -> str:
         lines = [f"{self.name}: {len(self.changed)} changed, {len(self.skipped)} skipped"]
-        lines += [f"  changed {k}: {v}" for k, v in self.changed.items()]
+        lines += [f"  {k}: {self.describe(k)}" for k in self.changed]
         lines += [f"  skipped {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 

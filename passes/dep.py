@@ -109,7 +109,7 @@ def run(
             block = get_module(model, name)
             txn.save(block)
             block.cut(todo[name])
-            report.changed[name] = "cut " + ", ".join(todo[name])
+            report.changed[name] = list(todo[name])
     except Exception:
         txn.rollback()
         raise

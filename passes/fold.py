@@ -26,7 +26,7 @@ def run(traced: TracedModel, model: nn.Module) -> PassReport:
     absorb: dict[str, str] = {}
     for name in names:
         block = get_module(model, name)
-        if block._template.bias is None and block.bias is not None:
+        if block.template.bias is None and block.bias is not None:
             use = traced.convs.get(name)
             if use is None or use.next_bn is None:
                 raise PassError(f"block {name!r} carries a bias its original conv lacks and does not feed "
@@ -44,8 +44,9 @@ def run(traced: TracedModel, model: nn.Module) -> PassReport:
                     bn.running_mean.sub_(conv.bias)
                 conv.bias = None
             txn.replace(name, conv)
-            report.changed[name] = f"folded {block.kinds or 'un-grown block'}" + (
-                f"; bias absorbed into {absorb[name]}" if name in absorb else "")
+            report.changed[name] = list(block.kinds)
+            if name in absorb:
+                report.details.setdefault("bias_absorbed_into", {})[name] = absorb[name]
     except Exception:
         txn.rollback()
         raise

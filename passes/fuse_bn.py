@@ -54,7 +54,7 @@ def run(traced: TracedModel, model: nn.Module) -> PassReport:
                 else:
                     conv.bias.copy_(b)
             txn.replace(use.next_bn, nn.Identity())
-            report.changed[name] = f"absorbed {use.next_bn}"
+            report.changed[name] = [use.next_bn]
     except Exception:
         txn.rollback()
         raise

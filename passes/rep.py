@@ -81,7 +81,7 @@ def run(
                 module = RepConv2d(module, mode=mode, init_scale=init_scale)
                 txn.replace(name, module)
             new_modules[name] = module.grow(site_kinds)
-            report.changed[name] = "grew " + ", ".join(site_kinds)
+            report.changed[name] = list(site_kinds)
     except Exception:
         txn.rollback()
         raise

@@ -58,7 +58,7 @@ def snapshot(model: nn.Module) -> dict:
         "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "params": [(n, id(p), p.requires_grad) for n, p in model.named_parameters()],
         "training": [(n, m.training) for n, m in model.named_modules()],
-        "dyrep": model.__dict__.get("_dyrep_fx"),
+        "dyrep": model.__dict__.get(dyrep_fx.api.STATE_ATTR),
     }
 
 
@@ -181,7 +181,8 @@ def test_grow_with_names_and_kinds():
     ref = run_eval(model, X)
     dyrep_fx.transform(model)
     report = dyrep_fx.grow(model, ["layer1.0.conv1", "layer3.1.conv2"], ["1x1", "prior"])
-    assert report.changed == {"layer1.0.conv1": "grew 1x1, prior", "layer3.1.conv2": "grew 1x1, prior"}
+    assert report.changed == {"layer1.0.conv1": ["1x1", "prior"], "layer3.1.conv2": ["1x1", "prior"]}
+    assert report.describe("layer1.0.conv1") == "grew 1x1, prior"
     assert set(dyrep_fx.blocks(model)) == {"layer1.0.conv1", "layer3.1.conv2"}
     assert model.layer1[0].conv1.kinds == ["1x1", "prior"]
     site = next(s for s in dyrep_fx.sites(model) if s.name == "layer1.0.conv1")
@@ -223,7 +224,8 @@ def test_cut():
     randomise_scales(model)
     ref = run_eval(model, X)
     report = dyrep_fx.cut(model, "layer1.0.conv1", ["1x1", "prior"])
-    assert report.changed == {"layer1.0.conv1": "cut 1x1, prior"}
+    assert report.changed == {"layer1.0.conv1": ["1x1", "prior"]}
+    assert "layer1.0.conv1: cut 1x1, prior" in str(report)
     assert model.layer1[0].conv1.kinds == ["1x1_kxk", "1x1_avg", "1xk", "kx1", "identity"]
     assert rel(run_eval(model, X), ref) <= TOL
     # cutting every branch leaves an un-grown block with the original keys
@@ -294,7 +296,7 @@ def test_untraceable_submodule_becomes_leaf_and_its_convs_are_ineligible():
     randomise_bns(model)
     ref = run_eval(model, X)
     dyrep_fx.transform(model)
-    state = model.__dict__["_dyrep_fx"]
+    state = dyrep_fx.api.state_of(model)
     assert state.traced.root_traced and set(state.traced.untraceable) == {"gate"}
     found = {s.name: s for s in dyrep_fx.sites(model)}
     assert not found["gate.conv"].eligible
@@ -468,13 +470,13 @@ class TrainSwitch(nn.Module):
 def test_graph_that_differs_between_train_and_eval_is_reported():
     model = TrainSwitch()
     dyrep_fx.transform(model)
-    state = model.__dict__["_dyrep_fx"]
+    state = dyrep_fx.api.state_of(model)
     assert state.traced.graph_differs_in_eval is True
     report = dyrep_fx.passes.analysis.run(state.traced, model)
     assert report.details["graph_differs_in_eval"] is True
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5))
     dyrep_fx.transform(plain)
-    assert plain.__dict__["_dyrep_fx"].traced.graph_differs_in_eval is False
+    assert dyrep_fx.api.state_of(plain).traced.graph_differs_in_eval is False
 
 
 # -- the user's model object stays the user's -----------------------------------------------------------
@@ -520,7 +522,7 @@ def test_fold_not_inplace_leaves_grown_model_intact():
     # the grown model can still be used: grow more, fold again
     dyrep_fx.grow(model, ["layer2.0.conv1"])
     assert rel(run_eval(model, X), ref) <= TOL
-    assert "_dyrep_fx" not in deploy.__dict__
+    assert not dyrep_fx.api.is_transformed(deploy)
 
 
 def test_fold_inplace_returns_the_same_object():

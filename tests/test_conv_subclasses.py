@@ -236,7 +236,7 @@ def test_weight_standardised_conv_is_refused_and_left_untouched(cls, mode, bias)
     with pytest.raises(TypeError, match=cls.__name__):
         RepConv2d(model.conv)
     # Nor is BatchNorm fused into it: the fused kernel would be standardised again.
-    report = fuse_bn.run(model.__dict__["_dyrep_fx"].traced, model)
+    report = fuse_bn.run(dyrep_fx.api.state_of(model).traced, model)
     assert not report.changed and cls.__name__ in report.skipped["conv"]
     assert_untouched(model, before)
 

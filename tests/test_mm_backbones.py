@@ -152,7 +152,7 @@ def test_with_cp_bottlenecks_become_untraceable_leaves():
     randomise(model, seed=1, branch_bound=0.3)
     ref = features(model)
     dyrep_fx.transform(model)
-    traced = model.__dict__["_dyrep_fx"].traced
+    traced = dyrep_fx.api.state_of(model).traced
     blocks = [f"layer{i}.{j}" for i, n in enumerate((3, 4, 6, 3), start=1) for j in range(n)]
     assert traced.root_traced and sorted(traced.untraceable) == sorted(blocks)
     assert all("control flow" in why for why in traced.untraceable.values())

@@ -176,7 +176,7 @@ class DynamicRoot(nn.Module):
 def test_forest_plus_run_time_counts_find_the_shared_conv():
     model = DynamicRoot()
     dyrep_fx.transform(model, example_inputs=(X,))
-    state = model.__dict__["_dyrep_fx"]
+    state = dyrep_fx.api.state_of(model)
     assert not state.traced.root_traced
     found = sites_by_name(model)
     assert found["a.0"].eligible and found["b.0"].eligible
@@ -380,7 +380,7 @@ def test_convs_inside_untraceable_code_are_sites_with_example_inputs():
     x = X.double()
     dyrep_fx.transform(model, example_inputs=(x,))
     found = sites_by_name(model)
-    assert "body" in model.__dict__["_dyrep_fx"].traced.untraceable
+    assert "body" in dyrep_fx.api.state_of(model).traced.untraceable
     assert found["body.conv"].eligible and found["body.conv"].calls == 2
     assert found["body.other"].eligible and found["body.other"].calls == 1
     assert all("example_inputs" not in (s.reason or "") for s in found.values())

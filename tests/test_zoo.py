@@ -201,7 +201,7 @@ def _growth_names(name: str, model: nn.Module) -> list[str] | None:
 
 
 def _check_untraceable_reported(model: nn.Module) -> None:
-    state = model.__dict__["_dyrep_fx"]
+    state = dyrep_fx.api.state_of(model)
     for site in dyrep_fx.sites(model):
         leaf = state.traced.leaf_containing(site.name)
         if leaf is not None:
@@ -226,7 +226,7 @@ def _run(name: str, mode: str, info: dict[str, Any]) -> None:
         assert msg and "Traceback" not in msg and len(msg.splitlines()) <= 3, msg
         info.update(traced=False, reason=f"{type(exc).__name__}: {msg}")
         return
-    state = model.__dict__["_dyrep_fx"]
+    state = dyrep_fx.api.state_of(model)
     found = dyrep_fx.sites(model)
     eligible = [s for s in found if s.eligible]
     info.update(

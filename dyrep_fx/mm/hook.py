@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 from .. import api
 from ..controller import DYREP_KINDS, DyRep
 from ..saliency import DEFAULT_METRIC
-from ..tracing import _set_training_flags
+from ..tracing import set_training_flags
 from .checkpoint import mmengine_checkpoint_loading
 
 __all__ = ["DyRepHook", "capture_target_inputs", "is_resuming", "scope_checkpoint_loading"]
@@ -84,12 +84,12 @@ def capture_target_inputs(model: nn.Module, batch: Any, targets: Sequence[str],
             module = model.get_submodule(name)
             patched.append((module, module.__dict__.get("forward")))
             module.forward = _recording_forward(module.forward, name, captured)
-        flags = _set_training_flags(model, False)
+        flags = set_training_flags(model, False)
         try:
             with torch.no_grad():
                 forward_fn(model, batch)
         finally:
-            _set_training_flags(model, flags)
+            set_training_flags(model, flags)
     finally:
         for module, own in reversed(patched):
             if own is None:
@@ -430,6 +430,6 @@ def fold_targets(model: nn.Module, targets: Sequence[str]) -> nn.Module:
     deploy = copy.deepcopy(_unwrap(model))
     for name in targets:
         target = deploy.get_submodule(name)
-        if "_dyrep_fx" in target.__dict__:
+        if api.is_transformed(target):
             api.fold(target, inplace=True)
     return deploy

@@ -137,7 +137,7 @@ def test_with_cp_backbone_blocks_are_untraceable_but_their_convs_grow(fashion_se
     run = train(cfg)
     assert all(b.with_cp for layer in (run.runner.model.backbone.layer1, run.runner.model.backbone.layer4)
                for b in layer)
-    traced = run.runner.model.backbone.__dict__["_dyrep_fx"].traced
+    traced = api.state_of(run.runner.model.backbone).traced
     assert "layer1.0" in traced.untraceable and "control flow" in traced.untraceable["layer1.0"]
     sites = run.hook.controller.sites()
     in_blocks = [s for s in sites if s.name.startswith("backbone.layer") and s.depth == 0]

@@ -94,9 +94,10 @@ def test_fold_is_exact_and_restores_the_original_architecture(mode):
 def test_fold_report_names_the_absorbing_bn():
     model, _ = build("dbb")
     dyrep_fx.grow(model, ["c1", "c3"], ["1x1"])
-    report = fold.run(model.__dict__["_dyrep_fx"].traced, model)
+    report = fold.run(dyrep_fx.api.state_of(model).traced, model)
     assert report.name == "fold"
-    assert report.changed == {"c1": "folded ['1x1']; bias absorbed into bn1", "c3": "folded ['1x1']"}
+    assert report.changed == {"c1": ["1x1"], "c3": ["1x1"]}
+    assert report.details["bias_absorbed_into"] == {"c1": "bn1"}
     assert type(model.c1) is nn.Conv2d and model.c1.bias is None
 
 
@@ -124,8 +125,9 @@ def test_fold_nested_and_partly_cut_blocks():
     dyrep_fx.cut(model, "c2", model.c2.kinds)  # an un-grown block
     randomise(model, seed=2)
     ref = out(model)
-    report = fold.run(model.__dict__["_dyrep_fx"].traced, model)
-    assert set(report.changed) == {"c1", "c2"} and "un-grown" in report.changed["c2"]
+    report = fold.run(dyrep_fx.api.state_of(model).traced, model)
+    assert set(report.changed) == {"c1", "c2"} and report.changed["c2"] == []
+    assert report.describe("c2") == "folded nothing"
     assert not dyrep_fx.blocks(model) and list(model.state_dict()) == keys
     assert rel(out(model), ref) <= TOL
 

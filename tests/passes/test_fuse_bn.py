@@ -43,11 +43,11 @@ def test_fuse_bn_on_folded_resnet18(mode):
     ref = out(model, x)
     folded = dyrep_fx.fold(model)
     with pytest.raises(PassError, match="folded model"):
-        fuse_bn.run(model.__dict__["_dyrep_fx"].traced, model)  # the grown model is refused
+        fuse_bn.run(dyrep_fx.api.state_of(model).traced, model)  # the grown model is refused
     report = fuse_bn.run(trace_model(folded), folded)
     assert report.name == "fuse_bn" and len(report.changed) == 20 and not report.skipped
-    assert report.changed["conv1"] == "absorbed bn1"
-    assert report.changed["layer2.0.downsample.0"] == "absorbed layer2.0.downsample.1"
+    assert report.changed["conv1"] == ["bn1"]
+    assert report.changed["layer2.0.downsample.0"] == ["layer2.0.downsample.1"]
     assert not any(isinstance(m, _BatchNorm) for m in folded.modules())
     assert isinstance(folded.bn1, nn.Identity) and isinstance(folded.layer2[0].downsample[1], nn.Identity)
     assert all(m.bias is not None for m in folded.modules() if isinstance(m, nn.Conv2d))
@@ -80,7 +80,7 @@ def test_fuse_bn_skips_what_it_cannot_fuse():
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     ref = out(model, x)
     report = fuse_bn.run(trace_model(model), model)
-    assert report.changed == {"fused": "absorbed bn"}
+    assert report.changed == {"fused": ["bn"]} and report.describe("fused") == "absorbed bn"
     assert "does not feed only a BatchNorm" in report.skipped["to_relu"]
     assert "more than once" in report.skipped["twice_a"] and "more than once" in report.skipped["twice_b"]
     assert "no running statistics" in report.skipped["no_stats"]

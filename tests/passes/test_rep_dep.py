@@ -52,7 +52,7 @@ def rel(a, b) -> float:
 
 
 def traced(model: nn.Module):
-    return model.__dict__["_dyrep_fx"].traced
+    return dyrep_fx.api.state_of(model).traced
 
 
 # -- rep ------------------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def test_rep_run_report_and_new_modules(mode):
     ref = out(model)
     report = rep.run(traced(model), model, names=["a", "pw"], mode=mode, init_scale=0.05)
     assert report.name == "rep"
-    assert report.changed == {"a": "grew 1x1, 1x1_kxk, 1x1_avg, 1xk, kx1, prior", "pw": "grew 1x1_kxk"}
+    assert report.changed == {"a": ["1x1", "1x1_kxk", "1x1_avg", "1xk", "kx1", "prior"], "pw": ["1x1_kxk"]}
     new = report.details["new_modules"]
     assert [b.kind for b in new["a"]] == ["1x1", "1x1_kxk", "1x1_avg", "1xk", "kx1", "prior"]
     assert all(b.mode == mode for b in new["a"] + new["pw"])
@@ -142,7 +142,7 @@ def test_dep_run_with_criterion(mode):
     kept_1xk = model.a.branches["1xk"].gamma().detach().clone()
     report = dep.run(traced(model), model)
     assert report.name == "dep"
-    assert report.changed == {"a": "cut 1x1, 1x1_avg"}  # b's branches all have the same importance
+    assert report.changed == {"a": ["1x1", "1x1_avg"]}  # b's branches all have the same importance
     assert report.details["importance"]["a"]["1x1"] == pytest.approx(0.01)
     assert report.details["importance"]["b"] == {k: pytest.approx(0.01) for k in model.b.kinds}
     assert model.a.kinds == ["1x1_kxk", "1xk", "kx1", "prior"]
