@@ -12,7 +12,14 @@ Pipeline: trace (:mod:`dyrep_fx.tracing`) -> analyse (``passes.analysis``) -> gr
 
 import logging
 
-from . import passes
+try:
+    from . import passes
+except ImportError as exc:  # an uninstalled checkout: passes/ becomes dyrep_fx.passes only when installed
+    if "passes" not in str(exc):
+        raise
+    raise ImportError("dyrep_fx.passes is not importable: the graph passes live in the repository's passes/ "
+                      "folder and install as dyrep_fx.passes; install the project with `pip install -e .` "
+                      "(or `make env`) instead of running it from the checkout") from exc
 from .api import blocks, cut, fold, grow, restore, sites, structure, transform
 from .block import MODES, RepConv2d
 from .controller import DyRep, StepResult

@@ -38,3 +38,18 @@ def test_no_module_reaches_into_another_modules_private_parts():
                     continue
                 found.append(f"{path.relative_to(ROOT)}:{lineno}: {owner}.{attr}")
     assert not found, found
+
+
+def test_an_uninstalled_checkout_says_how_to_install(tmp_path):
+    """``passes/`` becomes ``dyrep_fx.passes`` only when installed; without that, say so (not a circular import)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+
+    shutil.copytree(ROOT / "dyrep_fx", tmp_path / "dyrep_fx")
+    site = str(Path(torch.__file__).resolve().parents[1])  # site-packages, without the editable finder (-S)
+    proc = subprocess.run([sys.executable, "-S", "-c", "import dyrep_fx"], cwd=tmp_path, capture_output=True,
+                          text=True, env={"PYTHONPATH": f"{tmp_path}:{site}"}, timeout=120)
+    assert proc.returncode != 0 and "pip install -e ." in proc.stderr, proc.stderr[-2000:]
