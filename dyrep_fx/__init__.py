@@ -23,7 +23,7 @@ except ImportError as exc:  # an uninstalled checkout: passes/ becomes dyrep_fx.
 from .api import blocks, cut, fold, grow, restore, sites, structure, transform
 from .block import MODES, RepConv2d
 from .controller import DyRep, StepResult
-from .geometry import BRANCH_KINDS, DBB_KINDS, OREPA_KINDS
+from .geometry import BRANCH_KINDS, DBB_KINDS, DYREP_KINDS, OREPA_KINDS
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -31,5 +31,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "transform", "sites", "grow", "cut", "fold", "structure", "restore", "blocks",
-    "DyRep", "StepResult", "RepConv2d", "MODES", "BRANCH_KINDS", "DBB_KINDS", "OREPA_KINDS", "passes", "__version__",
+    "DyRep", "StepResult", "RepConv2d", "MODES", "BRANCH_KINDS", "DBB_KINDS", "DYREP_KINDS", "OREPA_KINDS", "passes", "__version__",
 ]

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import passes
 from .block import MODES, RepConv2d, find_blocks
+from .defaults import INIT_SCALE
 from .geometry import ConvGeometry
 from .passes.analysis import Site
 from .passes.base import PassError, PassReport, get_module
@@ -60,7 +61,7 @@ def transform(
     example_inputs: Sequence[Any] | None = None,
     mode: str = "online",
     *,
-    init_scale: float = 0.01,
+    init_scale: float = INIT_SCALE,
     leaf_modules: Iterable[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
 ) -> nn.Module:
@@ -208,7 +209,7 @@ def restore(model: nn.Module, spec: dict[str, Any], example_inputs: Sequence[Any
         raise PassError(f"not a dyrep_fx structure (format {spec.get('format')!r}, expected {STRUCTURE_FORMAT!r})")
     if STATE_ATTR not in model.__dict__:
         try:
-            transform(model, example_inputs, mode=spec["mode"], init_scale=spec.get("init_scale", 0.01))
+            transform(model, example_inputs, mode=spec["mode"], init_scale=spec.get("init_scale", INIT_SCALE))
         except TraceFailure as exc:
             # Restoring only needs the convs at the named paths; growth eligibility was checked when the
             # structure grew. Keep an empty trace (nothing else grows without example inputs).
@@ -216,7 +217,7 @@ def restore(model: nn.Module, spec: dict[str, Any], example_inputs: Sequence[Any
             model.__dict__[STATE_ATTR] = DyRepState(
                 traced=TracedModel(convs={}, untraceable={"": str(exc)}, root_traced=False,
                                    graph_differs_in_eval=False),
-                mode=spec["mode"], init_scale=spec.get("init_scale", 0.01))
+                mode=spec["mode"], init_scale=spec.get("init_scale", INIT_SCALE))
     state = state_of(model)
     if state.mode != spec["mode"]:
         raise PassError(f"structure is for {spec['mode']!r} mode but the model is in {state.mode!r} mode")

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from . import conv_classes, kernels
 from .assembly import assemble_kernel
 from .branches import Branch, make_branch
+from .defaults import INIT_SCALE
 from .geometry import BRANCH_KINDS, ConvGeometry
 from .plan import run_composed_as_convs
 
@@ -52,7 +53,7 @@ class RepConv2d(nn.Module):
         init_scale: initial per-channel scale of new branches (``scale`` or last-BN gamma; DyRep: 0.01).
     """
 
-    def __init__(self, conv: nn.Conv2d, mode: str = "online", init_scale: float = 0.01) -> None:
+    def __init__(self, conv: nn.Conv2d, mode: str = "online", init_scale: float = INIT_SCALE) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

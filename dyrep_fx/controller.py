@@ -41,16 +41,15 @@ from torch import nn
 from . import api, passes
 from .block import RepConv2d
 from .calibration import calibrate_batchnorms, default_forward
+from .defaults import INIT_SCALE, STD_GATE, THRESHOLD
 from .distributed import broadcast_module, check_same_on_all_ranks
+from .geometry import DYREP_KINDS
 from .optim_sync import GroupChooser, apply_layout, default_group, layout, sync_optimizer
 from .passes.base import PassError, Transaction
 from .saliency import DEFAULT_METRIC, SaliencyCollector, Scorer, metric_name
 
 __all__ = ["DyRep", "StepResult", "DYREP_KINDS", "NESTED_POLICIES"]
 
-#: The branch set of DyRep's DBB variant (the main kxk is the block's own kernel); OREPA's
-#: ``prior`` is opt-in through ``kinds=``.
-DYREP_KINDS: tuple[str, ...] = ("1x1", "1x1_kxk", "1x1_avg", "1xk", "kx1", "identity")
 
 #: How inner kxk convs of grown branches become candidates (see the module docstring).
 NESTED_POLICIES: tuple[str, ...] = ("gated", "open", "off")
@@ -124,15 +123,15 @@ class DyRep:
         metric: str | Scorer = DEFAULT_METRIC,
         nested: str = "gated",
         pointwise: bool = False,
-        std_gate: float = 0.02,
-        threshold: float = 0.1,
+        std_gate: float = STD_GATE,
+        threshold: float = THRESHOLD,
         calib_loader: Iterable | None = None,
         calib_batches: int = 20,
         forward_fn: Callable[[nn.Module, Any], Any] = default_forward,
         group_chooser: GroupChooser = default_group,
         seed: int = 0,
         mode: str = "online",
-        init_scale: float = 0.01,
+        init_scale: float = INIT_SCALE,
         example_inputs: tuple | dict[str, tuple] | None = None,
         targets: Iterable[str] | None = None,
     ) -> None:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from . import kernels
 from .conv_classes import SAME_FROM_INPUT, padding_rule
 
-__all__ = ["ConvGeometry", "BRANCH_KINDS", "DBB_KINDS", "OREPA_KINDS"]
+__all__ = ["ConvGeometry", "BRANCH_KINDS", "DBB_KINDS", "OREPA_KINDS", "DYREP_KINDS"]
 
 #: Every branch kind, in the order blocks build and report them.
 BRANCH_KINDS: tuple[str, ...] = ("1x1", "1x1_kxk", "1x1_avg", "1xk", "kx1", "identity", "prior")
@@ -27,6 +27,9 @@ BRANCH_KINDS: tuple[str, ...] = ("1x1", "1x1_kxk", "1x1_avg", "1xk", "kx1", "ide
 DBB_KINDS: tuple[str, ...] = ("1x1", "1x1_kxk", "1x1_avg")
 #: OREPA's linear branch set (DBB's plus the frequency prior).
 OREPA_KINDS: tuple[str, ...] = ("1x1", "1x1_kxk", "1x1_avg", "prior")
+#: The branch set of DyRep's DBB variant (the main kxk is the block's own kernel), what ``DyRep`` grows;
+#: OREPA's ``prior`` is opt-in through ``kinds=``.
+DYREP_KINDS: tuple[str, ...] = ("1x1", "1x1_kxk", "1x1_avg", "1xk", "kx1", "identity")
 
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..block import find_blocks
+from ..defaults import STD_GATE, THRESHOLD
 from ..tracing import TracedModel
 from .base import PassError, PassReport, Transaction, get_module
 
@@ -34,7 +35,7 @@ class Verdict:
         return {"cut": list(self.cut), "std": self.std, "reason": self.reason}
 
 
-def judge(importance: Mapping[str, float], std_gate: float = 0.02, threshold: float = 0.1) -> Verdict:
+def judge(importance: Mapping[str, float], std_gate: float = STD_GATE, threshold: float = THRESHOLD) -> Verdict:
     """DyRep's criterion on one block: kinds whose importance is below the mean and ``threshold``.
 
     Nothing is cut while the importances are not spread out (unbiased std <= ``std_gate``), which
@@ -53,20 +54,20 @@ def judge(importance: Mapping[str, float], std_gate: float = 0.02, threshold: fl
     return Verdict(cut, std, f"below both the mean {mean:.3g} and the threshold {threshold:g}")
 
 
-def select_cuts(importance: Mapping[str, float], std_gate: float = 0.02, threshold: float = 0.1) -> list[str]:
+def select_cuts(importance: Mapping[str, float], std_gate: float = STD_GATE, threshold: float = THRESHOLD) -> list[str]:
     """The kinds :func:`judge` cuts from one block."""
     return judge(importance, std_gate, threshold).cut
 
 
-def judge_blocks(model: nn.Module, std_gate: float = 0.02, threshold: float = 0.1,
+def judge_blocks(model: nn.Module, std_gate: float = STD_GATE, threshold: float = THRESHOLD,
                  protect: Sequence[str] = ()) -> dict[str, Verdict]:
     """:func:`judge` on every block of ``model`` except those in ``protect``."""
     return {name: judge(b.importance(), std_gate, threshold) for name, b in find_blocks(model).items()
             if name not in protect}
 
 
-def plan(model: nn.Module, cuts: Mapping[str, Sequence[str]] | None = None, std_gate: float = 0.02,
-         threshold: float = 0.1, protect: Sequence[str] = ()) -> dict[str, list[str]]:
+def plan(model: nn.Module, cuts: Mapping[str, Sequence[str]] | None = None, std_gate: float = STD_GATE,
+         threshold: float = THRESHOLD, protect: Sequence[str] = ()) -> dict[str, list[str]]:
     """Which kinds to cut where: ``cuts`` checked against the model, or the criterion's choice.
 
     The criterion skips the blocks named in ``protect`` (e.g. those grown a moment ago).
@@ -91,8 +92,8 @@ def run(
     model: nn.Module,
     *,
     cuts: Mapping[str, Sequence[str]] | None = None,
-    std_gate: float = 0.02,
-    threshold: float = 0.1,
+    std_gate: float = STD_GATE,
+    threshold: float = THRESHOLD,
     protect: Sequence[str] = (),
 ) -> PassReport:
     """Cut ``cuts`` (``{site: kinds}``), or what the criterion selects; exact in eval mode, all or nothing.

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from torch import nn
 
 from ..block import RepConv2d
+from ..defaults import INIT_SCALE
 from ..tracing import TracedModel
 from .analysis import Site, analyse
 from .base import PassError, PassReport, Transaction, get_module
@@ -63,7 +64,7 @@ def run(
     names: Iterable[str] | None = None,
     kinds: Iterable[str] | None = None,
     mode: str = "online",
-    init_scale: float = 0.01,
+    init_scale: float = INIT_SCALE,
 ) -> PassReport:
     """Grow ``kinds`` at ``names`` (see :func:`plan`); all or nothing."""
     todo = plan(analyse(traced, model, mode), names, kinds)

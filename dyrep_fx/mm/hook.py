@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 
 from .. import api
 from ..controller import DYREP_KINDS, DyRep
+from ..defaults import INIT_SCALE, STD_GATE, THRESHOLD
 from ..saliency import DEFAULT_METRIC
 from ..tracing import set_training_flags
 from .checkpoint import mmengine_checkpoint_loading
@@ -227,12 +228,12 @@ class DyRepHook(Hook):
         topk: int = 1,
         kinds: Sequence[str] | None = DYREP_KINDS,
         mode: str = "online",
-        init_scale: float = 0.01,
+        init_scale: float = INIT_SCALE,
         metric: str = DEFAULT_METRIC,
         nested: str = "gated",
         pointwise: bool = False,
-        std_gate: float = 0.02,
-        threshold: float = 0.1,
+        std_gate: float = STD_GATE,
+        threshold: float = THRESHOLD,
         calib_batches: int = 20,
         seed: int = 0,
         deploy: bool = True,
