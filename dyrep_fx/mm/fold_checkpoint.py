@@ -21,7 +21,7 @@ from .. import api
 from .checkpoint import load_mmengine_checkpoint
 from .hook import STATE_KEY, fold_targets
 
-__all__ = ["build_model_from_config", "fold_checkpoint"]
+__all__ = ["build_model_from_config", "fold_checkpoint", "weights_of"]
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,20 @@ def build_model_from_config(config: str | Config) -> nn.Module:
     return MODELS.build(cfg.model)
 
 
-def _ema_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
+def weights_of(checkpoint: dict, use_ema: bool) -> dict[str, torch.Tensor]:
+    """The live model's weights of an mmengine checkpoint, or with ``use_ema`` its EMA weights.
+
+    mmengine's ``EMAHook`` swaps them when it saves: the checkpoint's ``state_dict`` holds the EMA
+    weights (ready for evaluation) and ``ema_state_dict`` holds the live model's, under ``module.``
+    next to a ``steps`` counter.
+    """
     ema = checkpoint.get("ema_state_dict")
     if ema is None:
-        raise ValueError("the checkpoint holds no EMA weights (no 'ema_state_dict'; was EMAHook in the config?)")
-    # mmengine's ExponentialMovingAverage keeps the model under 'module.' plus a 'steps' counter.
+        if use_ema:
+            raise ValueError("the checkpoint holds no EMA weights (no 'ema_state_dict'; was EMAHook in the config?)")
+        return checkpoint["state_dict"]
+    if use_ema:
+        return checkpoint["state_dict"]
     return {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
 
 
@@ -54,7 +63,7 @@ def fold_checkpoint(config: str, checkpoint: str, out: str, use_ema: bool = Fals
     structures = state["structures"]
     for target, spec in structures.items():
         api.restore(model.get_submodule(target) if target else model, spec)
-    weights = _ema_state_dict(ckpt) if use_ema else ckpt["state_dict"]
+    weights = weights_of(ckpt, use_ema)
     model.load_state_dict(weights, strict=True)
     model.eval()
     deploy = fold_targets(model, list(structures))

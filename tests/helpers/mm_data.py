@@ -174,9 +174,10 @@ def load_deploy(path: Path) -> dict[str, torch.Tensor]:
     return ckpt["state_dict"]
 
 
-def assert_fold_command_equals_deploy(config: str, work_dir: Path, iters: int, out: Path) -> None:
-    """``dyrep-fx fold`` on the run's last checkpoint, in a fresh process without any unsafe-loading
-    switch in its environment (the command scopes its own), gives exactly the hook's deploy file."""
+def assert_fold_command_equals_deploy(config: str, work_dir: Path, iters: int, out: Path, ema: bool = False) -> None:
+    """``dyrep-fx fold`` (``--ema``) on the run's last checkpoint, in a fresh process without any
+    unsafe-loading switch in its environment (the command scopes its own), gives exactly the hook's
+    deploy file (its EMA deploy file)."""
     import subprocess
     import sys
 
@@ -184,9 +185,11 @@ def assert_fold_command_equals_deploy(config: str, work_dir: Path, iters: int, o
 
     ckpt = work_dir / f"iter_{iters}.pth"
     proc = subprocess.run([sys.executable, "-m", "dyrep_fx.cli", "fold", str(CONFIG_DIR / config), str(ckpt),
-                           "-o", str(out)], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+                           "-o", str(out), *(["--ema"] if ema else [])], cwd=ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    folded, deploy = load_deploy(out), load_deploy(work_dir / "dyrep_deploy.pth")
+    folded = load_deploy(out)
+    deploy = load_deploy(work_dir / ("ema_dyrep_deploy.pth" if ema else "dyrep_deploy.pth"))
     assert list(folded) == list(deploy)
     for key in deploy:
         torch.testing.assert_close(folded[key], deploy[key], rtol=0, atol=0, msg=key)

@@ -80,6 +80,8 @@ def test_dyrep_grows_during_training_with_finite_loss(run):
     assert head and all(s.eligible and s.calls == 5 for s in head), [(s.name, s.calls, s.reason) for s in head]
     published = run.runner.message_hub.get_scalar("train/dyrep_blocks").current()
     assert published == sum(b.grown for b in blocks.values())
+    branches = run.runner.message_hub.get_scalar("train/dyrep_branches").current()
+    assert branches == sum(len(b.kinds) for b in blocks.values()) and branches >= published
     losses = [it["loss"] for it in run.recorder.iters]
     assert len(losses) == ITERS and all(math.isfinite(v) for v in losses), losses
     history = run.runner.message_hub.get_scalar("train/loss").data[0]
@@ -196,6 +198,16 @@ def test_ema_hook_takes_every_growth(run, tmp_path, targets):
     assert all(not p.requires_grad for p in ema.parameters())
     plain = build_model(without_dyrep(cfg))
     plain.load_state_dict(load_deploy(Path(cfg.work_dir) / "ema_dyrep_deploy.pth"), strict=True)
+    # the EMA deploy file computes what the grown EMA model computes
+    batch = next(iter(runner.train_dataloader))
+    plain.data_preprocessor = ema.data_preprocessor
+    for got, ref in zip(tensor_outputs(plain, batch), tensor_outputs(ema, batch)):
+        assert (got - ref).abs().max() <= RTOL * ref.abs().max() + ATOL_FRACTION * ref.abs().max()
+    # and `dyrep-fx fold --ema` on the last checkpoint writes exactly that file; without --ema, the live
+    # model's (mmengine's EMAHook saves the EMA weights as the checkpoint's state_dict, the live ones aside)
+    if targets == ["backbone", "neck"]:
+        assert_fold_command_equals_deploy(CONFIG, Path(cfg.work_dir), 2, tmp_path / "ema_folded.pth", ema=True)
+        assert_fold_command_equals_deploy(CONFIG, Path(cfg.work_dir), 2, tmp_path / "live_folded.pth")
 
 
 @pytest.mark.parametrize("trust", [True, False])
