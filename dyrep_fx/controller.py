@@ -448,21 +448,14 @@ class DyRep:
         births = self.births
         try:
             apply_layout(self.optimizer, self.model, state["optimizer_layout"])
-            for ema in self._emas:
-                for prefix in structures:
-                    self._share_trace(self.roots[prefix], ema.get_submodule(prefix) if prefix else ema)
-                undo.append(self._restore_on(ema, structures))
+            self._restore_on_emas(structures, undo)
             self.births = dict(state.get("births", {}))
             # The watched set as saved: the nesting gate reads branch values not loaded yet.
             growable = {s.name for s in self.sites() if self._growable(s)}
             self._watch([n for n in state["saliency"]["names"] if n in growable])
             self.saliency.load_state_dict(state["saliency"])
         except Exception:
-            del self.optimizer.param_groups[len(groups):]
-            for group, params in groups:
-                group["params"] = params
-            for txn in reversed(undo):
-                txn.rollback()
+            self._undo(groups, undo)
             self.births = births
             self._watch()
             raise
@@ -491,21 +484,29 @@ class DyRep:
         undo = [self._restore_on(self.model, structures)]
         groups = [(group, list(group["params"])) for group in self.optimizer.param_groups]
         try:
-            for ema in self._emas:
-                for prefix in structures:
-                    self._share_trace(self.roots[prefix], ema.get_submodule(prefix) if prefix else ema)
-                undo.append(self._restore_on(ema, structures))
+            self._restore_on_emas(structures, undo)
             self._sync_optimizer(before, sources)
         except Exception:
-            del self.optimizer.param_groups[len(groups):]
-            for group, params in groups:
-                group["params"] = params
-            for txn in reversed(undo):
-                txn.rollback()
+            self._undo(groups, undo)
             raise
         self.units = self.steps_done = 0
         self.history, self.births = [], {}
         self._watch()
+
+    def _restore_on_emas(self, structures: dict[str, dict[str, Any]], undo: list[Transaction]) -> None:
+        """Rebuild ``structures`` on every attached EMA copy too, each recorded in ``undo``."""
+        for ema in self._emas:
+            for prefix in structures:
+                self._share_trace(self.roots[prefix], ema.get_submodule(prefix) if prefix else ema)
+            undo.append(self._restore_on(ema, structures))
+
+    def _undo(self, groups: list[tuple[dict, list]], undo: list[Transaction]) -> None:
+        """Put the optimizer's groups and every restored model back as they were."""
+        del self.optimizer.param_groups[len(groups):]
+        for group, params in groups:
+            group["params"] = params
+        for txn in reversed(undo):
+            txn.rollback()
 
     def restore_structure(self, structures: dict[str, dict[str, Any]]) -> None:
         """Rebuild saved structures (``{target: spec}``) on fresh targets; all checked before any change."""
