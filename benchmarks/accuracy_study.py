@@ -135,8 +135,11 @@ def paired(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> dict[s
     diffs = [100 * (a[s]["test_acc"] - b[s]["test_acc"]) for s in seeds]
     mean = statistics.fmean(diffs)
     se = statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return {"seeds": seeds, "mean": mean, "se": se, "diffs": diffs,
-            "verdict": "higher" if mean > 2 * se else "lower" if mean < -2 * se else "no difference"}
+    if len(seeds) < 3:  # two differences give an SE too unreliable for the rule
+        verdict = "too few seeds"
+    else:
+        verdict = "higher" if mean > 2 * se else "lower" if mean < -2 * se else "no difference"
+    return {"seeds": seeds, "mean": mean, "se": se, "diffs": diffs, "verdict": verdict}
 
 
 def _ratio(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]], key: str) -> float | None:
