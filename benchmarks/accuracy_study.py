@@ -78,13 +78,18 @@ def run_path(results: Path, variant: str, seed: int) -> Path:
     return results / variant / f"seed{seed}.json"
 
 
+def recipe_record(recipe: DemoConfig) -> dict[str, Any]:
+    """The recipe as its JSON reads back (tuples become lists), seed left out: runs compare on this."""
+    return json.loads(json.dumps(asdict(replace(recipe, seed=0))))
+
+
 def run_one(variant: str, seed: int, recipe: DemoConfig, results: Path) -> dict[str, Any]:
     """Train one (variant, seed) in this process and write its JSON."""
     demo_variant, options = VARIANTS[variant]
     config = replace(recipe, seed=seed, dyrep_options=dict(options))
     started = time.time()
     run = run_variant(demo_variant, config)
-    run.update(study_variant=variant, seed=seed, recipe=asdict(replace(recipe, seed=0)), machine=machine(),
+    run.update(study_variant=variant, seed=seed, recipe=recipe_record(recipe), machine=machine(),
                started=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)))
     write_json(run_path(results, variant, seed), run)
     return run
@@ -98,7 +103,7 @@ def pending(variants: list[str], seeds: list[int], recipe: DemoConfig, results: 
             path = run_path(results, variant, seed)
             if path.exists():
                 saved = json.loads(path.read_text())["recipe"]
-                if saved != asdict(replace(recipe, seed=0)):
+                if saved != recipe_record(recipe):
                     raise SystemExit(f"{path} was trained with another recipe; use another --results folder")
                 continue
             todo.append((variant, seed))
