@@ -2,7 +2,7 @@
 
 For each model and input: the plain model's convolution multiply-adds per forward, what the online
 ``1x1_kxk`` branches add (merged into the kernel, run as convolutions, and what the per-call plan of
-:mod:`dyrep_fx.plan` picks), and the parameter counts (the optimizer and the kernel assembly touch every
+:mod:`dyrep_fx.execution` picks), and the parameter counts (the optimizer and the kernel assembly touch every
 parameter once or a few times per step, whatever the batch). Counting, not timing: runs in seconds.
 
     .venv/bin/python benchmarks/macs.py
@@ -24,7 +24,7 @@ from train_cost import INPUTS  # noqa: E402
 from variants import build  # noqa: E402
 
 import dyrep_fx  # noqa: E402
-from dyrep_fx.plan import composed_costs, run_composed_as_convs  # noqa: E402
+from dyrep_fx.execution import composed_costs, run_composed_as_convs  # noqa: E402
 
 
 def conv_macs(model: nn.Module, x: torch.Tensor) -> int:
@@ -64,7 +64,7 @@ def composed_macs(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
         shape = shapes.get(name, (1, block.geometry.in_channels, 1, 1))
         m, c = composed_costs(block.geometry, shape)
         merged, convs = merged + m, convs + c
-        planned += c if name in shapes and run_composed_as_convs(block.geometry, shape, block.plan) else m
+        planned += c if name in shapes and run_composed_as_convs(block.geometry, shape, block.execution) else m
     return {"merged": merged, "convs": convs, "planned": planned}
 
 

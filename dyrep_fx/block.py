@@ -8,7 +8,7 @@ Modes (see :mod:`dyrep_fx.branches`):
 
 * ``online`` (default, OREPA): ``W = main_scale * weight + sum_b scale_b * K_b``; one convolution per
   forward (on small feature maps the ``1x1_kxk`` branch runs as two convolutions instead, which is
-  cheaper there: :mod:`dyrep_fx.plan`). Growing and cutting keep the function exactly, in train and
+  cheaper there: :mod:`dyrep_fx.execution`). Growing and cutting keep the function exactly, in train and
   eval mode.
 * ``dbb`` (DBB / DyRep): ``y = main_bn(conv(x, weight) + bias) + sum_b branch_b(x)``. Growing and
   cutting keep the function exactly in eval mode; the main BatchNorm is reset to an exact identity
@@ -31,8 +31,8 @@ from . import conv_classes, kernels
 from .assembly import assemble_kernel
 from .branches import Branch, make_branch
 from .defaults import INIT_SCALE
+from .execution import run_composed_as_convs
 from .geometry import BRANCH_KINDS, ConvGeometry
-from .plan import run_composed_as_convs
 
 __all__ = ["RepConv2d", "MODES", "find_blocks"]
 
@@ -40,7 +40,7 @@ MODES = ("online", "dbb")
 
 # Names a block uses for its own state: a wrapped conv's extra parameters, buffers or children cannot
 # take them (see RepConv2d.why_not_wrap).
-_BLOCK_NAMES = frozenset({"weight", "bias", "geometry", "mode", "init_scale", "branches", "plan", "main_scale",
+_BLOCK_NAMES = frozenset({"weight", "bias", "geometry", "mode", "init_scale", "branches", "execution", "main_scale",
                           "main_bn", "_template", "_kernel_cache"})
 
 
@@ -68,8 +68,8 @@ class RepConv2d(nn.Module):
         self.weight = conv.weight
         self.bias = conv.bias
         self.branches = nn.ModuleDict()
-        #: Online mode: how the ``1x1_kxk`` branch runs (see :mod:`dyrep_fx.plan`); not saved.
-        self.plan = "auto"
+        #: Online mode: how the ``1x1_kxk`` branch runs (see :mod:`dyrep_fx.execution`); not saved.
+        self.execution = "auto"
         # The original module, kept outside the module tree so that folding can rebuild the very class
         # the user had (e.g. an mmcv Conv2d subclass) without registering its parameters twice.
         self.__dict__["_template"] = conv
@@ -195,7 +195,7 @@ class RepConv2d(nn.Module):
 
     def _online_forward(self, x: Tensor) -> Tensor:
         composed = self.branches["1x1_kxk"] if "1x1_kxk" in self.branches else None
-        if composed is None or not run_composed_as_convs(self.geometry, tuple(x.shape), self.plan):
+        if composed is None or not run_composed_as_convs(self.geometry, tuple(x.shape), self.execution):
             return self.geometry.conv(x, self._call_kernel(), self.bias)
         out = self.geometry.conv(x, self._call_kernel(skip="1x1_kxk"), self.bias)
         return out + composed(x, self.geometry.pad_input(x))

@@ -5,7 +5,7 @@ Each branch is a small module that knows two things about itself:
 * ``kernel()``: its exact equivalent ``(W, b)`` in the block's own ``kh x kw`` window (eval mode);
 * ``forward(x, xp)``: the feature-map computation used in ``dbb`` mode, on the block input ``x``
   and the block's explicitly padded input ``xp`` (``1x1_kxk`` also in online mode, see
-  :mod:`dyrep_fx.plan`).
+  :mod:`dyrep_fx.execution`).
 
 Modes:
 
@@ -214,7 +214,7 @@ class ComposedBranch(Branch):
         return _fuse(w, b, self.bn)
 
     def forward(self, x: Tensor, xp: Tensor) -> Tensor:
-        # Also the online block's plan for small feature maps (see dyrep_fx.plan): there the branch
+        # Also the online block's execution on small feature maps (see dyrep_fx.execution): there the branch
         # is linear, so the 1x1 commutes with any padding mode and ``scale`` goes on the kxk kernel.
         z = nn.functional.conv2d(xp, self.conv1.weight, None, 1, 0, 1, self.geom.groups)
         if self.mode == "dbb":

@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dyrep_fx.block import RepConv2d
+from dyrep_fx.execution import EXECUTIONS
 from dyrep_fx.geometry import BRANCH_KINDS
-from dyrep_fx.plan import PLANS
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 
@@ -62,10 +62,10 @@ def grow_everything(block: RepConv2d, mode: str, depth: int = 2) -> None:
         grow_everything(nest(block, mode), mode, depth - 1)
 
 
-def set_plan(root: RepConv2d, plan: str) -> None:
-    """Run every block of the tree with ``plan`` (see dyrep_fx.plan)."""
+def set_execution(root: RepConv2d, plan: str) -> None:
+    """Run every block of the tree with ``plan`` (see dyrep_fx.execution)."""
     for b, _ in all_blocks(root):
-        b.plan = plan
+        b.execution = plan
 
 
 def draw_subset(data, kinds: list[str], label: str) -> list[str]:
@@ -103,15 +103,15 @@ def run_sequence(cfg: ConvCfg, mode: str, train: bool, dtype: torch.dtype, tol: 
     blk = RepConv2d(conv, mode).train(train)
     x = cfg.input(dtype)
     n_steps = data.draw(st.integers(1, 5), label="steps")
-    plan = data.draw(st.sampled_from(PLANS), label="plan")
+    plan = data.draw(st.sampled_from(EXECUTIONS), label="plan")
     history = []
     for _ in range(n_steps):
         shuffle_state(blk)
-        set_plan(blk, plan)
+        set_execution(blk, plan)
         with torch.no_grad():
             ref = blk(x)
         history.append(random_step(blk, mode, data))
-        set_plan(blk, plan)
+        set_execution(blk, plan)
         with torch.no_grad():
             out = blk(x)
             err = rel_err(out, ref)
@@ -291,7 +291,7 @@ def test_online_block_runs_exactly_one_convolution(cfg, seed):
     grow_everything(blk, "online", depth=3)
     assert len(list(all_blocks(blk))) >= 2 or "1x1_kxk" not in blk.branches
     perturb(blk)
-    set_plan(blk, "assemble")  # "auto" may run 1x1_kxk as two convs on small maps (tested below)
+    set_execution(blk, "assemble")  # "auto" may run 1x1_kxk as two convs on small maps (tested below)
     for train in (True, False):
         blk.train(train)
         assert count_convs(blk, x) == 1
@@ -310,7 +310,7 @@ def test_online_plans_compute_the_same_function_and_gradients(cfg, seed):
     grad_out = None
     results = {}
     for plan in ("assemble", "convs"):
-        set_plan(blk, plan)
+        set_execution(blk, plan)
         blk.zero_grad(set_to_none=True)
         x.grad = None
         out = blk(x)

@@ -202,7 +202,7 @@ def grow_fold_exact(cls: type[nn.Conv2d], mode: str, bias: bool, **geometry) -> 
     if mode == "online":  # both execution plans of the 1x1_kxk branch
         for plan in ("assemble", "convs"):
             for block in dyrep_fx.blocks(model).values():
-                block.plan = plan
+                block.execution = plan
             assert_close(outputs(model, xs), grown, f"online, plan {plan!r}")
     deploy = dyrep_fx.fold(model)
     assert type(deploy.conv) is cls and type(deploy.conv2) is cls

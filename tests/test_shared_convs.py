@@ -111,7 +111,7 @@ def grown_siamese():
     model = shuffled(Siamese().double())
     dyrep_fx.transform(model)
     dyrep_fx.grow(model, ["shared"], list(DYREP_KINDS))
-    model.shared.plan = "assemble"  # one kernel for every branch (no two-conv plan for 1x1_kxk)
+    model.shared.execution = "assemble"  # one kernel for every branch (no two-conv plan for 1x1_kxk)
     shuffled(model)
     return model
 

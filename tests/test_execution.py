@@ -1,12 +1,12 @@
-"""The online block's execution plan: which way the 1x1_kxk branch runs, from the shapes."""
+"""The online block's execution choice: which way the 1x1_kxk branch runs, from the shapes."""
 
 from __future__ import annotations
 
 import pytest
 from torch import nn
 
+from dyrep_fx.execution import composed_costs, run_composed_as_convs
 from dyrep_fx.geometry import ConvGeometry
-from dyrep_fx.plan import composed_costs, run_composed_as_convs
 
 
 def geometry(channels: int, groups: int = 1, stride: int = 1) -> ConvGeometry:
@@ -33,9 +33,9 @@ def test_auto_picks_the_cheaper_way(channels: int, size: int, batch: int, expect
     assert run_composed_as_convs(geom, (batch, channels, size, size)) is expect_convs
 
 
-def test_forced_plans_and_bad_plan() -> None:
+def test_forced_executions_and_a_bad_one() -> None:
     geom = geometry(64)
     assert run_composed_as_convs(geom, (8, 64, 56, 56), "convs") is True
     assert run_composed_as_convs(geom, (8, 512, 1, 1), "assemble") is False
-    with pytest.raises(ValueError, match="plan must be one of"):
+    with pytest.raises(ValueError, match="execution must be one of"):
         run_composed_as_convs(geom, (1, 64, 4, 4), "fast")

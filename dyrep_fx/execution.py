@@ -1,21 +1,24 @@
-"""Per-site execution plan of an online block: fold a costly branch into the one kernel, or run it.
+"""Per-call execution choice of an online block: fold a costly branch into the one kernel, or run it.
 
 An online block computes ``conv(x, W)`` with ``W`` assembled from its branches every step. For most
 branches the assembly is a few kernel-sized operations. The ``1x1_kxk`` branch is different: merging
 its two kernels costs ``C_out * C_mid * C_in * kh * kw / groups**2`` multiply-adds per step, whatever the
 batch, while running it as two convolutions costs in proportion to the feature map. On small maps
 (late stages, small inputs) the convolutions are cheaper, on large maps the merge is. Both are the same
-linear function of the same parameters; the plan is chosen from the shapes at each call.
+linear function of the same parameters; the choice is made from the shapes at each call.
+
+(The rewrite decisions of the passes are their ``plan`` functions; this module is only about how an
+online block runs.)
 """
 
 from __future__ import annotations
 
 from .geometry import ConvGeometry
 
-__all__ = ["PLANS", "CONV_MAC_COST", "composed_costs", "run_composed_as_convs"]
+__all__ = ["EXECUTIONS", "CONV_MAC_COST", "composed_costs", "run_composed_as_convs"]
 
 #: ``auto``: cheaper of the two by the counts below; ``assemble``: always merge; ``convs``: always run.
-PLANS = ("auto", "assemble", "convs")
+EXECUTIONS = ("auto", "assemble", "convs")
 #: A multiply-add in a convolution (forward + both backward convs) costs about twice one in the merge's
 #: matrix products: measured on CPU with ResNet-18 at 8x224, where layer4's counts are even (1.1 G vs
 #: 1.2 G) and merging is faster (benchmarks/train_cost.py).
@@ -30,7 +33,7 @@ def composed_costs(geom: ConvGeometry, input_shape: tuple[int, ...]) -> tuple[in
     """Multiply-adds per forward of a ``1x1_kxk`` branch: ``(merged into the kernel, run as two convs)``.
 
     ``input_shape`` is the block input's ``(N, C, H, W)``. The 1x1 runs on the padded input (see
-    :class:`~dyrep_fx.branches.ComposedBranch`); backward costs about twice forward in both plans.
+    :class:`~dyrep_fx.branches.ComposedBranch`); backward costs about twice forward in both ways.
     """
     n, _, h, w = input_shape
     (kh, kw), g = geom.kernel_size, geom.groups
@@ -44,11 +47,11 @@ def composed_costs(geom: ConvGeometry, input_shape: tuple[int, ...]) -> tuple[in
     return merged, convs
 
 
-def run_composed_as_convs(geom: ConvGeometry, input_shape: tuple[int, ...], plan: str = "auto") -> bool:
+def run_composed_as_convs(geom: ConvGeometry, input_shape: tuple[int, ...], execution: str = "auto") -> bool:
     """Whether an online ``1x1_kxk`` branch should run as convolutions on this input (else merge it)."""
-    if plan not in PLANS:
-        raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
-    if plan != "auto":
-        return plan == "convs"
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+    if execution != "auto":
+        return execution == "convs"
     merged, convs = composed_costs(geom, input_shape)
     return CONV_MAC_COST * convs < merged
