@@ -508,11 +508,6 @@ class DyRep:
         for txn in reversed(undo):
             txn.rollback()
 
-    def restore_structure(self, structures: dict[str, dict[str, Any]]) -> None:
-        """Rebuild saved structures (``{target: spec}``) on fresh targets; all checked before any change."""
-        self._check_structures(structures)
-        self._restore_on(self.model, structures)
-
     def _check_structures(self, structures: dict[str, dict[str, Any]]) -> None:
         """Everything :func:`api.restore` would refuse, for every target, before any target changes."""
         saved, here = set(structures), set(self.roots)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -66,7 +65,6 @@ class ConvGeometry:
     padding: object
     padding_mode: str
     pads: tuple[tuple[int, int], tuple[int, int]]
-    has_bias: bool
     same_from_input: bool = False
 
     @classmethod
@@ -97,16 +95,10 @@ class ConvGeometry:
             padding=conv.padding if isinstance(conv.padding, str) else _pair(conv.padding),
             padding_mode=conv.padding_mode,
             pads=pads,
-            has_bias=conv.bias is not None,
             same_from_input=same_from_input,
         )
 
     # -- what the geometry allows -------------------------------------------------------------
-    @property
-    def is_pointwise(self) -> bool:
-        """True for a 1x1 conv."""
-        return self.kernel_size == (1, 1)
-
     def identity_offset(self) -> tuple[int, int] | None:
         """Where a one-hot kernel makes this conv the identity map, or ``None`` when none does."""
         if self.in_channels != self.out_channels or self.stride != (1, 1):
@@ -180,22 +172,3 @@ class ConvGeometry:
         if self.padding_mode != "zeros" or self.same_from_input:
             return self.conv_valid(self.pad_input(x), weight, bias)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-
-    def make_conv(self, weight: Tensor, bias: Tensor | None) -> nn.Conv2d:
-        """A new plain ``nn.Conv2d`` of this geometry holding ``weight`` and ``bias``.
-
-        Not for a geometry whose pads come from the input size (a plain conv cannot pad so); fold a block
-        with :meth:`~dyrep_fx.block.RepConv2d.to_conv` instead, which keeps the conv's own class.
-        """
-        if self.same_from_input:
-            raise ValueError("a plain nn.Conv2d cannot pad to 'same' from the input size; use RepConv2d.to_conv")
-        conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, self.groups, bias=bias is not None, padding_mode=self.padding_mode,
-            device=weight.device, dtype=weight.dtype,
-        )
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            if bias is not None:
-                conv.bias.copy_(bias)
-        return conv

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -22,14 +21,11 @@ __all__ = [
     "fuse_bn",
     "embed_kernel",
     "embed_offset",
-    "align_kernel",
     "merge_1x1_kxk",
     "split_groups",
     "merge_1x1_depthwise",
-    "avg_kernel",
     "identity_kernel",
     "identity_offset",
-    "depth_concat",
     "add_branches",
     "frequency_prior",
 ]
@@ -81,65 +77,6 @@ def embed_offset(big: int, small: int) -> int:
     return (big - small) // 2
 
 
-@dataclass(frozen=True)
-class _Axis:
-    """One spatial axis of a conv: taps, stride, dilation and the zero padding before and after."""
-
-    taps: int
-    stride: int
-    dilation: int
-    pad_before: int
-    pad_after: int
-
-
-def _align_axis(small: _Axis, big: _Axis, axis: str) -> int:
-    """The tap offset ``t`` at which the small conv equals the big conv with an embedded kernel.
-
-    The big conv's output ``y`` reads input rows ``y*s - p_big + (t + u)*d`` for small tap ``u``;
-    the small conv reads ``y*s - p_small + u*d'``. They agree for every ``y`` and ``u`` iff the
-    strides agree, ``d' == d`` (or the small conv has one tap), ``p_big - t*d == p_small`` and the
-    output lengths agree, i.e. ``p_big_after - (K - k - t)*d == p_small_after``.
-    """
-    if small.stride != big.stride:
-        raise AlignmentError(f"{axis}: strides differ ({small.stride} vs {big.stride})")
-    if small.taps > 1 and small.dilation != big.dilation:
-        raise AlignmentError(f"{axis}: dilations differ ({small.dilation} vs {big.dilation})")
-    shift = big.pad_before - small.pad_before
-    if shift % big.dilation:
-        raise AlignmentError(
-            f"{axis}: padding difference {shift} is not a multiple of the dilation {big.dilation}"
-        )
-    t = shift // big.dilation
-    if t < 0 or t + small.taps > big.taps:
-        raise AlignmentError(
-            f"{axis}: the {small.taps}-tap window would sit at tap {t} of a {big.taps}-tap kernel"
-        )
-    tail = big.pad_after - (big.taps - small.taps - t) * big.dilation
-    if tail != small.pad_after:
-        raise AlignmentError(f"{axis}: output lengths differ (trailing padding {tail} vs {small.pad_after})")
-    return t
-
-
-def align_kernel(
-    kernel: Tensor,
-    small: dict,
-    big: dict,
-) -> Tensor:
-    """Embed a smaller conv's kernel into a bigger conv's kernel size so that both convs agree.
-
-    ``small`` and ``big`` describe each conv as ``dict(kernel_size=(kh, kw), stride=(sh, sw),
-    dilation=(dh, dw), padding=((top, bottom), (left, right)))`` (zero padding). Returns the
-    embedded kernel (see :func:`embed_kernel`), or raises :class:`AlignmentError` with the reason
-    when no offset makes the two convolutions produce the same output.
-    """
-    offsets = []
-    for i, axis in enumerate(("height", "width")):
-        s_ax = _Axis(small["kernel_size"][i], small["stride"][i], small["dilation"][i], *small["padding"][i])
-        b_ax = _Axis(big["kernel_size"][i], big["stride"][i], big["dilation"][i], *big["padding"][i])
-        offsets.append(_align_axis(s_ax, b_ax, axis))
-    return embed_kernel(kernel, big["kernel_size"], offsets)
-
-
 def split_groups(weight: Tensor, groups: int) -> Tensor:
     """``[O, I/g, ...]`` -> ``[g, O/g, I/g, ...]``."""
     return weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
@@ -180,22 +117,6 @@ def merge_1x1_depthwise(
     return merged, bias if b2 is None else bias + b2
 
 
-def avg_kernel(
-    channels: int, groups: int, size: Sequence[int], dtype: torch.dtype = torch.float32, device=None
-) -> Tensor:
-    """Average pooling over ``size`` on ``channels`` channels as a grouped conv kernel (DBB transform V).
-
-    ``W_{o,i,u,v} = 1/(kh*kw)`` if ``i == o mod (C/g)`` else 0; shape ``[C, C/g, kh, kw]``. This equals
-    ``avg_pool2d(count_include_pad=True)`` with the same window, stride and zero padding.
-    """
-    kh, kw = size
-    per_group = channels // groups
-    w = torch.zeros(channels, per_group, kh, kw, dtype=dtype, device=device)
-    idx = torch.arange(channels, device=device)
-    w[idx, idx % per_group] = 1.0 / (kh * kw)
-    return w
-
-
 def identity_offset(size: int, dilation: int, pad_before: int, pad_after: int) -> int | None:
     """The tap at which a one-hot kernel makes a stride-1 conv the identity on one axis, or ``None``.
 
@@ -229,19 +150,6 @@ def identity_kernel(
     idx = torch.arange(channels, device=device)
     w[idx, idx % per_group, th, tw] = 1.0
     return w
-
-
-def depth_concat(kernels: Sequence[Tensor], biases: Sequence[Tensor | None]) -> tuple[Tensor, Tensor | None]:
-    """Concatenate per-group kernels along the output dimension (DBB transform IV).
-
-    Used to rebuild a grouped conv from per-group results: ``W' = cat(W_1..W_g)``, ``b' = cat(b_1..b_g)``.
-    """
-    weight = torch.cat(list(kernels), dim=0)
-    if all(b is None for b in biases):
-        return weight, None
-    parts = [b if b is not None else torch.zeros(k.shape[0], dtype=k.dtype, device=k.device)
-             for k, b in zip(kernels, biases)]
-    return weight, torch.cat(parts)
 
 
 def add_branches(

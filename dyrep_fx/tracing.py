@@ -303,7 +303,7 @@ def _default_flags(module: nn.Module) -> dict[str, Any] | None:
 
 
 def _trace_forest(
-    module: nn.Module, prefix: str, leaf_types, modules, convs, untraceable: dict[str, str], root_error: str,
+    module: nn.Module, prefix: str, leaf_types, modules, convs, untraceable: dict[str, str],
     norm_calls: dict[str, int],
 ) -> None:
     """The root cannot be traced: trace each child on its own (recursing into containers)."""
@@ -314,7 +314,7 @@ def _trace_forest(
         ):
             continue
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
-            _trace_forest(child, name, leaf_types, modules, convs, untraceable, root_error, norm_calls)
+            _trace_forest(child, name, leaf_types, modules, convs, untraceable, norm_calls)
             continue
         sub_untraceable: dict[str, str] = {}
         try:
@@ -356,7 +356,7 @@ def trace_model(
             root_error = f"{type(exc).__name__}: {exc}".split("\n")[0]
             log.info("the root module does not trace (%s); tracing its children one by one", root_error)
             untraceable[""] = root_error
-            _trace_forest(model, "", leaf_types, modules, convs, untraceable, root_error, norm_calls)
+            _trace_forest(model, "", leaf_types, modules, convs, untraceable, norm_calls)
         differs = False
         if graph is not None:
             _record_graph(graph, "", modules, convs, norm_calls)

@@ -199,6 +199,14 @@ def test_dbb_calibrate_then_rebalance_workflow():
         assert rel_err(w, w0) <= F64_TOL and rel_err(b, b0) <= F64_TOL
 
 
+def conv_holding(cfg: ConvCfg, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
+    """The configuration's own conv class and hyper-parameters holding ``weight`` and ``bias``."""
+    conv = cfg.build()
+    conv.weight = nn.Parameter(weight)
+    conv.bias = None if bias is None else nn.Parameter(bias)
+    return conv
+
+
 @pytest.mark.parametrize("mode", ["online", "dbb"])
 @settings(max_examples=15, **SLOW_OK)
 @given(cfg=conv_cfgs(), seed=seeds)
@@ -216,7 +224,7 @@ def test_rebalance_sets_the_equivalent(mode, cfg, seed):
         assert rel_err(eb, b) <= F64_TOL
     x = cfg.input()
     with torch.no_grad():
-        assert rel_err(blk(x), blk.geometry.make_conv(w, eb)(x)) <= F64_TOL
+        assert rel_err(blk(x), conv_holding(cfg, w, eb)(x)) <= F64_TOL
 
 
 # ---------------------------------------------------------------------------------------- gradients

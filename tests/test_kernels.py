@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import event, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import rel_err
 from torch import nn
@@ -15,9 +15,6 @@ from torch import nn
 from dyrep_fx.kernels import (
     AlignmentError,
     add_branches,
-    align_kernel,
-    avg_kernel,
-    depth_concat,
     embed_kernel,
     embed_offset,
     frequency_prior,
@@ -138,133 +135,7 @@ def test_embed_offset_centres():
     assert embed_offset(4, 1) == 1 and embed_offset(4, 3) == 0 and embed_offset(3, 3) == 0
 
 
-# ----------------------------------------------------------------------------------- align_kernel
-def _spec(k, s, d, pads):
-    return dict(kernel_size=k, stride=s, dilation=d, padding=pads)
-
-
-def _agree_for_sizes(k_small, small, big_kernel, big, sizes, cin=2):
-    """Whether the small conv and the big conv with ``big_kernel`` agree on inputs of every size."""
-    for h, w in sizes:
-        x = torch.randn(1, cin, h, w, dtype=D)
-        ys = F.conv2d(_pad(x, small["padding"]), k_small, None, small["stride"], 0, small["dilation"])
-        yb = F.conv2d(_pad(x, big["padding"]), big_kernel, None, big["stride"], 0, big["dilation"])
-        if ys.shape != yb.shape or ys.numel() == 0:
-            return False
-        if not torch.allclose(yb, ys, rtol=0, atol=1e-10 * max(1.0, float(ys.abs().max()))):
-            return False
-    return True
-
-
-def _test_sizes(small, big):
-    """Input sizes for which both convs have outputs: enough consecutive ones to expose any length mismatch."""
-    lo = []
-    for i in range(2):
-        need = [1]
-        for spec in (small, big):
-            span = spec["dilation"][i] * (spec["kernel_size"][i] - 1) + 1
-            need.append(span - sum(spec["padding"][i]))
-        lo.append(max(need) + 2)
-    n = max(small["stride"] + big["stride"]) + 1
-    return [(lo[0] + i, lo[1] + j) for i in range(n) for j in range(n)]
-
-
-axis_specs = st.tuples(
-    st.integers(1, 3),  # small taps
-    st.integers(0, 2),  # big taps - small taps
-    st.integers(1, 2), st.integers(1, 2),  # strides small / big
-    st.integers(1, 3), st.integers(1, 3),  # dilations small / big
-    st.tuples(st.integers(0, 4), st.integers(0, 4)), st.tuples(st.integers(0, 4), st.integers(0, 4)),  # pads
-)
-
-
-@settings(max_examples=150, deadline=None)
-@given(hax=axis_specs, wax=axis_specs, bias_to_equal=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_align_kernel_agrees_exactly_when_an_embedding_exists(hax, wax, bias_to_equal, seed):
-    """Oracle: brute force over every offset of ``embed_kernel``, on inputs of several sizes."""
-    torch.manual_seed(seed)
-    axes = [list(hax), list(wax)]
-    if bias_to_equal:  # make alignable configurations common: same stride and dilation, matching padding
-        for ax in axes:
-            ax[3], ax[5] = ax[2], ax[4]
-            t = ax[1] // 2
-            ax[7] = (ax[6][0] + t * ax[5], ax[6][1] + (ax[1] - t) * ax[5])
-    small = _spec(tuple(a[0] for a in axes), tuple(a[2] for a in axes), tuple(a[4] for a in axes),
-                  tuple(a[6] for a in axes))
-    big = _spec(tuple(a[0] + a[1] for a in axes), tuple(a[3] for a in axes), tuple(a[5] for a in axes),
-                tuple(a[7] for a in axes))
-    k = torch.randn(3, 2, *small["kernel_size"], dtype=D)
-    sizes = _test_sizes(small, big)
-    exists = any(
-        _agree_for_sizes(k, small, embed_kernel(k, big["kernel_size"], (th, tw)), big, sizes)
-        for th in range(big["kernel_size"][0] - small["kernel_size"][0] + 1)
-        for tw in range(big["kernel_size"][1] - small["kernel_size"][1] + 1)
-    )
-    check = _unchanged(k)
-    try:
-        e = align_kernel(k, small, big)
-    except AlignmentError as err:
-        check()
-        event(f"refused: {str(err).split(':')[1].split('(')[0].strip()}")
-        assert not exists, f"align_kernel refused an alignable pair: {err}"
-        msg = str(err)
-        assert ("height" in msg or "width" in msg) and len(msg) > 15
-        return
-    check()
-    event("aligned")
-    assert exists, "align_kernel returned a kernel although no embedding makes the convs agree"
-    assert e.shape[-2:] == big["kernel_size"]
-    assert _agree_for_sizes(k, small, e, big, sizes)
-
-
-@pytest.mark.parametrize(
-    "small,big",
-    [
-        # ACNet: 1x3 with padding (0, 1) and 3x1 with (1, 0) inside a 3x3 with padding 1.
-        (_spec((1, 3), (1, 1), (1, 1), ((0, 0), (1, 1))), _spec((3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)))),
-        (_spec((3, 1), (2, 2), (1, 1), ((1, 1), (0, 0))), _spec((3, 3), (2, 2), (1, 1), ((1, 1), (1, 1)))),
-        # 1x1 into 3x3 'same' (RepVGG), stride 2, dilation 2.
-        (_spec((1, 1), (2, 2), (1, 1), ((0, 0), (0, 0))), _spec((3, 3), (2, 2), (2, 2), ((2, 2), (2, 2)))),
-        # A 1x1 off-centre in an even 4x4 'same' window (pads (1, 2)).
-        (_spec((1, 1), (1, 1), (1, 1), ((0, 0), (0, 0))), _spec((4, 4), (1, 1), (1, 1), ((1, 2), (1, 2)))),
-        # kh x kw into K x K: 3x5 into 5x5 with padding 1 / 2.
-        (_spec((3, 5), (1, 1), (1, 1), ((0, 0), (1, 1))), _spec((5, 5), (1, 1), (1, 1), ((1, 1), (1, 1)))),
-        # Dilated 3x3 into a dilated 5x5.
-        (_spec((3, 3), (1, 1), (3, 3), ((3, 3), (3, 3))), _spec((5, 5), (1, 1), (3, 3), ((6, 6), (6, 6)))),
-    ],
-)
-def test_align_kernel_known_good(small, big):
-    torch.manual_seed(0)
-    k = torch.randn(2, 2, *small["kernel_size"], dtype=D)
-    e = align_kernel(k, small, big)
-    assert _agree_for_sizes(k, small, e, big, _test_sizes(small, big))
-
-
-@pytest.mark.parametrize(
-    "small,big,reason",
-    [
-        (_spec((1, 1), (1, 1), (1, 1), ((0, 0), (0, 0))), _spec((3, 3), (2, 2), (1, 1), ((1, 1), (1, 1))),
-         "strides differ"),
-        (_spec((3, 3), (1, 1), (1, 1), ((1, 1), (1, 1))), _spec((5, 5), (1, 1), (2, 2), ((4, 4), (4, 4))),
-         "dilations differ"),
-        # 1x1 with no padding inside a 3x3 with no padding: the outputs have different sizes.
-        (_spec((1, 1), (1, 1), (1, 1), ((0, 0), (0, 0))), _spec((3, 3), (1, 1), (1, 1), ((0, 0), (0, 0))),
-         "output lengths differ"),
-        # The small conv would have to sit at tap -1.
-        (_spec((1, 1), (1, 1), (1, 1), ((2, 2), (0, 0))), _spec((3, 3), (1, 1), (1, 1), ((1, 1), (1, 1))),
-         "tap -1"),
-        # The big conv's padding is odd while its dilation is 2.
-        (_spec((1, 1), (1, 1), (1, 1), ((0, 0), (0, 0))), _spec((3, 3), (1, 1), (2, 2), ((1, 3), (2, 2))),
-         "not a multiple of the dilation"),
-    ],
-)
-def test_align_kernel_refuses_with_reason(small, big, reason):
-    with pytest.raises(AlignmentError, match=reason):
-        align_kernel(torch.randn(1, 1, *small["kernel_size"], dtype=D), small, big)
-    assert issubclass(AlignmentError, ValueError)
-
-
-# ---------------------------------------------------------------------------------- merge_1x1_kxk
+# ------------------------------------------------------------------------------------ merge_1x1_kxk
 @FAST
 @given(
     ch=grouped_channels(), mid_mult=st.integers(1, 2), k=st.tuples(st.integers(1, 4), st.integers(1, 4)),
@@ -328,29 +199,7 @@ def test_merge_1x1_depthwise_equals_1x1_then_per_channel_filter(ch, k, pad, stri
     assert rel_err(F.conv2d(xp, w, b, stride, 0, 1, g), ref) < TOL
 
 
-# ------------------------------------------------------------------------------------- avg_kernel
-@FAST
-@given(
-    c_g=st.sampled_from([(4, 1), (4, 2), (4, 4), (6, 3), (3, 1), (5, 5)]),
-    k=st.tuples(st.integers(1, 5), st.integers(1, 5)), stride=st.integers(1, 2), data=st.data(),
-)
-def test_avg_kernel_equals_avg_pool(c_g, k, stride, data):
-    c, g = c_g
-    pad = (data.draw(st.integers(0, k[0] // 2)), data.draw(st.integers(0, k[1] // 2)))
-    x = torch.randn(2, c, 9, 8, dtype=D)
-    w = avg_kernel(c, g, k, dtype=D)
-    assert w.shape == (c, c // g, *k) and w.dtype == D
-    ref = F.avg_pool2d(x, k, stride, pad, count_include_pad=True)
-    assert rel_err(F.conv2d(x, w, None, stride, pad, 1, g), ref) < TOL
-
-
-def test_avg_kernel_pattern():
-    w = avg_kernel(4, 2, (3, 2), dtype=D)
-    assert torch.allclose(w.sum((2, 3)), torch.tensor([[1.0, 0], [0, 1], [1, 0], [0, 1]], dtype=D))
-    assert torch.allclose(w[0, 0], torch.full((3, 2), 1 / 6, dtype=D))
-
-
-# ---------------------------------------------------------------------------- identity_offset/kernel
+# --------------------------------------------------------------------------- identity_offset/kernel
 def _onehot_is_identity(size, dilation, pads, t, n=24):
     x = torch.randn(1, 1, 1, n, dtype=D)
     k = torch.zeros(1, 1, 1, size, dtype=D)
@@ -423,23 +272,7 @@ def test_identity_offset_none_where_impossible(size, d, before, after):
     assert not any(_onehot_is_identity(size, d, (before, after), t) for t in range(size))
 
 
-# ------------------------------------------------------------------------------------ depth_concat
-@FAST
-@given(g=st.integers(1, 4), cin_g=st.integers(1, 3), cout_g=st.integers(1, 3), k=st.integers(1, 3),
-       biases=st.lists(st.booleans(), min_size=4, max_size=4), seed=st.integers(0, 2**31 - 1))
-def test_depth_concat_equals_per_group_convs(g, cin_g, cout_g, k, biases, seed):
-    torch.manual_seed(seed)
-    x = torch.randn(2, g * cin_g, 7, 7, dtype=D)
-    ks = [torch.randn(cout_g, cin_g, k, k, dtype=D) for _ in range(g)]
-    bs = [torch.randn(cout_g, dtype=D) if biases[i] else None for i in range(g)]
-    w, b = depth_concat(ks, bs)
-    assert w.shape == (g * cout_g, cin_g, k, k)
-    assert (b is None) == all(v is None for v in bs)
-    parts = [F.conv2d(xi, ki, bi, 1, k // 2) for xi, ki, bi in zip(x.split(cin_g, 1), ks, bs)]
-    assert rel_err(F.conv2d(x, w, b, 1, k // 2, 1, g), torch.cat(parts, 1)) < TOL
-
-
-# ------------------------------------------------------------------------------------ add_branches
+# ------------------------------------------------------------------------------------- add_branches
 @FAST
 @given(n=st.integers(1, 5), g=st.sampled_from([1, 2]), stride=st.integers(1, 2),
        biases=st.lists(st.booleans(), min_size=5, max_size=5), seed=st.integers(0, 2**31 - 1))
