@@ -20,6 +20,7 @@ paired (same-seed) accuracy differences exceeds two standard errors of that mean
     .venv/bin/python benchmarks/accuracy_study.py --stage 1            # 15 runs, 2 at a time
     .venv/bin/python benchmarks/accuracy_study.py --stage 2 --seeds 0 1 2
     .venv/bin/python benchmarks/accuracy_study.py --report             # tables and plot from the JSON files
+    .venv/bin/python benchmarks/accuracy_study.py --report --docs      # ... and the READMEs' study blocks
     .venv/bin/python benchmarks/accuracy_study.py --smoke              # a tiny run of every variant
 """
 
@@ -48,8 +49,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "study"
 #: Study variant -> (the demo's variant, extra DyRep arguments).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "plain": ("plain", {}),
-    "dbb_all": ("dbb", {}),
-    "orepa_all": ("orepa", {}),
+    "dbb_all": ("dbb_all", {}),
+    "orepa_all": ("orepa_all", {}),
     "dyrep_online_parity": ("dyrep_online", {"metric": "synflow", "nested": "open"}),
     "dyrep_online": ("dyrep_online", {}),
     "dyrep_online_random": ("dyrep_online", {"metric": "random"}),
@@ -78,9 +79,15 @@ def run_path(results: Path, variant: str, seed: int) -> Path:
     return results / variant / f"seed{seed}.json"
 
 
-def recipe_record(recipe: DemoConfig) -> dict[str, Any]:
-    """The recipe as its JSON reads back (tuples become lists), seed left out: runs compare on this."""
-    return json.loads(json.dumps(asdict(replace(recipe, seed=0))))
+#: Demo settings that do not change what a study run trains (a run trains one variant, by name).
+NOT_RECIPE = ("variants",)
+
+
+def recipe_record(recipe: DemoConfig | dict[str, Any]) -> dict[str, Any]:
+    """The recipe as its JSON reads back (tuples become lists), without the seed and :data:`NOT_RECIPE`:
+    runs compare on this. Takes a config or a saved record."""
+    record = recipe if isinstance(recipe, dict) else json.loads(json.dumps(asdict(replace(recipe, seed=0))))
+    return {k: v for k, v in record.items() if k not in NOT_RECIPE}
 
 
 def run_one(variant: str, seed: int, recipe: DemoConfig, results: Path) -> dict[str, Any]:
@@ -102,7 +109,7 @@ def pending(variants: list[str], seeds: list[int], recipe: DemoConfig, results: 
         for variant in variants:
             path = run_path(results, variant, seed)
             if path.exists():
-                saved = json.loads(path.read_text())["recipe"]
+                saved = recipe_record(json.loads(path.read_text())["recipe"])
                 if saved != recipe_record(recipe):
                     raise SystemExit(f"{path} was trained with another recipe; use another --results folder")
                 continue
@@ -228,6 +235,67 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- prose for the READMEs ---------------------------------------------------------------------------
+STAGE2 = STAGES[2]
+
+
+def pair_text(p: dict[str, Any] | None) -> str:
+    """One paired difference in words, with the decision rule's verdict (or why there is none)."""
+    if p is None:
+        return "(fewer than 2 paired seeds yet)"
+    text = f"{p['mean']:+.2f} ± {p['se']:.2f} points over {len(p['seeds'])} seeds"
+    return f"{text} (too few seeds for the rule: no claim)" if p["verdict"] == "too few seeds" else f"{text} ({p['verdict']})"
+
+
+def stage_texts(summary: dict[str, Any]) -> tuple[str, str]:
+    """``(stage 1, stage 2)`` paragraphs: each variant against plain (and its random control)."""
+    rows = {r["variant"]: r for r in summary["rows"]}
+    ceiling = [v for v in STAGES[1] if v != "plain" and v in rows]
+    stage1 = "**Stage 1 (the ceiling)**: " + "; ".join(f"`{v}` vs plain {pair_text(rows[v]['vs_plain'])}"
+                                                       for v in ceiling) + ". "
+    if any(rows[v]["vs_plain"] and rows[v]["vs_plain"]["verdict"] == "higher" for v in ceiling):
+        stage1 += "By the rule above a static re-parameterization beats plain: stage 2 runs 5 seeds."
+    else:
+        stage1 += ("By the rule above no static re-parameterization beats plain training at this scale, so this "
+                   "study cannot show DyRep's claim either; stage 2 runs with 3 seeds, as decided before the runs.")
+    done = [v for v in STAGE2 if v in rows]
+    if not done:
+        return stage1, "**Stage 2 (DyRep)** has not started; the script resumes where it stopped."
+    parts = []
+    for v in done:
+        text = f"`{v}` vs plain {pair_text(rows[v]['vs_plain'])}"
+        if v in CONTROLS:
+            text += f", vs random sites {pair_text(rows[v]['vs_control'])}"
+        parts.append(text)
+    stage2 = "**Stage 2 (DyRep)**: " + "; ".join(parts) + "."
+    unfinished = [v for v in STAGE2 if v not in rows or len(rows[v]["seeds"]) < 3]
+    if unfinished:
+        stage2 += f" Unfinished (the script resumes them): {', '.join(unfinished)}."
+    return stage1, stage2
+
+
+def measured_on(runs: dict[str, dict[int, dict[str, Any]]]) -> str:
+    """The dates the runs started, e.g. ``2026-11-29 to 2026-11-30``."""
+    days = sorted({r["started"][:10] for mine in runs.values() for r in mine.values() if "started" in r})
+    return "" if not days else days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+
+
+def write_docs(summary: dict[str, Any], when: str, readme: Path, benchmarks_readme: Path) -> None:
+    """Replace the study's marked blocks: the full status in the benchmarks README, the verdicts in README."""
+    stage1, stage2 = stage_texts(summary)
+    status = (f"Measured {when} on a 2-core CPU machine, two runs at a time (regenerated by `--report`).\n\n"
+              f"{markdown(summary)}\n\n{stage1}\n\n{stage2}")
+    headline = (f"The reproduction study (full Fashion-MNIST with augmentation, a ten-conv network, 12 epochs, "
+                f"paired seeds, a gain claimed only beyond two standard errors; measured {when}):\n\n"
+                f"{stage1}\n\n{stage2}")
+    for path, text in ((benchmarks_readme, status), (readme, headline)):
+        doc = path.read_text()
+        if "<!-- study -->" not in doc:
+            raise SystemExit(f"{path} has no <!-- study --> ... <!-- /study --> block to fill")
+        start, end = doc.index("<!-- study -->"), doc.index("<!-- /study -->")
+        path.write_text(doc[:start] + "<!-- study -->\n" + text + "\n" + doc[end:])
+
+
 def plot(summary: dict[str, Any], path: Path) -> None:
     """Accuracy (mean ± SE of the paired difference to plain) against the CPU-time ratio to plain."""
     import matplotlib
@@ -250,10 +318,12 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def report(results: Path) -> dict[str, Any]:
-    """Write ``summary.json``, ``tables.md`` and ``study.png`` next to the runs; return the summary."""
-    summary = summarise(load_runs(results))
-    summary["recipe"] = asdict(replace(RECIPE, seed=0))
+def report(results: Path, docs: bool = False) -> dict[str, Any]:
+    """Write ``summary.json``, ``tables.md`` and ``study.png`` next to the runs (and, with ``docs``, the
+    study's blocks in README.md and benchmarks/README.md); return the summary."""
+    runs = load_runs(results)
+    summary = summarise(runs)
+    summary["recipe"] = recipe_record(RECIPE)
     net = make_net(RECIPE.width, net=RECIPE.net)
     summary["network"] = {"convs": sum(1 for m in net.modules() if m.__class__.__name__ == "Conv2d"),
                           "parameters": sum(p.numel() for p in net.parameters()),
@@ -262,6 +332,9 @@ def report(results: Path) -> dict[str, Any]:
     (results / "tables.md").write_text(markdown(summary) + "\n")
     if summary["rows"]:
         plot(summary, results / "study.png")
+    if docs:
+        root = Path(__file__).resolve().parents[1]
+        write_docs(summary, measured_on(runs), root / "README.md", root / "benchmarks" / "README.md")
     return summary
 
 
@@ -273,6 +346,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one torch thread each")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--report", action="store_true", help="only summarise the finished runs")
+    p.add_argument("--docs", action="store_true", help="with --report: fill the study blocks of the READMEs")
     p.add_argument("--smoke", action="store_true", help="a tiny recipe, results under out/study_smoke")
     return p.parse_args(argv)
 
@@ -286,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         todo = pending(variants, args.seeds, recipe, results)
         print(f"{len(todo)} runs to train ({len(variants) * len(args.seeds) - len(todo)} already done)", flush=True)
         run_all(todo, recipe, results, args.jobs)
-    summary = report(results)
+    summary = report(results, docs=args.docs and not args.smoke)
     print(markdown(summary))
     return summary
 

@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--mode", choices=["online", "dbb"], help="DyRep block mode (default online)")
     demo.add_argument("--seed", type=int)
     demo.add_argument("--width", type=int, help="channels of the first conv")
-    demo.add_argument("--variants", help="comma-separated subset of plain,dyrep,dbb")
+    demo.add_argument("--variants", help="comma-separated variants (default plain,dyrep,dbb_all; also dyrep_online, dyrep_dbb, orepa_all)")
     demo.add_argument("--out", help="output folder for report.json and demo.png (default out/demo)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_demo)

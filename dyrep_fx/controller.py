@@ -28,7 +28,6 @@ Which convs are candidates (each a stated choice with a parity setting):
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 from collections.abc import Callable, Iterable
@@ -38,14 +37,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import api, passes
-from .block import RepConv2d
+from . import structure_spec
+from .block import RepConv2d, find_blocks
 from .calibration import calibrate_batchnorms, default_forward
 from .defaults import INIT_SCALE, STD_GATE, THRESHOLD
 from .distributed import broadcast_module, check_same_on_all_ranks
 from .geometry import DYREP_KINDS
+from .handle import Handle
 from .optim_sync import GroupChooser, apply_layout, default_group, layout, sync_optimizer
 from .passes.base import PassError, Transaction
+from .passes.dep import DepCriterion
 from .saliency import DEFAULT_METRIC, SaliencyCollector, Scorer, metric_name
 
 __all__ = ["DyRep", "StepResult", "DYREP_KINDS", "NESTED_POLICIES"]
@@ -100,7 +101,7 @@ class DyRep:
             (see :mod:`dyrep_fx.saliency`).
         nested: ``"gated"``, ``"open"`` or ``"off"``: when inner kxk convs of grown branches are candidates.
         pointwise: whether 1x1 convs are candidates (the reference: no).
-        std_gate, threshold: the Dep criterion (see :func:`dyrep_fx.passes.dep.judge`).
+        std_gate, threshold: the Dep criterion (see :class:`dyrep_fx.passes.dep.DepCriterion`).
         calib_loader, calib_batches, forward_fn: dbb-mode BatchNorm calibration data (paper: 20 batches).
         group_chooser: which optimizer group a new Parameter joins (see :mod:`dyrep_fx.optim_sync`).
         seed: seeds branch initialisation per step, so runs and resumes are reproducible.
@@ -140,14 +141,16 @@ class DyRep:
         if nested not in NESTED_POLICIES:
             raise ValueError(f"nested must be one of {NESTED_POLICIES}, got {nested!r}")
         self.model = _unwrap(model)
-        self.roots: dict[str, nn.Module] = {}
+        #: One handle per target, by its qualified name ("" is the whole model).
+        self.targets: dict[str, Handle] = {}
         for prefix in ([""] if targets is None else list(targets)):
             root = self.model.get_submodule(prefix) if prefix else self.model
-            if not api.is_transformed(root):
+            if Handle.is_transformed(root):
+                self.targets[prefix] = Handle.of(root)
+            else:
                 inputs = example_inputs.get(prefix) if isinstance(example_inputs, dict) else example_inputs
-                api.transform(root, inputs, mode=mode, init_scale=init_scale)
-            self.roots[prefix] = root
-        modes = {api.state_of(root).mode for root in self.roots.values()}
+                self.targets[prefix] = Handle.transform(root, inputs, mode, init_scale=init_scale)
+        modes = {target.mode for target in self.targets.values()}
         if len(modes) != 1:
             raise ValueError(f"targets were transformed in different modes: {sorted(modes)}")
         self.mode = modes.pop()
@@ -155,7 +158,7 @@ class DyRep:
         self.interval, self.until, self.topk = interval, until, topk
         self.kinds = None if kinds is None else list(kinds)
         self.nested, self.pointwise = nested, pointwise
-        self.std_gate, self.threshold = std_gate, threshold
+        self.criterion = DepCriterion(std_gate, threshold)
         self.calib_loader, self.calib_batches, self.forward_fn = calib_loader, calib_batches, forward_fn
         self.group_chooser = group_chooser
         self.seed = seed
@@ -173,20 +176,20 @@ class DyRep:
     def _join(prefix: str, name: str) -> str:
         return f"{prefix}.{name}" if prefix else name
 
-    def _split(self, name: str) -> tuple[str, nn.Module, str]:
-        """``(prefix, root, local name)`` of a site name."""
-        for prefix in sorted(self.roots, key=len, reverse=True):
+    def _split(self, name: str) -> tuple[str, Handle, str]:
+        """``(prefix, target, local name)`` of a site name."""
+        for prefix in sorted(self.targets, key=len, reverse=True):
             if not prefix:
-                return "", self.roots[""], name
+                return "", self.targets[""], name
             if name.startswith(prefix + "."):
-                return prefix, self.roots[prefix], name[len(prefix) + 1:]
-        raise KeyError(f"{name!r} is in none of the targets {list(self.roots)}")
+                return prefix, self.targets[prefix], name[len(prefix) + 1:]
+        raise KeyError(f"{name!r} is in none of the targets {list(self.targets)}")
 
     def sites(self) -> list[Any]:
         """Every site of every target, with names relative to the model."""
         found = []
-        for prefix, root in self.roots.items():
-            for site in api.sites(root):
+        for prefix, target in self.targets.items():
+            for site in target.sites():
                 site.name = self._join(prefix, site.name)
                 found.append(site)
         return found
@@ -263,8 +266,8 @@ class DyRep:
             torch.manual_seed(self._step_seed())
             for name in targets:
                 source_weights[name] = self.model.get_submodule(name).weight
-                _, root, local = self._split(name)
-                report = api.grow(root, [local], self._kinds_for(name))
+                _, target, local = self._split(name)
+                report = target.grow([local], self._kinds_for(name))
                 if report.changed:
                     result.grown[name] = list(report.changed[local])
                     grown_blocks[name] = self.model.get_submodule(name)
@@ -275,8 +278,8 @@ class DyRep:
         for name, block in grown_blocks.items():
             self.births[name] = {"step": self.steps_done, "importance": block.importance()}
         self._sync_ema_growth(result.grown)
-        for prefix, root in self.roots.items():
-            cut_report = passes.dep.run(api.state_of(root).traced, root, cuts=cuts[prefix])
+        for prefix, target in self.targets.items():
+            cut_report = target.cut(cuts[prefix])
             for local, what in cut_report.changed.items():
                 result.cut[self._join(prefix, local)] = list(what)
         for name in result.cut:
@@ -301,11 +304,11 @@ class DyRep:
         branches as they are.
         """
         cuts: dict[str, dict[str, list[str]]] = {}
-        for prefix, root in self.roots.items():
-            verdicts = passes.dep.judge_blocks(root, std_gate=self.std_gate, threshold=self.threshold)
+        for prefix, target in self.targets.items():
+            verdicts = target.judge(self.criterion)
             cuts[prefix] = {local: v.cut for local, v in verdicts.items() if v.cut}
             for local, verdict in verdicts.items():
-                block = root.get_submodule(local)
+                block = target.module.get_submodule(local)
                 result.verdicts[self._join(prefix, local)] = {"importance": block.importance(),
                                                               **verdict.as_dict()}
         return cuts
@@ -352,7 +355,7 @@ class DyRep:
         sync_optimizer(self.optimizer, self.model, new, self.group_chooser)
 
     def _record(self, result: StepResult) -> None:
-        counts = {name: len(b.kinds) for name, b in api.blocks(self.model).items()}
+        counts = {name: len(b.kinds) for name, b in find_blocks(self.model).items()}
         ranked = sorted(result.saliency.items(), key=lambda t: (-t[1], t[0]))[:TOP_SCORES]
         event = {"unit": result.unit, "step": self.steps_done, "grown": result.grown, "cut": result.cut,
                  "branches": counts, "scores": [[name, value] for name, value in ranked],
@@ -375,21 +378,20 @@ class DyRep:
         re-balanced so the EMA function is unchanged; cuts absorb the EMA's own averaged values.
         """
         ema_module = _unwrap(ema_module)
-        for prefix, root in self.roots.items():
-            ema_root = ema_module.get_submodule(prefix) if prefix else ema_module
-            self._share_trace(root, ema_root)
-            api.restore(ema_root, api.structure(root))
+        structures = {prefix: target.structure() for prefix, target in self.targets.items()}
+        for prefix, twin in self._ema_targets(ema_module).items():
+            twin.check_structure(structures[prefix])
+        self._restore_on(ema_module, structures)
         self._emas.append(ema_module)
 
-    def _ema_root(self, ema: nn.Module, name: str) -> tuple[nn.Module, str]:
-        prefix, _, local = self._split(name)
-        return (ema.get_submodule(prefix) if prefix else ema), local
+    def _ema_targets(self, ema: nn.Module) -> dict[str, Handle]:
+        """The handles of ``ema``'s targets, sharing the live targets' traces (same architecture)."""
+        return {prefix: target.share_with(ema.get_submodule(prefix) if prefix else ema)
+                for prefix, target in self.targets.items()}
 
-    @staticmethod
-    def _share_trace(root: nn.Module, ema_root: nn.Module) -> None:
-        """An EMA copy has the live target's architecture: reuse its trace instead of tracing again."""
-        if not api.is_transformed(ema_root):
-            ema_root.__dict__[api.STATE_ATTR] = copy.deepcopy(api.state_of(root))
+    def _ema_target(self, ema: nn.Module, name: str) -> tuple[Handle, str]:
+        prefix, _, local = self._split(name)
+        return self._ema_targets(ema)[prefix], local
 
     @torch.no_grad()
     def _sync_ema_growth(self, grown: dict[str, list[str]]) -> None:
@@ -397,12 +399,12 @@ class DyRep:
         for ema in self._emas:
             for name, kinds in grown.items():
                 live = self.model.get_submodule(name)
-                ema_root, local = self._ema_root(ema, name)
+                twin, local = self._ema_target(ema, name)
                 old = ema.get_submodule(name)
                 before = old.equivalent() if isinstance(old, RepConv2d) else (old.weight, old.bias)
                 before = tuple(None if t is None else t.detach().clone() for t in before)
                 # EMA copies are often frozen (mmengine's): grow them without the eligibility check.
-                api.restore_block(ema_root, local, {"kinds": kinds}, self.mode, api.state_of(ema_root).init_scale)
+                twin.grow_entry(local, {"kinds": kinds})
                 block = ema.get_submodule(name)
                 block.requires_grad_(old.weight.requires_grad)
                 for kind in kinds:
@@ -416,15 +418,15 @@ class DyRep:
         """Cut the same branches in every EMA copy, absorbing the EMA's own averaged values."""
         for ema in self._emas:
             for name in sorted(cut, key=lambda n: -n.count(".")):
-                ema_root, local = self._ema_root(ema, name)
-                api.cut(ema_root, local, cut[name])
+                twin, local = self._ema_target(ema, name)
+                twin.cut({local: cut[name]})
                 broadcast_module(ema.get_submodule(name))
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Plain data: the structure, counters, history, interval saliency and optimizer layout."""
         return {
-            "structures": {prefix: api.structure(root) for prefix, root in self.roots.items()},
+            "structures": {prefix: target.structure() for prefix, target in self.targets.items()},
             "units": self.units,
             "steps_done": self.steps_done,
             "history": self.history,
@@ -496,8 +498,7 @@ class DyRep:
     def _restore_on_emas(self, structures: dict[str, dict[str, Any]], undo: list[Transaction]) -> None:
         """Rebuild ``structures`` on every attached EMA copy too, each recorded in ``undo``."""
         for ema in self._emas:
-            for prefix in structures:
-                self._share_trace(self.roots[prefix], ema.get_submodule(prefix) if prefix else ema)
+            self._ema_targets(ema)
             undo.append(self._restore_on(ema, structures))
 
     def _undo(self, groups: list[tuple[dict, list]], undo: list[Transaction]) -> None:
@@ -509,34 +510,34 @@ class DyRep:
             txn.rollback()
 
     def _check_structures(self, structures: dict[str, dict[str, Any]]) -> None:
-        """Everything :func:`api.restore` would refuse, for every target, before any target changes."""
-        saved, here = set(structures), set(self.roots)
+        """Everything :func:`dyrep_fx.restore` would refuse, for every target, before any target changes."""
+        saved, here = set(structures), set(self.targets)
         if saved != here:
             raise ValueError(f"checkpoint structure is for targets {sorted(saved)}, this controller has "
                              f"{sorted(here)} (only in the checkpoint: {sorted(saved - here)}, only here: "
                              f"{sorted(here - saved)})")
-        for prefix, root in self.roots.items():
+        for prefix, target in self.targets.items():
             spec, where = structures[prefix], f"target {prefix or 'model'!r}"
-            if api.blocks(root) and api.structure(root)["sites"] != spec["sites"]:
+            if target.blocks() and target.structure()["sites"] != spec["sites"]:
                 raise ValueError(f"{where} already has a different grown structure; "
                                  "load into a freshly built model")
-            if spec.get("format") != api.STRUCTURE_FORMAT or spec.get("mode") != self.mode:
+            if spec.get("format") != structure_spec.FORMAT or spec.get("mode") != self.mode:
                 raise ValueError(f"checkpoint structure of {where} is a {spec.get('format')!r} in "
                                  f"{spec.get('mode')!r} mode; this controller takes "
-                                 f"{api.STRUCTURE_FORMAT!r} in {self.mode!r} mode")
-            for name, entry in spec["sites"].items():
-                try:
-                    api.check_restorable(root, name, entry)
-                except PassError as exc:
-                    raise PassError(f"checkpoint structure of {where}: {exc}") from exc
+                                 f"{structure_spec.FORMAT!r} in {self.mode!r} mode")
+            try:
+                target.check_structure(spec)
+            except PassError as exc:
+                raise PassError(f"checkpoint structure of {where}: {exc}") from exc
 
     def _restore_on(self, model: nn.Module, structures: dict[str, dict[str, Any]]) -> Transaction:
         """Grow the checked ``structures`` on each (transformed) target of ``model``, the live model or
         an EMA copy; the returned transaction puts every replaced conv back (all targets, or none)."""
         txn = Transaction(model)
+        handles = self.targets if model is self.model else self._ema_targets(model)
         try:
             for prefix, spec in structures.items():
-                api.apply_structure(model.get_submodule(prefix) if prefix else model, spec, txn, prefix)
+                handles[prefix].apply_structure(spec, txn, prefix)
         except Exception:
             txn.rollback()
             raise

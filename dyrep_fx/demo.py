@@ -43,15 +43,18 @@ __all__ = ["DemoConfig", "make_net", "multiply_adds", "NET_LAYOUTS", "dyrep_sche
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("plain", "dyrep", "dbb")
+#: What ``dyrep-fx demo`` trains by default. Variant names are the same in the demo, the study and the
+#: benchmarks: ``plain``, ``dyrep`` (the block mode of the config), ``dyrep_online`` / ``dyrep_dbb``,
+#: ``dbb_all`` / ``orepa_all`` (every 3x3 conv grown once with DBB's / OREPA's branches, no DyRep).
+VARIANTS = ("plain", "dyrep", "dbb_all")
 #: Every variant :func:`run_variant` trains: ``(mode, static branch kinds)``; ``None`` kinds = DyRep.
 VARIANT_RECIPES: dict[str, tuple[str | None, tuple[str, ...] | None]] = {
     "plain": (None, ()),
     "dyrep": (None, None),
     "dyrep_online": ("online", None),
     "dyrep_dbb": ("dbb", None),
-    "dbb": ("dbb", DBB_KINDS),
-    "orepa": ("online", OREPA_KINDS),
+    "dbb_all": ("dbb", DBB_KINDS),
+    "orepa_all": ("online", OREPA_KINDS),
 }
 
 

@@ -8,7 +8,7 @@ reference implementation's metrics under the reference's names:
   change of zeroing one weight, so the score means the same for a conv followed by a BatchNorm and
   for an inner conv that nothing normalises (its gradient carries its branch's scale). It is invariant
   to rescaling a kernel in front of a train-mode BatchNorm (``g -> g / a``, ``w -> a w``), which leaves
-  the model's function unchanged; see the README for the measurements behind the default.
+  the model's function unchanged; see dyrep_fx/README.md for the measurements behind the default.
 * ``synflow`` (the reference's default, for parity): ``sum(grad * weight)``, signed. For a conv followed
   by a train-mode BatchNorm the loss is invariant to scaling the kernel channel by channel, so per
   output channel ``sum(grad * weight)_c = eps / (var_c + eps) * gamma_c * dL/dgamma_c`` (``var_c``: the
@@ -66,7 +66,7 @@ def grad_norm(weight: Tensor, grad: Tensor) -> Tensor:
 SCORERS: dict[str, Scorer] = {"snip": snip, "synflow": synflow, "grad_norm": grad_norm}
 #: Every metric name ``DyRep(metric=...)`` accepts.
 METRICS: tuple[str, ...] = ("snip", "synflow", "grad_norm", "random")
-#: The library's default metric (see the module docstring and README for why).
+#: The library's default metric (see the module docstring and dyrep_fx/README.md for why).
 DEFAULT_METRIC = "snip"
 
 

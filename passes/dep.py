@@ -1,9 +1,10 @@
 """Dep pass: cut branches and absorb them into the main kernel (DyRep's Dep step).
 
-Cuts are given by name, or chosen by DyRep's criterion on each block's branch importances
-(see :meth:`dyrep_fx.block.RepConv2d.importance`: the branch kernel's norm in online mode, its last
-BatchNorm's |gamma| in dbb mode, each relative to the main branch's): when the importances of a block's
-branches are spread out (std > ``std_gate``), a branch below both their mean and ``threshold`` goes.
+Cuts are given by name, or chosen by DyRep's criterion on each block's branch importances (see
+:meth:`dyrep_fx.block.RepConv2d.importance`: the branch's share of the block's kernel in online mode, its
+last BatchNorm's |gamma| relative to the main branch's in dbb mode): when the importances of a block's
+branches are spread out (std > ``std_gate``), a branch below both their mean and ``threshold`` goes
+(:class:`DepCriterion`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..defaults import STD_GATE, THRESHOLD
 from ..tracing import TracedModel
 from .base import PassError, PassReport, Transaction, get_module
 
-__all__ = ["Verdict", "judge", "select_cuts", "judge_blocks", "plan", "run"]
+__all__ = ["Verdict", "DepCriterion", "judge", "select_cuts", "judge_blocks", "plan", "run"]
 
 
 @dataclass(frozen=True)
@@ -35,46 +36,58 @@ class Verdict:
         return {"cut": list(self.cut), "std": self.std, "reason": self.reason}
 
 
-def judge(importance: Mapping[str, float], std_gate: float = STD_GATE, threshold: float = THRESHOLD) -> Verdict:
-    """DyRep's criterion on one block: kinds whose importance is below the mean and ``threshold``.
+@dataclass(frozen=True)
+class DepCriterion:
+    """DyRep's cut criterion on one block's branch importances (the reference's settings by default).
 
     Nothing is cut while the importances are not spread out (unbiased std <= ``std_gate``), which
-    protects freshly grown blocks whose branches all start at the same scale.
+    protects freshly grown blocks whose branches all start at the same share; then a branch whose
+    importance is below both their mean and ``threshold`` goes.
     """
-    if len(importance) < 2:
-        return Verdict([], 0.0, "fewer than two branches")
-    values = torch.tensor(list(importance.values()), dtype=torch.float64)
-    std = float(values.std())
-    if std <= std_gate:
-        return Verdict([], std, f"std {std:.3g} <= gate {std_gate:g}")
-    mean = float(values.mean())
-    cut = [kind for kind, v in importance.items() if v < mean and v < threshold]
-    if not cut:
-        return Verdict([], std, f"no branch below both the mean {mean:.3g} and the threshold {threshold:g}")
-    return Verdict(cut, std, f"below both the mean {mean:.3g} and the threshold {threshold:g}")
+
+    std_gate: float = STD_GATE
+    threshold: float = THRESHOLD
+
+    def judge(self, importance: Mapping[str, float]) -> Verdict:
+        """The verdict on one block's ``{kind: importance}``."""
+        if len(importance) < 2:
+            return Verdict([], 0.0, "fewer than two branches")
+        values = torch.tensor(list(importance.values()), dtype=torch.float64)
+        std = float(values.std())
+        if std <= self.std_gate:
+            return Verdict([], std, f"std {std:.3g} <= gate {self.std_gate:g}")
+        mean = float(values.mean())
+        cut = [kind for kind, v in importance.items() if v < mean and v < self.threshold]
+        below = f"below both the mean {mean:.3g} and the threshold {self.threshold:g}"
+        return Verdict(cut, std, below if cut else f"no branch {below}")
 
 
-def select_cuts(importance: Mapping[str, float], std_gate: float = STD_GATE, threshold: float = THRESHOLD) -> list[str]:
-    """The kinds :func:`judge` cuts from one block."""
-    return judge(importance, std_gate, threshold).cut
+def judge(importance: Mapping[str, float], criterion: DepCriterion = DepCriterion()) -> Verdict:
+    """``criterion.judge(importance)``: DyRep's verdict on one block."""
+    return criterion.judge(importance)
 
 
-def judge_blocks(model: nn.Module, std_gate: float = STD_GATE, threshold: float = THRESHOLD,
+def select_cuts(importance: Mapping[str, float], criterion: DepCriterion = DepCriterion()) -> list[str]:
+    """The kinds ``criterion`` cuts from one block."""
+    return criterion.judge(importance).cut
+
+
+def judge_blocks(model: nn.Module, criterion: DepCriterion = DepCriterion(),
                  protect: Sequence[str] = ()) -> dict[str, Verdict]:
-    """:func:`judge` on every block of ``model`` except those in ``protect``."""
-    return {name: judge(b.importance(), std_gate, threshold) for name, b in find_blocks(model).items()
+    """The verdict on every block of ``model`` except those in ``protect``."""
+    return {name: criterion.judge(b.importance()) for name, b in find_blocks(model).items()
             if name not in protect}
 
 
-def plan(model: nn.Module, cuts: Mapping[str, Sequence[str]] | None = None, std_gate: float = STD_GATE,
-         threshold: float = THRESHOLD, protect: Sequence[str] = ()) -> dict[str, list[str]]:
+def plan(model: nn.Module, cuts: Mapping[str, Sequence[str]] | None = None,
+         criterion: DepCriterion = DepCriterion(), protect: Sequence[str] = ()) -> dict[str, list[str]]:
     """Which kinds to cut where: ``cuts`` checked against the model, or the criterion's choice.
 
     The criterion skips the blocks named in ``protect`` (e.g. those grown a moment ago).
     """
     blocks = find_blocks(model)
     if cuts is None:
-        verdicts = judge_blocks(model, std_gate, threshold, protect)
+        verdicts = judge_blocks(model, criterion, protect)
         return {name: v.cut for name, v in verdicts.items() if v.cut}
     checked: dict[str, list[str]] = {}
     for name, kinds in cuts.items():
@@ -92,8 +105,7 @@ def run(
     model: nn.Module,
     *,
     cuts: Mapping[str, Sequence[str]] | None = None,
-    std_gate: float = STD_GATE,
-    threshold: float = THRESHOLD,
+    criterion: DepCriterion = DepCriterion(),
     protect: Sequence[str] = (),
 ) -> PassReport:
     """Cut ``cuts`` (``{site: kinds}``), or what the criterion selects; exact in eval mode, all or nothing.
@@ -101,7 +113,7 @@ def run(
     Inner blocks are cut before the blocks that contain them, so a cut never discards learned
     nested structure that the criterion keeps.
     """
-    todo = plan(model, cuts, std_gate, threshold, protect)
+    todo = plan(model, cuts, criterion, protect)
     report = PassReport("dep")
     report.details["importance"] = {name: b.importance() for name, b in find_blocks(model).items()}
     txn = Transaction(model)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.nets import SmallNet
+from helpers.numerics import rel_err
 from torch import nn
 
 import dyrep_fx
@@ -40,8 +41,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, autocast: bool) -> torch.Tensor:
     return out
 
 
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def train_and_grow(mode: str) -> list[dict[str, float]]:
@@ -64,8 +63,8 @@ def train_and_grow(mode: str) -> list[dict[str, float]]:
         if not ctl.step().grown:
             continue
         after = evaluate(model, x_eval, autocast=False)
-        records.append({"growth": relative(after, before),
-                        "bf16": relative(evaluate(model, x_eval, autocast=True), after)})
+        records.append({"growth": rel_err(after, before),
+                        "bf16": rel_err(evaluate(model, x_eval, autocast=True), after)})
     assert all(p.dtype == torch.float32 for p in model.parameters())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(nn.functional.cross_entropy(model(x_eval), torch.zeros(8, dtype=torch.long)))

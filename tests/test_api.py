@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 import torchvision
-from helpers.numerics import randomise_bns, randomise_scales
+from helpers.numerics import randomise_bns, randomise_scales, rel_err
 from torch import nn
 
 import dyrep_fx
@@ -31,9 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape
-    return float((a - b).abs().max() / b.abs().max())
 
 
 @torch.no_grad()
@@ -131,15 +128,15 @@ def test_five_line_usage_on_resnet18():
     ref = run_eval(model, X)
     dyrep_fx.transform(model)
     dyrep_fx.grow(model)
-    assert rel(run_eval(model, X), ref) <= TOL
+    assert rel_err(run_eval(model, X), ref) <= TOL
     randomise_bns(model, seed=3)
     randomise_scales(model)
     grown = run_eval(model, X)
     deploy = dyrep_fx.fold(model)
-    assert rel(run_eval(deploy, X), grown) <= TOL
+    assert rel_err(run_eval(deploy, X), grown) <= TOL
     fresh = torchvision.models.resnet18(num_classes=10).double()
     fresh.load_state_dict(deploy.state_dict(), strict=True)
-    assert rel(run_eval(fresh, X), grown) <= TOL
+    assert rel_err(run_eval(fresh, X), grown) <= TOL
     assert len(dyrep_fx.blocks(model)) == 20 and not dyrep_fx.blocks(deploy)
 
 
@@ -187,11 +184,11 @@ def test_grow_with_names_and_kinds():
     assert model.layer1[0].conv1.kinds == ["1x1", "prior"]
     site = next(s for s in dyrep_fx.sites(model) if s.name == "layer1.0.conv1")
     assert site.grown == ["1x1", "prior"] and "prior" not in site.kinds and "1x1_avg" in site.kinds
-    assert rel(run_eval(model, X), ref) <= TOL
+    assert rel_err(run_eval(model, X), ref) <= TOL
     # the rest of the kinds, by default
     report = dyrep_fx.grow(model, ["layer1.0.conv1"])
     assert model.layer1[0].conv1.kinds == ["1x1", "1x1_kxk", "1x1_avg", "1xk", "kx1", "identity", "prior"]
-    assert rel(run_eval(model, X), ref) <= TOL
+    assert rel_err(run_eval(model, X), ref) <= TOL
     # nothing left to grow there: skipped with a reason
     report = dyrep_fx.grow(model, ["layer1.0.conv1"])
     assert not report.changed and "already present" in report.skipped["layer1.0.conv1"]
@@ -227,11 +224,11 @@ def test_cut():
     assert report.changed == {"layer1.0.conv1": ["1x1", "prior"]}
     assert "layer1.0.conv1: cut 1x1, prior" in str(report)
     assert model.layer1[0].conv1.kinds == ["1x1_kxk", "1x1_avg", "1xk", "kx1", "identity"]
-    assert rel(run_eval(model, X), ref) <= TOL
+    assert rel_err(run_eval(model, X), ref) <= TOL
     # cutting every branch leaves an un-grown block with the original keys
     dyrep_fx.cut(model, "layer2.0.conv2", model.layer2[0].conv2.kinds)
     assert not model.layer2[0].conv2.grown
-    assert rel(run_eval(model, X), ref) <= TOL
+    assert rel_err(run_eval(model, X), ref) <= TOL
     sd = model.state_dict()
     assert "layer2.0.conv2.weight" in sd and not any(k.startswith("layer2.0.conv2.") and k != "layer2.0.conv2.weight"
                                                      for k in sd)
@@ -264,7 +261,7 @@ def test_structure_restore_roundtrip(mode):
     assert type(fresh) is torchvision.models.ResNet
     assert list(fresh.state_dict()) == list(model.state_dict())
     fresh.load_state_dict(model.state_dict(), strict=True)
-    assert rel(run_eval(fresh, X), ref) <= TOL
+    assert rel_err(run_eval(fresh, X), ref) <= TOL
     assert dyrep_fx.structure(fresh) == spec
 
 
@@ -305,7 +302,7 @@ def test_untraceable_submodule_becomes_leaf_and_its_convs_are_ineligible():
     report = dyrep_fx.grow(model)
     assert set(report.changed) == {"stem.0", "head.0"}
     assert isinstance(model.gate.conv, nn.Conv2d) and not isinstance(model.gate.conv, dyrep_fx.RepConv2d)
-    assert rel(run_eval(model, X), ref) <= TOL
+    assert rel_err(run_eval(model, X), ref) <= TOL
     with pytest.raises(PassError, match="gate.conv.*could not trace"):
         dyrep_fx.grow(model, ["gate.conv"])
 
@@ -367,7 +364,7 @@ def test_failed_grow_leaves_model_exactly_unchanged():
         dyrep_fx.grow(model)  # the first two sites grow, the third cannot be replaced: all is undone
     assert_unchanged(model, snap)
     assert not dyrep_fx.blocks(model)
-    assert rel(run_eval(model, X), ref) == 0.0
+    assert rel_err(run_eval(model, X), ref) == 0.0
 
 
 # -- what is not eligible, and why ----------------------------------------------------------------------
@@ -425,7 +422,7 @@ def test_tied_conv_weights_are_not_grown_in_a_way_that_changes_the_other_conv():
         assert "shared" in found["a"].reason or "tied" in found["a"].reason
         return
     dyrep_fx.grow(model, ["a"])
-    assert rel(run_eval(model, x), ref) <= TOL, "growing 'a' rewrote the weight it shares with 'b'"
+    assert rel_err(run_eval(model, x), ref) <= TOL, "growing 'a' rewrote the weight it shares with 'b'"
 
 
 class OtherConvs(nn.Module):
@@ -496,9 +493,9 @@ def test_class_methods_attributes_and_hooks_survive():
     assert isinstance(model.body[0][0], dyrep_fx.RepConv2d)
     out = run_eval(model, X)
     assert calls == ["bn", "root"]
-    assert rel(out, ref) <= TOL
+    assert rel_err(out, ref) <= TOL
     with torch.no_grad():
-        assert rel(model.features(X), ref_features) <= TOL
+        assert rel_err(model.features(X), ref_features) <= TOL
     deploy = dyrep_fx.fold(model)
     assert type(deploy) is Recorder and deploy.tag == "keep-me"
     calls.clear()
@@ -517,11 +514,11 @@ def test_fold_not_inplace_leaves_grown_model_intact():
     assert deploy is not model
     assert_unchanged(model, snap)
     assert set(dyrep_fx.blocks(model)) == {"conv1", "layer1.0.conv2", "layer3.0.downsample.0"}
-    assert rel(run_eval(model, X), ref) == 0.0
-    assert rel(run_eval(deploy, X), ref) <= TOL
+    assert rel_err(run_eval(model, X), ref) == 0.0
+    assert rel_err(run_eval(deploy, X), ref) <= TOL
     # the grown model can still be used: grow more, fold again
     dyrep_fx.grow(model, ["layer2.0.conv1"])
-    assert rel(run_eval(model, X), ref) <= TOL
+    assert rel_err(run_eval(model, X), ref) <= TOL
     assert not dyrep_fx.api.is_transformed(deploy)
 
 
@@ -534,7 +531,7 @@ def test_fold_inplace_returns_the_same_object():
     deploy = dyrep_fx.fold(model, inplace=True)
     assert deploy is model and not dyrep_fx.blocks(model)
     assert isinstance(model.layer1[1].conv1, nn.Conv2d) and model.layer1[1].conv1.bias is None
-    assert rel(run_eval(model, X), ref) <= TOL
+    assert rel_err(run_eval(model, X), ref) <= TOL
 
 
 #: One site of each geometry in resnet18: 7x7 stride 2, 3x3 with identity, 3x3 stride 2, 1x1 stride 2, 3x3.
@@ -553,12 +550,12 @@ def test_online_growth_preserves_function_in_train_mode():
     model.train()
     with torch.no_grad():
         out = model(X)
-    assert rel(out, ref) <= TOL
+    assert rel_err(out, ref) <= TOL
     # and the running statistics move the same way
     grown_buffers = dict(model.named_buffers())
     for name, value in reference.named_buffers():
         if name.endswith(("running_mean", "running_var")):
-            assert rel(grown_buffers[name], value) <= TOL, name
+            assert rel_err(grown_buffers[name], value) <= TOL, name
 
 
 def test_online_growth_preserves_gradients_of_the_input():
@@ -572,7 +569,7 @@ def test_online_growth_preserves_gradients_of_the_input():
     dyrep_fx.grow(model)
     x2 = X.clone().requires_grad_(True)
     model(x2).square().sum().backward()
-    assert rel(x2.grad, x1.grad) <= TOL
+    assert rel_err(x2.grad, x1.grad) <= TOL
 
 
 def test_dbb_growth_preserves_function_in_eval_mode():
@@ -580,7 +577,7 @@ def test_dbb_growth_preserves_function_in_eval_mode():
     ref = run_eval(model, X)
     dyrep_fx.transform(model, mode="dbb")
     dyrep_fx.grow(model, SAMPLE)
-    assert rel(run_eval(model, X), ref) <= TOL
+    assert rel_err(run_eval(model, X), ref) <= TOL
     assert set(dyrep_fx.blocks(model)) == set(SAMPLE)
     assert all(b.mode == "dbb" for b in dyrep_fx.blocks(model).values())
 
@@ -596,7 +593,7 @@ def test_hooks_on_a_grown_conv_keep_firing():
     dyrep_fx.transform(model)
     dyrep_fx.grow(model)
     seen.clear()
-    assert rel(run_eval(model, X), ref) <= TOL
+    assert rel_err(run_eval(model, X), ref) <= TOL
     assert len(seen) == 1, "the forward hook on the grown conv '1.0' no longer fires"
     deploy = dyrep_fx.fold(model)
     seen.clear()
@@ -613,6 +610,6 @@ def test_grown_model_survives_torch_save_and_load(tmp_path):
     torch.save(model, tmp_path / "grown.pt")
     loaded = torch.load(tmp_path / "grown.pt", weights_only=False)
     assert type(loaded) is torchvision.models.ResNet
-    assert rel(run_eval(loaded, X), ref) == 0.0
+    assert rel_err(run_eval(loaded, X), ref) == 0.0
     assert [s.name for s in dyrep_fx.sites(loaded)] == [s.name for s in dyrep_fx.sites(model)]
-    assert rel(run_eval(dyrep_fx.fold(loaded), X), ref) <= TOL
+    assert rel_err(run_eval(dyrep_fx.fold(loaded), X), ref) <= TOL

@@ -13,9 +13,10 @@ import math
 
 import pytest
 import torch
+from helpers.numerics import randomise_bns, rel_err
+from helpers.strategies import ConvCfg, conv_cfgs, perturb, shuffle_state
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from strategies import ConvCfg, conv_cfgs, perturb, randomize_bns, rel_err, shuffle_state
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -360,7 +361,7 @@ def test_importance_of_fresh_branches_is_init_scale(mode, init_scale):
     # After training moves everything, a second growth gives the new branches init_scale again
     # (the main scale is reset to the identity by rebalancing).
     perturb(blk)
-    randomize_bns(blk)
+    randomise_bns(blk, seed=None, signed=True)
     blk.grow(["1x1_kxk", "identity", "prior"])
     imp = blk.importance()
     assert set(imp) == set(blk.kinds)
@@ -635,7 +636,7 @@ def test_a_nested_block_survives_its_parents_cut_with_its_parameters(mode):
     inner = nest(blk, mode)
     inner.grow(["1x1", "1xk"])
     perturb(blk)
-    randomize_bns(blk)
+    randomise_bns(blk, seed=None, signed=True)
     kept = {n: (t, t.detach().clone()) for n, t in inner.state_dict(keep_vars=True).items()}
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     blk.eval()

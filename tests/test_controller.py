@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 from helpers.nets import SmallNet, set_importance
+from helpers.numerics import rel_err
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -67,8 +68,6 @@ def run_eval(model, x=X_EVAL):
         model.train(was)
 
 
-def rel_err(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 # -- when and what grows --------------------------------------------------------------------------

@@ -19,15 +19,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.numerics import randomise, randomise_bns
-from strategies import rel_err
+from helpers.numerics import randomise, randomise_bns, rel_err
 from torch import nn
 
 import dyrep_fx
 from dyrep_fx import block as block_module
 from dyrep_fx import conv_classes
 from dyrep_fx.block import RepConv2d
-from dyrep_fx.passes import PassError, fuse_bn
+from dyrep_fx.passes import PassError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -236,7 +235,7 @@ def test_weight_standardised_conv_is_refused_and_left_untouched(cls, mode, bias)
     with pytest.raises(TypeError, match=cls.__name__):
         RepConv2d(model.conv)
     # Nor is BatchNorm fused into it: the fused kernel would be standardised again.
-    report = fuse_bn.run(dyrep_fx.api.state_of(model).traced, model)
+    report = dyrep_fx.fuse_bn(model)
     assert not report.changed and cls.__name__ in report.skipped["conv"]
     assert_untouched(model, before)
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.numerics import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import rel_err
 from torch import nn
 
 from dyrep_fx.kernels import (

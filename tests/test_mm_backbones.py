@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.numerics import randomise
+from helpers.numerics import randomise, rel_err
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -55,7 +55,7 @@ def features(model: nn.Module) -> tuple[torch.Tensor, ...]:
 
 def max_rel(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> float:
     assert len(a) == len(b) == 4
-    return max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(a, b))
+    return max(rel_err(x, y) for x, y in zip(a, b))
 
 
 def frozen_names(model: nn.Module, kind: str) -> list[str]:

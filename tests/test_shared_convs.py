@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from helpers.numerics import rel_err
 from torch import nn
 
 import dyrep_fx
@@ -41,8 +42,6 @@ def data(i: int):
     return torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 4, (4,), generator=g)
 
 
-def rel(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max().detach())
 
 
 def shuffled(model):
@@ -72,10 +71,10 @@ def test_a_conv_called_three_times_grows_trains_and_folds_exactly(mode):
     report = dyrep_fx.grow(model, ["shared"], list(DYREP_KINDS))
     assert "shared" in report.changed
     shuffled_block = model.shared
-    assert rel(model(x), before) < 1e-12
+    assert rel_err(model(x), before) < 1e-12
     if mode == "online":  # online blocks keep the function in train mode too
         f = torch.randn(2, 6, 5, 5, dtype=torch.float64)
-        assert rel(model.shared.train()(f), conv(f)) < 1e-12
+        assert rel_err(model.shared.train()(f), conv(f)) < 1e-12
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for i in range(3):
@@ -88,10 +87,10 @@ def test_a_conv_called_three_times_grows_trains_and_folds_exactly(mode):
     trained = model(x)
     deploy = dyrep_fx.fold(model)
     assert type(deploy.shared) is nn.Conv2d
-    assert rel(deploy(x), trained) < 1e-12
+    assert rel_err(deploy(x), trained) < 1e-12
     fresh = Siamese().double()
     fresh.load_state_dict(deploy.state_dict(), strict=True)
-    assert rel(fresh.eval()(x), trained) < 1e-12
+    assert rel_err(fresh.eval()(x), trained) < 1e-12
 
 
 def count_assemblies(monkeypatch) -> list[int]:
@@ -170,6 +169,6 @@ def test_a_kept_kernel_never_outlives_a_parameter_change():
     changed = model(x)
     with torch.no_grad():
         reference = model(x)  # no kept kernel without gradients
-    assert rel(changed, reference) < 1e-14 and rel(changed, out) > 1e-6
+    assert rel_err(changed, reference) < 1e-14 and rel_err(changed, out) > 1e-6
     clone = copy.deepcopy(model)  # the kept (non-leaf) kernel is not copied
     assert "_kernel_cache" not in clone.shared.__dict__

@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 import torch
 import torchvision
+from helpers.numerics import randomise_bns, rel_err
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -125,20 +126,15 @@ def _reference(name: str, model: nn.Module, kwargs: dict[str, Any], gen: torch.G
                 raise
 
 
-# -- randomisation and comparison -----------------------------------------------------------------------
+# -- randomisation --------------------------------------------------------------------------------------
 @torch.no_grad()
-def _randomise_bns(model: nn.Module, gen: torch.Generator) -> int:
+def _randomise_zero_linears(model: nn.Module, gen: torch.Generator) -> int:
+    """Random weights for zero-initialised linear layers (torchvision's ViT heads), whose all-zero logits
+    would make every comparison of outputs vacuous."""
     count = 0
     for m in model.modules():
-        if isinstance(m, _BatchNorm) and m.running_mean is not None:
-            def rand(t, lo, hi):
-                return t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype) * (hi - lo) + lo)
-
-            rand(m.running_mean, -0.5, 0.5)
-            rand(m.running_var, 0.5, 2.0)
-            if m.affine:
-                rand(m.weight, 0.5, 1.5)
-                rand(m.bias, -0.5, 0.5)
+        if isinstance(m, nn.Linear) and not m.weight.any():
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen, dtype=m.weight.dtype) * 0.02)
             count += 1
     return count
 
@@ -154,10 +150,6 @@ def _randomise_scales(model: nn.Module, gen: torch.Generator) -> None:
                 branch.scale.copy_(torch.rand(branch.scale.shape, generator=gen, dtype=torch.float64) * 0.2 - 0.1)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
 @torch.no_grad()
@@ -213,7 +205,9 @@ def _run(name: str, mode: str, info: dict[str, Any]) -> None:
     kwargs = _builder_kwargs(name)
     model = _build(name, kwargs)
     gen = torch.Generator().manual_seed(1)
-    n_bns = _randomise_bns(model, gen)
+    n_bns = sum(isinstance(m, _BatchNorm) and m.running_mean is not None for m in model.modules())
+    randomise_bns(model, seed=1)
+    _randomise_zero_linears(model, gen)
     original_keys = list(model.state_dict().keys())
     original_class = type(model)
     x, ref = _reference(name, model, kwargs, gen)
@@ -258,12 +252,12 @@ def _run(name: str, mode: str, info: dict[str, Any]) -> None:
     info["grow_s"] = round(time.perf_counter() - t_grow, 2)
     grown_out = _eval_out(model, x)
     info["grown_fwd_s"] = round(time.perf_counter() - t_grow - info["grow_s"], 2)
-    info["grow_rel"] = _rel(grown_out, ref)
+    info["grow_rel"] = rel_err(grown_out, ref)
     assert info["grow_rel"] <= TOL, f"{name} ({mode}): growth changed the function: {info['grow_rel']:.3g}"
     del grown_out, ref
 
     # 2. move the grown model away from the original, then fold: exact.
-    _randomise_bns(model, gen)
+    randomise_bns(model, seed=2)
     _randomise_scales(model, gen)
     grown_ref = _eval_out(model, x)
     big = sum(p.numel() for p in model.parameters()) > BIG_MODEL
@@ -276,7 +270,7 @@ def _run(name: str, mode: str, info: dict[str, Any]) -> None:
     assert not dyrep_fx.blocks(folded)
     assert type(folded) is original_class
     assert list(folded.state_dict().keys()) == original_keys
-    info["fold_rel"] = _rel(_eval_out(folded, x), grown_ref)
+    info["fold_rel"] = rel_err(_eval_out(folded, x), grown_ref)
     assert info["fold_rel"] <= TOL, f"{name} ({mode}): fold changed the function: {info['fold_rel']:.3g}"
     folded_state = folded.state_dict()
     del folded
@@ -286,7 +280,7 @@ def _run(name: str, mode: str, info: dict[str, Any]) -> None:
     fresh = _build(name, kwargs, fresh=True)
     fresh.load_state_dict(folded_state, strict=True)
     del folded_state
-    info["fresh_rel"] = _rel(_eval_out(fresh, x), grown_ref)
+    info["fresh_rel"] = rel_err(_eval_out(fresh, x), grown_ref)
     assert info["fresh_rel"] <= TOL, f"{name} ({mode}): fresh instance differs: {info['fresh_rel']:.3g}"
     info["seconds"] = round(time.perf_counter() - t0, 2)
     info["cpu_seconds"] = round(time.process_time() - c0, 2)

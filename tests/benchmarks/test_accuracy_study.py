@@ -40,6 +40,14 @@ def test_a_run_of_another_recipe_stops_the_study(study, tmp_path):
         study.pending(["plain"], [0], study.RECIPE, tmp_path)
 
 
+def test_runs_saved_with_the_old_demo_variant_list_still_count(study, tmp_path):
+    # a study run trains one variant by name; the demo's default variant list is not part of its recipe
+    record = {**study.recipe_record(study.RECIPE), "variants": ["plain", "dyrep", "dbb"]}
+    run = {"study_variant": "plain", "seed": 0, "recipe": record, "test_acc": 0.9}
+    study.write_json(study.run_path(tmp_path, "plain", 0), run)
+    assert study.pending(["plain"], [0], study.RECIPE, tmp_path) == []
+
+
 def test_the_seed_is_not_part_of_the_recipe(study):
     assert study.recipe_record(replace(study.RECIPE, seed=3)) == study.recipe_record(study.RECIPE)
     assert "seed" in json.dumps(study.recipe_record(study.RECIPE))  # kept, but always as 0
@@ -65,3 +73,26 @@ def test_pairs_use_only_shared_seeds(study):
     result = study.paired(mine, base)
     assert result["seeds"] == [0, 1]
     assert result["mean"] == pytest.approx(1.0)
+
+
+def test_report_fills_only_the_marked_blocks_and_states_the_verdicts(study, tmp_path):
+    runs = {"plain": {s: {"test_acc": 0.90} for s in range(3)},
+            "dbb_all": {s: {"test_acc": 0.905 + 0.001 * s} for s in range(3)},
+            "orepa_all": {s: {"test_acc": 0.90 + 0.001 * (s - 1)} for s in range(3)}}
+    rows = [{"variant": v, "seeds": [0, 1, 2], "vs_plain": study.paired(r, runs["plain"]) if v != "plain" else None,
+             "vs_control": None} for v, r in runs.items()]
+    stage1, stage2 = study.stage_texts({"rows": rows})
+    assert "`dbb_all` vs plain +0.60 ± 0.06 points over 3 seeds (higher)" in stage1
+    assert "`orepa_all` vs plain +0.00 ± 0.06 points over 3 seeds (no difference)" in stage1
+    assert "stage 2 runs 5 seeds" in stage1 and "has not started" in stage2
+    readme, bench = tmp_path / "README.md", tmp_path / "bench.md"
+    readme.write_text("before\n<!-- study -->\nold\n<!-- /study -->\nafter\n")
+    bench.write_text("no block here\n")
+    with pytest.raises(SystemExit, match="no <!-- study -->"):
+        study.write_docs({"rows": []}, "2026-11-30", readme, bench)
+    bench.write_text("<!-- study -->\n<!-- /study -->\n")
+    monkey_rows = {"rows": []}
+    study.write_docs(monkey_rows, "2026-11-30", readme, bench)
+    text = readme.read_text()
+    assert text.startswith("before\n<!-- study -->\nThe reproduction study") and text.endswith("<!-- /study -->\nafter\n")
+    assert "old" not in text and "measured 2026-11-30" in text

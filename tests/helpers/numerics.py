@@ -1,4 +1,5 @@
-"""Randomising BatchNorm statistics and block scales, so that exactness checks cannot pass by accident."""
+"""The suite's one error measure, and randomising BatchNorms and block scales so that exactness checks
+cannot pass by accident."""
 
 from __future__ import annotations
 
@@ -9,14 +10,25 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import dyrep_fx
 
 
-def _fill(t: torch.Tensor, gen: torch.Generator, lo: float, hi: float) -> None:
-    t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype) * (hi - lo) + lo)
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max|a - b| / max|b|``: the error measure every exactness check in the suite uses."""
+    assert a.shape == b.shape, f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"
+    assert torch.isfinite(a).all() and torch.isfinite(b).all(), "non-finite values"
+    scale = b.detach().abs().max()
+    assert scale > 0, "reference is identically zero; the comparison would be vacuous"
+    return float((a.detach() - b.detach()).abs().max() / scale)
+
+
+def _fill(t: torch.Tensor, gen: torch.Generator | None, lo: float, hi: float) -> None:
+    t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype, device=t.device) * (hi - lo) + lo)
 
 
 @torch.no_grad()
-def randomise_bns(model: nn.Module, seed: int = 0) -> None:
-    """Every BatchNorm: running mean in [-0.5, 0.5), var in [0.5, 2), weight in [0.5, 1.5), bias in [-0.5, 0.5)."""
-    gen = torch.Generator().manual_seed(seed)
+def randomise_bns(model: nn.Module, seed: int | None = 0, signed: bool = False) -> None:
+    """Every BatchNorm: running mean in [-0.5, 0.5), var in [0.5, 2), |weight| in [0.5, 1.5) (with random
+    signs when ``signed``), bias in [-0.5, 0.5). ``seed=None`` draws from the global RNG (hypothesis
+    tests seed that)."""
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, _BatchNorm):
             if m.track_running_stats:
@@ -24,6 +36,8 @@ def randomise_bns(model: nn.Module, seed: int = 0) -> None:
                 _fill(m.running_var, gen, 0.5, 2.0)
             if m.affine:
                 _fill(m.weight, gen, 0.5, 1.5)
+                if signed:
+                    m.weight.mul_(torch.randint(0, 2, m.weight.shape, generator=gen).to(m.weight) * 2 - 1)
                 _fill(m.bias, gen, -0.5, 0.5)
 
 

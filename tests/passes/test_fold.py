@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.numerics import randomise
+from helpers.numerics import randomise, rel_err
 from torch import nn
 
 import dyrep_fx
@@ -28,8 +28,6 @@ def out(model: nn.Module, x: torch.Tensor = X) -> torch.Tensor:
         return model(x)
 
 
-def rel(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 class TaggedConv(nn.Conv2d):
@@ -70,12 +68,12 @@ def test_fold_is_exact_and_restores_the_original_architecture(mode):
     randomise(model)
     ref0 = out(model)
     dyrep_fx.grow(model)
-    assert rel(out(model), ref0) <= TOL
+    assert rel_err(out(model), ref0) <= TOL
     randomise(model, seed=1)
     ref = out(model)
     means = {n: model.get_submodule(n).running_mean.clone() for n in ["bn1", "bn2"]}
     folded = dyrep_fx.fold(model)
-    assert rel(out(folded), ref) <= TOL
+    assert rel_err(out(folded), ref) <= TOL
     assert list(folded.state_dict()) == keys
     assert type(folded.c1) is nn.Conv2d and type(folded.c2) is TaggedConv and folded.c2.describe() == "tagged (3, 3)"
     assert folded.c1.bias is None and folded.c2.bias is None and folded.c3.bias is not None
@@ -84,7 +82,7 @@ def test_fold_is_exact_and_restores_the_original_architecture(mode):
         assert getattr(folded.c3, attr) == getattr(BiasFree().c3, attr), attr
     fresh = BiasFree().double()
     fresh.load_state_dict(folded.state_dict(), strict=True)
-    assert rel(out(fresh), ref) <= TOL
+    assert rel_err(out(fresh), ref) <= TOL
     # dbb mode: the bias the branches bring went into the following BN's running mean
     for n in ["bn1", "bn2"]:
         changed = not torch.equal(folded.get_submodule(n).running_mean, means[n])
@@ -113,7 +111,7 @@ def test_fold_absorbs_dbb_bias_into_bn_exactly_in_eval_mode():
     assert model[0].equivalent()[1].abs().max() > 0  # dbb: the block has a bias for the BN to absorb
     folded = dyrep_fx.fold(model)
     assert list(folded.state_dict()) == keys and folded[0].bias is None
-    assert rel(out(folded), ref) <= TOL
+    assert rel_err(out(folded), ref) <= TOL
     # the grown model is still dbb with its main BN
     assert model[0].mode == "dbb" and hasattr(model[0], "main_bn")
 
@@ -129,7 +127,7 @@ def test_fold_nested_and_partly_cut_blocks():
     assert set(report.changed) == {"c1", "c2"} and report.changed["c2"] == []
     assert report.describe("c2") == "folded nothing"
     assert not dyrep_fx.blocks(model) and list(model.state_dict()) == keys
-    assert rel(out(model), ref) <= TOL
+    assert rel_err(out(model), ref) <= TOL
 
 
 def test_fold_keeps_training_flags_and_requires_grad():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.nets import set_importance as set_block_importance
-from helpers.numerics import randomise_bns
+from helpers.numerics import randomise_bns, rel_err
 from torch import nn
 
 import dyrep_fx
@@ -47,8 +47,6 @@ def out(model: nn.Module) -> torch.Tensor:
         return model(X)
 
 
-def rel(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def traced(model: nn.Module):
@@ -87,7 +85,7 @@ def test_rep_run_report_and_new_modules(mode):
             assert torch.equal(branch.gamma().detach(), torch.full((6,), 0.05, dtype=torch.float64))
     assert isinstance(model.a, dyrep_fx.RepConv2d) and model.a.branches["1x1"] is new["a"][0]
     assert type(model.b) is nn.Conv2d
-    assert rel(out(model), ref) <= TOL
+    assert rel_err(out(model), ref) <= TOL
     # a site that has every kind already is skipped with a reason, the others grow
     report = rep.run(traced(model), model, names=["pw", "b"], mode=mode)
     assert "already present" in report.skipped["pw"] and "b" in report.changed
@@ -121,8 +119,8 @@ def test_select_cuts_criterion(importance, expected):
 def test_select_cuts_parameters():
     imp = {"1x1": 0.15, "prior": 0.6, "1xk": 0.7}
     assert dep.select_cuts(imp) == []
-    assert dep.select_cuts(imp, threshold=0.2) == ["1x1"]
-    assert dep.select_cuts(imp, std_gate=0.5, threshold=0.2) == []
+    assert dep.select_cuts(imp, dep.DepCriterion(threshold=0.2)) == ["1x1"]
+    assert dep.select_cuts(imp, dep.DepCriterion(std_gate=0.5, threshold=0.2)) == []
 
 
 # -- dep: run -------------------------------------------------------------------------------------------
@@ -146,7 +144,7 @@ def test_dep_run_with_criterion(mode):
     assert report.details["importance"]["a"]["1x1"] == pytest.approx(0.01)
     assert report.details["importance"]["b"] == {k: pytest.approx(0.01) for k in model.b.kinds}
     assert model.a.kinds == ["1x1_kxk", "1xk", "kx1", "prior"]
-    assert rel(out(model), ref) <= TOL
+    assert rel_err(out(model), ref) <= TOL
     # surviving branches keep their parameters
     assert torch.equal(model.a.branches["1xk"].gamma().detach(), kept_1xk)
     # a second run finds nothing more to cut in a (spread, but nothing below 0.1), nothing in b
@@ -164,7 +162,7 @@ def test_dep_run_named_cuts_inner_before_outer():
     report = dep.run(traced(model), model, cuts={"b": ["1x1_kxk"], "b.branches.1x1_kxk.conv2": ["kx1"]})
     assert list(report.changed) == ["b.branches.1x1_kxk.conv2", "b"]
     assert model.b.kinds == ["1x1"] and "1x1_kxk" not in model.b.branches
-    assert rel(out(model), ref) <= TOL
+    assert rel_err(out(model), ref) <= TOL
 
 
 def test_dep_plan_errors_and_atomicity():

@@ -1,4 +1,4 @@
-"""Hypothesis strategies and small numerical helpers shared by ``test_kernels.py`` and ``test_block.py``."""
+"""Hypothesis strategies (conv configurations) and state shufflers shared by the kernel and block tests."""
 
 from __future__ import annotations
 
@@ -9,15 +9,9 @@ from hypothesis import assume
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from .numerics import randomise_bns
+
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    """``max|a - b| / max|b|``: the error measure every exactness check in the suite uses."""
-    assert a.shape == b.shape, f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"
-    scale = b.detach().abs().max()
-    assert scale > 0, "reference output is identically zero; the comparison would be vacuous"
-    return float((a.detach() - b.detach()).abs().max() / scale)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -128,19 +122,6 @@ def conv_cfgs(
 
 
 @torch.no_grad()
-def randomize_bns(module: nn.Module) -> None:
-    """Random running statistics and affine parameters for every BatchNorm in ``module``."""
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-1.0, 1.0)
-            m.running_var.uniform_(0.5, 2.0)
-            if m.weight is not None:
-                sign = torch.randint(0, 2, m.weight.shape, dtype=m.weight.dtype) * 2 - 1
-                m.weight.copy_(sign * torch.empty_like(m.weight).uniform_(0.5, 1.5))
-                m.bias.uniform_(-1.0, 1.0)
-
-
-@torch.no_grad()
 def perturb(module: nn.Module, amount: float = 0.1) -> None:
     """Move every parameter by ``amount * N(0, 1)``, as a training step would."""
     for p in module.parameters():
@@ -149,5 +130,5 @@ def perturb(module: nn.Module, amount: float = 0.1) -> None:
 
 def shuffle_state(module: nn.Module) -> None:
     """Randomise BatchNorm statistics and perturb all parameters."""
-    randomize_bns(module)
+    randomise_bns(module, seed=None, signed=True)
     perturb(module)
