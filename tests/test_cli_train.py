@@ -32,7 +32,7 @@ SMALL = ["val_cfg=None", "val_dataloader=None", "val_evaluator=None", "train_dat
 
 @pytest.fixture(scope="module")
 def deepforest_root(tmp_path_factory) -> Path:
-    from dyrep_fx.mm.datasets import deepforest_coco
+    from dyrep_fx.datasets import deepforest_coco
 
     return deepforest_coco(tmp_path_factory.mktemp("deepforest_coco"))
 

@@ -22,6 +22,12 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 PLAIN_PARAMS = sum(p.numel() for p in make_net(8).parameters())
 THREE_BY_THREE = ["0", "3", "7", "10", "14"]  # the convs of make_net
+#: The fold is exact in real arithmetic; in float32 the grown and the folded net round differently. Logits
+#: of this setting are below ~1.2 (float32 spacing 1.2e-7 in [1, 2)); measured: at most 2.4e-7 (dbb_all;
+#: 0 in online mode, which runs the folded kernel itself), so 2e-6 leaves a few times that. A fold that
+#: ignored BatchNorm's eps (1e-5) is off by 1.9e-5 (dyrep_dbb) and 5.7e-5 (dbb_all): the 2e-5 allowed
+#: before let the first through.
+FOLD_TOL = 2e-6
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +47,12 @@ def test_every_variant_folds_back_exactly(runs: dict[str, dict], variant: str) -
     run = runs[variant]
     assert run["params_folded"] == PLAIN_PARAMS
     assert run["params_training_peak"] > PLAIN_PARAMS
-    assert run["fold_max_abs_error"] < 2e-5  # float32 logits of magnitude ~1-10: rounding of the fold
+    assert run["fold_max_abs_error"] <= FOLD_TOL
     # the folded weights, loaded strictly into a fresh make_net, classify like the trained model
     assert abs(run["folded_test_acc"] - run["test_acc"]) <= 0.002
 
 
-@pytest.mark.parametrize(("variant", "kinds"), [("dbb", DBB_KINDS), ("orepa", OREPA_KINDS)])
+@pytest.mark.parametrize(("variant", "kinds"), [("dbb_all", DBB_KINDS), ("orepa_all", OREPA_KINDS)])
 def test_static_variants_grow_every_3x3_conv(runs: dict[str, dict], variant: str, kinds: tuple[str, ...]) -> None:
     structure = runs[variant]["final_structure"]
     assert sorted(structure) == sorted(THREE_BY_THREE)

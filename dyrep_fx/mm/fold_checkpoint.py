@@ -8,7 +8,9 @@ unmodified config.
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,10 +20,10 @@ from mmengine.utils import import_modules_from_strings
 from torch import nn
 
 from .. import api
-from .checkpoint import load_mmengine_checkpoint
-from .hook import STATE_KEY, fold_targets
+from .checkpoint import STATE_KEY, load_mmengine_checkpoint
+from .wrappers import unwrap
 
-__all__ = ["build_model_from_config", "fold_checkpoint", "weights_of"]
+__all__ = ["build_model_from_config", "fold_checkpoint", "fold_targets", "weights_of"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,16 @@ def build_model_from_config(config: str | Config) -> nn.Module:
         import_modules_from_strings(**cfg["custom_imports"])
     init_default_scope(cfg.get("default_scope", "mmdet"))
     return MODELS.build(cfg.model)
+
+
+def fold_targets(model: nn.Module, targets: Sequence[str]) -> nn.Module:
+    """A deep copy of ``model`` with every transformed target folded back to its original architecture."""
+    deploy = copy.deepcopy(unwrap(model))
+    for name in targets:
+        target = deploy.get_submodule(name)
+        if api.is_transformed(target):
+            api.fold(target, inplace=True)
+    return deploy
 
 
 def weights_of(checkpoint: dict, use_ema: bool) -> dict[str, torch.Tensor]:

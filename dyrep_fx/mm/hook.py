@@ -16,170 +16,42 @@ Events used:
   controller; attach the EMA model of an ``EMAHook``;
 * ``after_train_iter`` / ``after_train_epoch``: one controller step per unit; after a change the
   optimizer is updated in place (honouring ``paramwise_cfg``; new groups join the parameter
-  schedules where they are) and a DDP wrapper is rebuilt from ``model_wrapper_cfg``;
+  schedules where they are) and a DDP wrapper is rebuilt from ``model_wrapper_cfg``, its train step
+  compiled again when the config sets ``compile``;
 * ``before_save_checkpoint``: put the structure and controller state into the checkpoint;
 * ``after_run``: fold and save a deploy checkpoint that loads strictly into the unmodified config.
 
 Saliency never needs ``after_train_iter``'s gradients (mmengine zeroes them inside
 ``update_params``): the controller reads them in an optimizer step pre-hook, unscaled under AMP.
+
+The pieces the events use live beside the hook: :mod:`~dyrep_fx.mm.inputs` (side loader, example inputs),
+:mod:`~dyrep_fx.mm.optim` (``paramwise_cfg`` groups, schedulers), :mod:`~dyrep_fx.mm.wrappers` (DDP
+rebuild, ``compile``), :mod:`~dyrep_fx.mm.checkpoint` (the checkpoint entry, loading) and
+:mod:`~dyrep_fx.mm.fold_checkpoint` (folding the targets).
 """
 
 from __future__ import annotations
 
-import copy
 import os.path as osp
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from mmengine.dist import is_main_process
 from mmengine.hooks import EMAHook, Hook
-from mmengine.model import is_model_wrapper
-from mmengine.registry import HOOKS, OPTIM_WRAPPER_CONSTRUCTORS
+from mmengine.registry import HOOKS
 from torch import nn
-from torch.utils.data import DataLoader
 
 from .. import api
 from ..controller import DYREP_KINDS, DyRep
 from ..defaults import INIT_SCALE, STD_GATE, THRESHOLD
 from ..saliency import DEFAULT_METRIC
-from ..tracing import set_training_flags
-from .checkpoint import mmengine_checkpoint_loading
+from .checkpoint import STATE_KEY, is_resuming, scope_checkpoint_loading
+from .fold_checkpoint import fold_targets
+from .inputs import capture_target_inputs, mm_forward, side_loader
+from .optim import cover_new_groups, paramwise_chooser
+from .wrappers import rebuild_ddp, unwrap
 
-__all__ = ["DyRepHook", "capture_target_inputs", "is_resuming", "scope_checkpoint_loading"]
-
-STATE_KEY = "dyrep_fx"
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if is_model_wrapper(model) else model
-
-
-def mm_forward(model: nn.Module, batch: Any) -> Any:
-    """Forward an mmengine data batch through the model in ``tensor`` mode (for BN calibration)."""
-    data = model.data_preprocessor(batch, True)
-    return model(**data, mode="tensor")
-
-
-def _recording_forward(forward: Callable[..., Any], name: str, captured: dict[str, tuple]) -> Callable[..., Any]:
-    def record(*args: Any, **kwargs: Any) -> Any:
-        captured.setdefault(name, tuple(args))
-        return forward(*args, **kwargs)
-
-    return record
-
-
-def capture_target_inputs(model: nn.Module, batch: Any, targets: Sequence[str],
-                          forward_fn: Callable[[nn.Module, Any], Any] = mm_forward) -> dict[str, tuple]:
-    """The positional inputs each target submodule receives on one batch (eval mode, no grad).
-
-    ``forward_fn(model, batch)`` runs the model (default: :func:`mm_forward`). The heads of mmdet's and
-    mmseg's ``mode='tensor'`` path are called as ``head.forward(x)``, which runs no forward hooks, so each
-    target's ``forward`` is wrapped on the instance for this one pass (and put back afterwards). A target
-    the pass does not reach is missing from the result.
-    """
-    captured: dict[str, tuple] = {}
-    patched: list[tuple[nn.Module, Any]] = []
-    try:
-        for name in targets:
-            module = model.get_submodule(name)
-            patched.append((module, module.__dict__.get("forward")))
-            module.forward = _recording_forward(module.forward, name, captured)
-        flags = set_training_flags(model, False)
-        try:
-            with torch.no_grad():
-                forward_fn(model, batch)
-        finally:
-            set_training_flags(model, flags)
-    finally:
-        for module, own in reversed(patched):
-            if own is None:
-                del module.forward
-            else:
-                module.forward = own
-    return captured
-
-
-def side_loader(loader: DataLoader, seed: int = 0) -> DataLoader:
-    """A second loader over the training set, for the example batch and BN calibration.
-
-    Iterating the runner's own loader outside its loop would break it: mmengine's
-    ``InfiniteSampler`` yields from one generator for the whole run, and a dropped iterator closes it.
-    """
-    batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", 1)
-    return DataLoader(loader.dataset, batch_size=batch_size, shuffle=True, num_workers=0,
-                      collate_fn=loader.collate_fn, generator=torch.Generator().manual_seed(seed))
-
-
-class _ParamwiseChooser:
-    """Put each new Parameter in its own group built by the config's optimizer constructor.
-
-    mmengine builds one group per Parameter when ``paramwise_cfg`` is set (``norm_decay_mult``,
-    ``bias_decay_mult``, ``custom_keys``...); new Parameters get the same treatment. Branch scales
-    stand in for the BatchNorm gammas of DBB, so they take ``norm_decay_mult`` like norm weights.
-    The new group then joins the schedules where the group of the conv it grew from has got to.
-    """
-
-    def __init__(self, optim_wrapper_cfg: dict) -> None:
-        cfg = copy.deepcopy(dict(optim_wrapper_cfg))
-        self.paramwise_cfg = cfg.pop("paramwise_cfg", None) or {}
-        ctor_type = cfg.pop("constructor", "DefaultOptimWrapperConstructor")
-        self.constructor = OPTIM_WRAPPER_CONSTRUCTORS.build(
-            dict(type=ctor_type, optim_wrapper_cfg=cfg, paramwise_cfg=self.paramwise_cfg))
-
-    def __call__(self, optimizer, model, name, param, source_weight) -> int:
-        owner_name = name.rpartition(".")[0]
-        owner = model.get_submodule(owner_name) if owner_name else model
-        groups: list[dict] = []
-        self.constructor.add_params(groups, owner, prefix=owner_name)
-        group = next(g for g in groups if g["params"][0] is param)
-        norm_mult = self.paramwise_cfg.get("norm_decay_mult")
-        if name.rpartition(".")[2] in ("scale", "main_scale") and norm_mult is not None \
-                and self.constructor.base_wd is not None:
-            group["weight_decay"] = self.constructor.base_wd * norm_mult
-        group["params"] = []
-        optimizer.add_param_group(group)  # fills in the optimizer's defaults (the base lr...)
-        ref = next((g for g in optimizer.param_groups if any(p is source_weight for p in g["params"])),
-                   optimizer.param_groups[0])
-        _follow_schedules(optimizer.param_groups[-1], ref)
-        return len(optimizer.param_groups) - 1
-
-
-def _follow_schedules(group: dict, ref: dict) -> None:
-    """Give a group added mid-run the values mmengine's parameter schedulers would have given it by now.
-
-    A scheduler keeps each group's starting value as ``initial_<name>`` and updates the current value
-    relative to itself (warm-up factors, decay steps), so a group built from the config's base values
-    would otherwise run at the base lr (say 10x the decayed one) or warm up all over again. The group's
-    values are scaled by ``ref``'s progress (current / initial) and its base values become its initial ones.
-    """
-    for key in [k for k in ref if k.startswith("initial_")]:
-        name = key[len("initial_"):]
-        if name in group and key not in group:
-            group[key] = group[name]
-            if ref[key]:
-                group[name] = group[name] * ref[name] / ref[key]
-
-
-def _cover_new_groups(runner) -> None:
-    """Schedulers that keep one base value per group (cosine annealing) must know the groups added since.
-
-    They pair ``base_values`` with the groups of what they schedule by position, and mmengine's
-    ``OptimWrapper`` lists its ``base_param_settings`` after the optimizer's own groups, so the values
-    are rebuilt in that order from each group's ``initial_<name>`` (what they were first built from).
-    """
-    schedulers = runner.param_schedulers or []
-    if isinstance(schedulers, dict):
-        schedulers = [s for group in schedulers.values() for s in group]
-    wrapper = runner.optim_wrapper
-    for scheduler in schedulers:
-        target = getattr(scheduler, "optimizer", None)
-        if target not in (wrapper, wrapper.optimizer) or not hasattr(scheduler, "base_values"):
-            continue
-        groups = target.param_groups
-        if len(scheduler.base_values) != len(groups):
-            key = f"initial_{scheduler.param_name}"
-            scheduler.base_values = [g.get(key, g[scheduler.param_name]) for g in groups]
+__all__ = ["DyRepHook"]
 
 
 @HOOKS.register_module()
@@ -254,14 +126,13 @@ class DyRepHook(Hook):
     def _controller(self, runner) -> DyRep:
         if self.controller is not None:
             return self.controller
-        model = _unwrap(runner.model)
+        model = unwrap(runner.model)
         missing = [t for t in self.targets if not hasattr(model, t.split(".")[0])]
         if missing:
             raise ValueError(f"DyRepHook targets {missing} are not submodules of {type(model).__name__}")
         side = side_loader(runner.train_dataloader, self.options["seed"])
         inputs = capture_target_inputs(model, next(iter(side)), self.targets)
-        optim_cfg = runner.cfg.get("optim_wrapper") or {}
-        chooser = _ParamwiseChooser(optim_cfg) if optim_cfg.get("paramwise_cfg") else None
+        chooser = paramwise_chooser(runner.cfg.get("optim_wrapper"))
         extra = {"group_chooser": chooser} if chooser is not None else {}
         self.controller = DyRep(model, runner.optim_wrapper.optimizer, targets=self.targets,
                                 example_inputs=inputs, calib_loader=side,
@@ -312,7 +183,7 @@ class DyRepHook(Hook):
             raise ValueError(f"DyRepHook (targets {self.targets}, {ctl.mode} mode): the checkpoint's "
                              f"{STATE_KEY!r} state does not fit this config, nothing was changed: "
                              f"{exc}") from exc
-        _cover_new_groups(runner)  # a resume then loads the schedulers' saved state over this
+        cover_new_groups(runner)  # a resume then loads the schedulers' saved state over this
         self._rewrap(runner)
         if resuming:
             how = f"resuming DyRep's schedule at unit {ctl.units} ({len(ctl.history)} steps taken)"
@@ -342,7 +213,7 @@ class DyRepHook(Hook):
         for name, kinds in result.cut.items():
             runner.logger.info(f"DyRepHook unit {result.unit}: cut {', '.join(kinds)} from {name}")
         if result.changed:
-            _cover_new_groups(runner)
+            cover_new_groups(runner)
             self._rewrap(runner)
         self._publish(runner)
 
@@ -353,17 +224,14 @@ class DyRepHook(Hook):
         hub.update_scalar("train/dyrep_branches", sum(len(b.kinds) for b in blocks.values()))
 
     def _rewrap(self, runner) -> None:
-        """DDP registers parameters at construction: rebuild the wrapper after a structural change.
-
-        The new wrapper comes from the config's ``model_wrapper_cfg`` as the runner built the first one;
-        it broadcasts rank 0's parameters and buffers, which the controller has already made identical.
-        """
-        if not isinstance(runner.model, nn.parallel.DistributedDataParallel):
+        """DDP registers parameters at construction: rebuild the wrapper after a structural change
+        (:func:`~dyrep_fx.mm.wrappers.rebuild_ddp`), its train step compiled again under ``compile``."""
+        compiled = rebuild_ddp(runner)
+        if compiled is None:
             return
-        wrapper_cfg = copy.deepcopy(runner.cfg.get("model_wrapper_cfg"))
-        runner.model = runner.wrap_model(wrapper_cfg, _unwrap(runner.model))
+        again = f"; compiled its {', '.join(compiled)} again" if compiled else ""
         runner.logger.info(f"DyRepHook: rebuilt the {type(runner.model).__name__} wrapper around the new "
-                           "structure")
+                           f"structure{again}")
 
     # -- checkpoints -------------------------------------------------------------------------------
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
@@ -388,49 +256,3 @@ class DyRepHook(Hook):
         torch.save({"meta": {"dyrep_fx": "folded", "targets": self.targets},
                     "state_dict": deploy.state_dict()}, path)
 
-
-def is_resuming(runner) -> bool:
-    """Whether the runner's checkpoint load is a resume (``resume=True``) rather than a ``load_from``.
-
-    mmengine 0.10.7's ``Runner.load_or_resume`` resumes exactly when the runner's ``resume`` argument
-    (``cfg.resume``, kept as ``runner._resume``) is true, and loads ``load_from`` as weights otherwise; both
-    go through ``Runner.load_checkpoint``, which fires ``after_load_checkpoint``.
-    """
-    flag = getattr(runner, "_resume", None)
-    if flag is None:
-        cfg = getattr(runner, "cfg", None)
-        flag = cfg.get("resume", False) if cfg is not None else False
-    return bool(flag)
-
-
-def scope_checkpoint_loading(runner) -> None:
-    """Run the runner's next ``load_or_resume`` (where mmengine loads ``resume`` / ``load_from``) inside
-    :func:`mmengine_checkpoint_loading`; that call only, then the runner's own method is back.
-
-    ``Runner.train`` / ``val`` / ``test`` call ``before_run`` and then ``load_or_resume``, and no hook
-    event lies between them, so this is the narrowest scope a hook can give the switch.
-    """
-    previous = runner.__dict__.get("load_or_resume")
-    original = runner.load_or_resume
-
-    def load_or_resume():
-        try:
-            with mmengine_checkpoint_loading():
-                return original()
-        finally:
-            if previous is None:
-                runner.__dict__.pop("load_or_resume", None)
-            else:
-                runner.load_or_resume = previous
-
-    runner.load_or_resume = load_or_resume
-
-
-def fold_targets(model: nn.Module, targets: Sequence[str]) -> nn.Module:
-    """A deep copy of ``model`` with every transformed target folded back to its original architecture."""
-    deploy = copy.deepcopy(_unwrap(model))
-    for name in targets:
-        target = deploy.get_submodule(name)
-        if api.is_transformed(target):
-            api.fold(target, inplace=True)
-    return deploy

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import api
-from .hook import capture_target_inputs
+from .inputs import capture_target_inputs
 from .train import load_config
 
 __all__ = ["ConfigInspection", "TargetSites", "config_image_size", "dyrep_hook_entry", "inspect_config"]

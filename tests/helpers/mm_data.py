@@ -136,7 +136,8 @@ def tensor_outputs(model: nn.Module, batch: Any) -> list[torch.Tensor]:
 def make_recorder(backbone: str = "backbone") -> Any:
     """A hook (register it with ``runner.register_hook(rec, 'LOWEST')``) recording, per training iteration,
     the model's mode and its backbone's BatchNorm modes as the forward sees them, and the loss; the state
-    the training starts from; and the metrics of each validation."""
+    the training starts from and a copy of the model then (``initial_model``); and the metrics of each
+    validation."""
     from mmengine.hooks import Hook
 
     class TrainRecorder(Hook):
@@ -147,6 +148,8 @@ def make_recorder(backbone: str = "backbone") -> Any:
 
         def before_train(self, runner) -> None:
             self.before_train_state = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
+            # the model as training starts (targets traced, nothing grown: the initial function)
+            self.initial_model = copy.deepcopy(runner.model)
 
         def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
             model = runner.model
@@ -160,6 +163,21 @@ def make_recorder(backbone: str = "backbone") -> Any:
             self.val_metrics.append(dict(metrics or {}))
 
     return TrainRecorder()
+
+
+@torch.no_grad()
+def evaluate(runner: Any, model: nn.Module) -> dict[str, Any]:
+    """The config's validation metrics of ``model`` on the runner's validation data: what mmengine's
+    ``ValLoop`` computes (``val_step`` per batch, the evaluator over all), without calling any hook."""
+    was = model.training
+    model.eval()
+    try:
+        evaluator = runner.val_loop.evaluator
+        for batch in runner.val_dataloader:
+            evaluator.process(data_samples=model.val_step(batch), data_batch=batch)
+        return evaluator.evaluate(len(runner.val_dataloader.dataset))
+    finally:
+        model.train(was)
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:

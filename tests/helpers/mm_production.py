@@ -11,7 +11,8 @@ from mmengine.hooks import Hook
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 
-from dyrep_fx.mm.hook import _unwrap, side_loader
+from dyrep_fx.mm.inputs import side_loader
+from dyrep_fx.mm.wrappers import unwrap
 
 from .mm_data import DEEPFOREST_ENV, find_hook, load_config, set_image_scale, small_run, tensor_outputs
 
@@ -80,7 +81,7 @@ class DyRepProbe(Hook):
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         ctl = find_hook(runner, "DyRepHook").controller
-        model = _unwrap(runner.model)
+        model = unwrap(runner.model)
         if self.phase == "before":
             self.record["losses"].append(float(outputs["loss"].detach()))
             self.record["counts"].append(ctl.saliency.count)

@@ -1,4 +1,4 @@
-"""``dyrep_fx.mm.datasets``: deepforest's tree crowns as COCO, Fashion-MNIST scenes as mmseg data."""
+"""``dyrep_fx.datasets``: deepforest's tree crowns as COCO, Fashion-MNIST scenes as mmseg data."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dyrep_fx.mm import datasets
-from dyrep_fx.mm.datasets import (
+from dyrep_fx import datasets
+from dyrep_fx.datasets import (
     DEEPFOREST_IMAGES,
     DEEPFOREST_VAL_IMAGES,
     FASHION_SEG_CLASSES,
@@ -93,6 +93,19 @@ def test_deepforest_missing_names_the_package_and_install_command(monkeypatch, t
                         lambda name, *a: None if name == "deepforest" else real(name, *a))
     with pytest.raises(FileNotFoundError, match=r"deepforest.*pip install --no-deps deepforest==2\.1\.0"):
         deepforest_coco(tmp_path)
+
+
+def test_fashion_segmentation_without_the_data_names_the_package_and_the_variable(monkeypatch, tmp_path):
+    """Without root, the set-up cannot install Fashion-MNIST: the configs' data preparation (and so every test
+    that trains on the scenes) then fails saying which Debian package to install and which variable to set."""
+    empty = tmp_path / "no_fashion_mnist"
+    empty.mkdir()
+    monkeypatch.setenv("DYREP_FASHION_MNIST", str(empty))
+    with pytest.raises(FileNotFoundError) as info:
+        fashion_mnist_segmentation(tmp_path / "scenes", 2, size=64, n_val=1)
+    message = str(info.value)
+    assert "apt-get install -y dataset-fashion-mnist" in message and "DYREP_FASHION_MNIST" in message
+    assert str(empty) in message
 
 
 def test_fashion_mnist_segmentation_layout_and_labels(tmp_path):

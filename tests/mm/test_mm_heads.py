@@ -19,7 +19,7 @@ import torch
 import dyrep_fx
 from dyrep_fx.controller import DYREP_KINDS
 
-fold_targets = pytest.importorskip("dyrep_fx.mm.hook").fold_targets
+fold_targets = pytest.importorskip("dyrep_fx.mm.fold_checkpoint").fold_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -33,7 +33,7 @@ from helpers.numerics import assert_same
 
 from dyrep_fx import api
 from dyrep_fx.mm.checkpoint import load_mmengine_checkpoint
-from dyrep_fx.mm.hook import _unwrap
+from dyrep_fx.mm.wrappers import unwrap
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -194,7 +194,7 @@ def _assert_same_values(got: dict, want: dict, what: str) -> None:
 
 def test_checkpoint_that_does_not_fit_fails_naming_the_difference_and_changes_nothing(resumed, fresh_runner):
     runner, checkpoint = fresh_runner, load_mmengine_checkpoint(str(resumed.half_path))
-    hook, model = find_hook(runner, "DyRepHook"), _unwrap(fresh_runner.model)
+    hook, model = find_hook(runner, "DyRepHook"), unwrap(fresh_runner.model)
     params = {n: id(p) for n, p in model.named_parameters()}
     groups = [[id(p) for p in g["params"]] for g in runner.optim_wrapper.optimizer.param_groups]
     values = _values(runner, model)

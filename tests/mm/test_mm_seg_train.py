@@ -17,6 +17,7 @@ from helpers.mm_data import (
     FASHION_SEG_ENV,
     assert_fold_command_equals_deploy,
     build_model,
+    evaluate,
     find_hook,
     load_config,
     load_deploy,
@@ -36,6 +37,8 @@ ITERS, INTERVAL, BATCH = 4, 2, 2
 #: Deploy vs grown model, float32: |got - ref| <= RTOL * |ref| + ATOL_FRACTION * max|ref| per output tensor.
 RTOL, ATOL_FRACTION = 1e-4, 1e-5
 FROZEN = ("backbone.stem.", "backbone.layer1.")
+#: Validation mIoU and aAcc (points) the short run must gain over the model it started from.
+MIOU_GAIN, AACC_GAIN = 2.0, 20.0
 
 
 def seg_cfg(root: Path, work_dir: Path, iters: int = ITERS, interval: int = INTERVAL, **hook_options):
@@ -61,6 +64,12 @@ def train(cfg):
                            work_dir=Path(cfg.work_dir))
 
 
+def with_initial_metrics(run):
+    """``run`` with the validation metrics of the model it started from (``initial_metrics``)."""
+    run.initial_metrics = evaluate(run.runner, run.recorder.initial_model)
+    return run
+
+
 def assert_deploy_matches(run) -> None:
     """The deploy file loads strictly into the config without the hook, which then computes what the grown
     model computes (eval mode, real validation scenes through the config's test pipeline)."""
@@ -80,7 +89,7 @@ def assert_deploy_matches(run) -> None:
 def run(fashion_seg_root, tmp_path_factory):
     cfg = with_default_sampler(seg_cfg(fashion_seg_root, tmp_path_factory.mktemp("fcn_dyrep")))
     cfg.model.backbone.update(frozen_stages=1, norm_eval=True)
-    return train(cfg)
+    return with_initial_metrics(train(cfg))
 
 
 def test_dyrep_grows_during_training_with_finite_loss(run):
@@ -91,8 +100,14 @@ def test_dyrep_grows_during_training_with_finite_loss(run):
     assert blocks and all(name.startswith("backbone.") for name in blocks)
     losses = [it["loss"] for it in run.recorder.iters]
     assert len(losses) == ITERS and all(math.isfinite(v) for v in losses), losses
-    (metrics,) = run.recorder.val_metrics  # IoUMetric on the held-out scenes, computed on the grown model
-    assert 0.0 <= metrics["mIoU"] <= 100.0 and 0.0 <= metrics["aAcc"] <= 100.0
+    # IoUMetric on the held-out scenes, computed on the grown model: the run made it a better segmenter than
+    # the model it started from (evaluated the same way): guards that the optimizer's updates reached the
+    # model that was validated; a run whose steps changed nothing (lr 0: checked) stays at the start.
+    # Measured: mIoU 3.3 -> 8.8, aAcc 12.3 -> 61.4 (points).
+    (metrics,) = run.recorder.val_metrics
+    initial = run.initial_metrics
+    assert metrics["mIoU"] >= initial["mIoU"] + MIOU_GAIN and metrics["aAcc"] >= initial["aAcc"] + AACC_GAIN, \
+        (metrics, initial)
 
 
 def test_optimizer_frozen_stages_norm_eval_and_paramwise(run):

@@ -30,7 +30,7 @@ from helpers.mm_production import det_cfg, dyrep_probes, train_runner  # noqa: E
 from helpers.nets import spread_first_block  # noqa: E402
 
 from dyrep_fx import api  # noqa: E402
-from dyrep_fx.mm.hook import _unwrap  # noqa: E402
+from dyrep_fx.mm.wrappers import unwrap  # noqa: E402
 
 ITERS, INTERVAL = 5, 2  # DyRep steps after iterations 2 and 4; iterations 3 to 5 train the grown model
 BUCKET_MB = 5  # DDP's default is 25
@@ -75,7 +75,7 @@ def main() -> None:
     record, *probes = dyrep_probes()
     runner = train_runner(cfg, *probes)
     ctl = find_hook(runner, "DyRepHook").controller
-    model, optimizer = _unwrap(runner.model), runner.optim_wrapper.optimizer
+    model, optimizer = unwrap(runner.model), runner.optim_wrapper.optimizer
     result = {
         "rank": rank,
         "wrapper": (type(runner.model).__name__, runner.model.bucket_bytes_cap),
