@@ -15,6 +15,13 @@ computes every parameter's gradient straight from the kernel's gradient ``G``:
 
 Only the inputs are saved for backward. The result equals the op-by-op sum to rounding (tested with
 ``gradcheck`` in float64).
+
+Every gradient leaves backward with its input's strides, size-1 dimensions included. The contractions
+would otherwise hand back other layouts (``einsum`` returns ``d w2`` channels-last), which costs a copy
+twice: autograd's ``AccumulateGrad`` clones a gradient whose layout differs from its parameter's, and
+for a 1x1 kernel, whose strides differ only in size-1 dimensions that autograd ignores, DDP copies it
+into its bucket each step and warns "Grad strides do not match bucket view strides". The per-channel
+scaling every such gradient goes through anyway writes straight into the parameter's layout.
 """
 
 from __future__ import annotations
@@ -67,6 +74,22 @@ def _col(scale: Tensor) -> Tensor:
     return scale.reshape(-1, 1, 1, 1)
 
 
+def _scaled(g: Tensor, scale: Tensor, like: Tensor) -> Tensor:
+    """``g * scale[o]`` written in ``like``'s layout (the layout change costs no pass of its own)."""
+    out = torch.empty_strided(like.shape, like.stride(), dtype=g.dtype, device=g.device)
+    return torch.mul(g, _col(scale), out=out)
+
+
+def _in_layout(g: Tensor | None, like: Tensor) -> Tensor | None:
+    """``g`` with exactly ``like``'s strides (see the module docstring for why size-1 dimensions matter)."""
+    if g is None or g.stride() == like.stride():
+        return g
+    if all(n == 1 or a == b for n, a, b in zip(g.shape, g.stride(), like.stride())):
+        # Only the strides of size-1 dimensions differ; they address nothing, so relabel without a copy.
+        return g.as_strided(like.shape, like.stride())
+    return torch.empty_strided(like.shape, like.stride(), dtype=g.dtype, device=g.device).copy_(g)
+
+
 def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
     """``sum over i, u, v of a[o, ...] * b[o, ...]`` for each ``o``."""
     # A batched matmul of O tiny dot products dispatches one gemv per channel on CPU: far slower.
@@ -102,11 +125,12 @@ class _Assemble(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         weight, main_scale, *flat = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grads: list[Tensor | None] = [None, grad * _col(main_scale) if needs[1] else None,
+        grads: list[Tensor | None] = [None, _scaled(grad, main_scale, weight) if needs[1] else None,
                                       _channel_dot(grad, weight) if needs[2] else None]
         pos = 3
         for spec, values in _split(ctx.specs, flat):
-            grads.extend(_term_grads(spec, grad, values, needs[pos:pos + len(values)]))
+            term_grads = _term_grads(spec, grad, values, needs[pos:pos + len(values)])
+            grads.extend(_in_layout(g, v) for g, v in zip(term_grads, values))
             pos += len(values)
         return tuple(grads)
 
@@ -127,11 +151,11 @@ def _term_grads(spec: tuple, grad: Tensor, values: Sequence[Tensor], wanted: Seq
         small, scale = values
         (r, c), (a, b) = offset, small.shape[-2:]
         g = grad[:, :, r:r + a, c:c + b]
-        return [g * _col(scale) if wanted[0] else None, _channel_dot(g, small) if wanted[1] else None]
+        return [_scaled(g, scale, small) if wanted[0] else None, _channel_dot(g, small) if wanted[1] else None]
     if kind is FilterTerm:
         w1, scale, spatial = values
         g = torch.einsum("oiuv,ouv->oi", grad, spatial).reshape(w1.shape)  # <G, s> per (o, i)
-        return [g * _col(scale) if wanted[0] else None, _channel_dot(g, w1) if wanted[1] else None, None]
+        return [_scaled(g, scale, w1) if wanted[0] else None, _channel_dot(g, w1) if wanted[1] else None, None]
     w1, w2, scale = values
     g1 = kernels.split_groups(w1[:, :, 0, 0], groups)  # [g, T/g, I]
     g2 = kernels.split_groups(w2, groups)  # [g, O/g, T/g, kh, kw]
@@ -142,7 +166,8 @@ def _term_grads(spec: tuple, grad: Tensor, values: Sequence[Tensor], wanted: Seq
         grad_w1 = torch.einsum("gotuv,goiuv->gti", scaled_w2, gg).reshape(w1.shape)
     if wanted[1] or wanted[2]:
         unscaled = torch.einsum("goiuv,gti->gotuv", gg, g1).reshape(w2.shape)  # d<G, K>/d w2 without scale
-        grad_w2 = unscaled * _col(scale) if wanted[1] else None
+        # (einsum's one matrix product leaves ``unscaled`` channels-last; the scaling writes w2's layout)
+        grad_w2 = _scaled(unscaled, scale, w2) if wanted[1] else None
         grad_scale = _channel_dot(unscaled, w2) if wanted[2] else None
     return [grad_w1, grad_w2, grad_scale]
 

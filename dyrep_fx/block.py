@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import conv_classes, kernels
 from .assembly import assemble_kernel
-from .branches import Branch, make_branch
+from .branches import Branch, make_branch, pads_with_zeros
 from .defaults import INIT_SCALE
 from .execution import run_composed_as_convs
 from .geometry import BRANCH_KINDS, ConvGeometry
@@ -198,15 +198,23 @@ class RepConv2d(nn.Module):
         if composed is None or not run_composed_as_convs(self.geometry, tuple(x.shape), self.execution):
             return self.geometry.conv(x, self._call_kernel(), self.bias)
         out = self.geometry.conv(x, self._call_kernel(skip="1x1_kxk"), self.bias)
-        return out + composed(x, self.geometry.pad_input(x))
+        return out + composed(x, None)  # (it pads its intermediate map itself)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.grown:
             return self.geometry.conv(x, self.weight, self.bias)
         if self.mode == "online":
             return self._online_forward(x)
-        xp = self.geometry.pad_input(x)
-        out = self.main_bn(self.geometry.conv_valid(xp, self.weight, self.bias))
+        return self._dbb_forward(x)
+
+    def _dbb_forward(self, x: Tensor) -> Tensor:
+        # With zero padding every conv pads inside itself and keeps the unpadded input for backward, which
+        # the layer before keeps anyway; a padded copy would be one more input-sized tensor per block.
+        # Other padding modes pad once here and share the copy.
+        geom = self.geometry
+        xp = None if pads_with_zeros(geom) else geom.pad_input(x)
+        main = geom.conv(x, self.weight, self.bias) if xp is None else geom.conv_valid(xp, self.weight, self.bias)
+        out = self.main_bn(main)
         for branch in self.branches.values():
             out = out + branch(x, xp)
         return out

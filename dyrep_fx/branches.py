@@ -5,7 +5,14 @@ Each branch is a small module that knows two things about itself:
 * ``kernel()``: its exact equivalent ``(W, b)`` in the block's own ``kh x kw`` window (eval mode);
 * ``forward(x, xp)``: the feature-map computation used in ``dbb`` mode, on the block input ``x``
   and the block's explicitly padded input ``xp`` (``1x1_kxk`` also in online mode, see
-  :mod:`dyrep_fx.execution`).
+  :mod:`dyrep_fx.execution`). ``xp`` is ``None`` when the conv pads with zeros (:func:`pads_with_zeros`).
+
+Memory: what a branch saves for backward is what a plain DBB block saves. With zero padding no branch
+reads a padded copy of the input: window convolutions pad (or crop) inside the convolution, and a 1x1
+stage runs on the unpadded input, since a 1x1 conv without bias maps the padding to itself (zeros to
+zeros, reflected pixels to reflected outputs), and its output is padded after it. In dbb mode the
+1x1 stage's BatchNorm normalises that padded map as before (same statistics, same function), computed
+by :class:`_PaddedMapBatchNorm`, which keeps the unpadded map for backward (:func:`_norm_then_pad`).
 
 Modes:
 
@@ -25,7 +32,7 @@ from . import kernels
 from .assembly import ComposedTerm, FilterTerm, Term, WindowTerm
 from .geometry import ConvGeometry
 
-__all__ = ["Branch", "make_branch", "BRANCH_CLASSES"]
+__all__ = ["Branch", "make_branch", "BRANCH_CLASSES", "pads_with_zeros"]
 
 
 def _init_conv(conv: nn.Conv2d) -> nn.Conv2d:
@@ -43,6 +50,133 @@ def _new_bn(channels: int, gamma: float, like: Tensor) -> nn.BatchNorm2d:
 
 def _fuse(weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return kernels.fuse_bn(weight, bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+
+
+def pads_with_zeros(geom: ConvGeometry) -> bool:
+    """Whether the conv pads with zeros: then its branches read the unpadded input (``xp`` is ``None``)."""
+    return geom.same_from_input or geom.padding_mode == "zeros"
+
+
+def _pointwise(x: Tensor, weight: Tensor, groups: int) -> Tensor:
+    """A bias-free 1x1 conv on the unpadded input (it commutes with the block's padding, any mode)."""
+    return nn.functional.conv2d(x, weight, None, 1, 0, 1, groups)
+
+
+def _window_conv(geom: ConvGeometry, x: Tensor, weight: Tensor, size: tuple[int, int],
+                 offset: tuple[int, int]) -> Tensor:
+    """``geom.window(zero-padded x)`` convolved with ``weight``, without a padded copy of ``x`` where possible.
+
+    The window's edges, relative to ``x``, are the block's pads less the taps the ``size`` kernel skips:
+    a negative one crops ``x`` (a view), and equal ones on both sides go to the convolution itself,
+    which then keeps ``x`` for backward (the layer before keeps it anyway).
+    """
+    (top, bottom), (left, right) = geom.pads_for((x.shape[-2], x.shape[-1]))
+    (kh, kw), (dh, dw) = geom.kernel_size, geom.dilation
+    edges = [top - offset[0] * dh, bottom - (kh - size[0] - offset[0]) * dh,
+             left - offset[1] * dw, right - (kw - size[1] - offset[1]) * dw]
+    crop_t, crop_b, crop_l, crop_r = (max(-e, 0) for e in edges)
+    x = x[..., crop_t: x.shape[-2] - crop_b, crop_l: x.shape[-1] - crop_r]
+    pad_t, pad_b, pad_l, pad_r = (max(e, 0) for e in edges)
+    if pad_t == pad_b and pad_l == pad_r:
+        return nn.functional.conv2d(x, weight, None, geom.stride, (pad_t, pad_l), geom.dilation, geom.groups)
+    return geom.conv_valid(nn.functional.pad(x, (pad_l, pad_r, pad_t, pad_b)), weight)
+
+
+def _col(v: Tensor) -> Tensor:
+    return v.reshape(1, -1, 1, 1)
+
+
+class _PaddedMapBatchNorm(torch.autograd.Function):
+    """Train-mode BatchNorm of ``z`` zero-padded by ``pads``, statistics over the padded map.
+
+    Equals ``F.batch_norm(F.pad(z, pads), None, None, weight, bias, True, 0, eps)`` but keeps only ``z``
+    for backward: the border is zero before normalisation, so its share of every sum is known. Returns
+    the padded output and the batch mean and biased variance (not differentiable) for the running
+    statistics. Sums run in the parameters' precision, as a native BatchNorm's do under autocast.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, weight: Tensor, bias: Tensor, pads: tuple, eps: float):
+        (top, bottom), (left, right) = pads
+        n, c, h, w = z.shape
+        hp, wp = h + top + bottom, w + left + right
+        share = (h * w) / (hp * wp)  # of the padded map that is z; the rest is zero
+        zf = z.to(weight.dtype)
+        var_z, mean_z = torch.var_mean(zf, dim=(0, 2, 3), correction=0)
+        mean = mean_z * share
+        var = var_z * share + mean_z.square() * (share * (1.0 - share))  # both terms >= 0: no cancellation
+        invstd = torch.rsqrt(var + eps)
+        a = weight * invstd
+        b = bias - mean * a
+        # Every pixel starts at the border value b; the interior adds a * z in place (torch.compile refuses
+        # writing there through ``out=``; as many passes as a BatchNorm then a pad).
+        out = z.new_empty(n, c, hp, wp).copy_(_col(b).expand(n, c, hp, wp))
+        out[:, :, top:top + h, left:left + w].addcmul_(zf, _col(a))
+        ctx.save_for_backward(z, weight, mean, invstd)
+        ctx.pads, ctx.count = pads, n * hp * wp
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor, _mean: Tensor, _var: Tensor):
+        z, weight, mean, invstd = ctx.saved_tensors
+        (top, _), (left, _) = ctx.pads
+        h, w = z.shape[-2:]
+        g = grad.to(weight.dtype)
+        g_in = g[:, :, top:top + h, left:left + w]
+        zf = z.to(weight.dtype)
+        sum_g = g.sum((0, 2, 3))
+        grad_weight = ((g_in * zf).sum((0, 2, 3)) - mean * sum_g) * invstd  # sum of g * x_hat, border included
+        # dz = a * (g - sum_g / count - x_hat * grad_weight / count) on the interior, x_hat = (z - mean) * invstd
+        a = weight * invstd
+        k1 = -a * invstd * grad_weight / ctx.count
+        k0 = -a * sum_g / ctx.count - k1 * mean
+        grad_z = (g_in * _col(a)).addcmul_(zf, _col(k1)).add_(_col(k0)).to(z.dtype)
+        needs = ctx.needs_input_grad
+        return (grad_z if needs[0] else None, grad_weight if needs[1] else None, sum_g if needs[2] else None,
+                None, None)
+
+
+def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+    """What ``nn.BatchNorm2d`` does to its running statistics in a training forward (unbiased variance)."""
+    if bn.running_mean is None:
+        return
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        bn.running_mean.mul_(1.0 - factor).add_(mean, alpha=factor)
+        bn.running_var.mul_(1.0 - factor).add_(var * (count / max(count - 1, 1)), alpha=factor)
+
+
+#: torch's registries of hooks on every module (``register_module_forward_pre_hook`` and the like).
+_GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks")
+
+
+def _observed(bn: nn.Module) -> bool:
+    """Whether forward hooks watch ``bn`` (its own or every module's): then it must run as a module."""
+    registries = [getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_HOOKS]
+    return bool(bn._forward_pre_hooks or bn._forward_hooks or any(registries))
+
+
+def _norm_then_pad(bn: nn.Module, z: Tensor, geom: ConvGeometry) -> Tensor:
+    """``bn(geom.pad_input(z))``: the norm of a 1x1 stage's output over the padded map.
+
+    A plain ``nn.BatchNorm2d`` training after zero padding runs as :class:`_PaddedMapBatchNorm`, which
+    keeps ``z`` for backward instead of the padded map (same statistics, same function). Everything else
+    runs as written: eval mode, other padding modes, other norm classes (a SyncBatchNorm, whose
+    statistics span ranks), a norm that forward hooks watch (they see the padded map as its input), and
+    under ``torch.compile`` the compiler decides what to keep.
+    """
+    (top, bottom), (left, right) = pads = geom.pads_for((z.shape[-2], z.shape[-1]))
+    if top == bottom == left == right == 0:
+        return bn(z)
+    plain = type(bn) is nn.BatchNorm2d and bn.affine and bn.training and pads_with_zeros(geom)
+    if not plain or _observed(bn) or torch.compiler.is_compiling():
+        return bn(geom.pad_input(z))
+    out, mean, var = _PaddedMapBatchNorm.apply(z, bn.weight, bn.bias, pads, bn.eps)
+    _update_running_stats(bn, mean, var, out.numel() // out.shape[1])
+    return out
 
 
 class Branch(nn.Module):
@@ -111,7 +245,9 @@ class _WindowConvBranch(Branch):
     def term(self) -> Term:
         return WindowTerm(self.conv.weight, self.scale, self.offset)
 
-    def forward(self, x: Tensor, xp: Tensor) -> Tensor:
+    def forward(self, x: Tensor, xp: Tensor | None) -> Tensor:
+        if xp is None:
+            return self.bn(_window_conv(self.geom, x, self.conv.weight, self.size, self.offset))
         window = self.geom.window(xp, self.size, self.offset)
         return self.bn(self.geom.conv_valid(window, self.conv.weight))
 
@@ -170,15 +306,16 @@ class IdentityBranch(Branch):
         (r, c) = self.offset
         return WindowTerm(self.eye[:, :, r:r + 1, c:c + 1], self.scale, self.offset)
 
-    def forward(self, x: Tensor, xp: Tensor) -> Tensor:
+    def forward(self, x: Tensor, xp: Tensor | None) -> Tensor:
         return self.bn(x)
 
 
 class ComposedBranch(Branch):
     """``1x1_kxk``: a 1x1 conv (C -> C, grouped) then a kxk conv (DBB); the kxk may itself grow.
 
-    In dbb mode the 1x1 runs on the padded input, so the intermediate map's border holds the 1x1's
-    (BatchNorm) bias, which is DBB's pad-with-bias condition and keeps the merge exact.
+    In dbb mode the intermediate map is the 1x1's output on the padded input, BatchNorm included, so
+    its border holds the 1x1's (BatchNorm) bias, which is DBB's pad-with-bias condition and keeps the
+    merge exact. It is computed from the 1x1 on the unpadded input (see the module docstring).
     """
 
     kind = "1x1_kxk"
@@ -213,18 +350,18 @@ class ComposedBranch(Branch):
         w, b = kernels.merge_1x1_kxk(w1, b1, w2, b2, self.geom.groups)
         return _fuse(w, b, self.bn)
 
-    def forward(self, x: Tensor, xp: Tensor) -> Tensor:
-        # Also the online block's execution on small feature maps (see dyrep_fx.execution): there the branch
-        # is linear, so the 1x1 commutes with any padding mode and ``scale`` goes on the kxk kernel.
-        z = nn.functional.conv2d(xp, self.conv1.weight, None, 1, 0, 1, self.geom.groups)
+    def forward(self, x: Tensor, xp: Tensor | None) -> Tensor:
+        z = _pointwise(x, self.conv1.weight, self.geom.groups)
+        nested = hasattr(self.conv2, "equivalent")  # a grown inner block: a conv without padding of its own
         if self.mode == "dbb":
-            z = self.bn1(z)
-        if hasattr(self.conv2, "equivalent"):
-            y = self.conv2(z)
-            return self.bn(y) if self.mode == "dbb" else self.scale.reshape(1, -1, 1, 1) * y
-        if self.mode == "dbb":
-            return self.bn(self.geom.conv_valid(z, self.conv2.weight))
-        return self.geom.conv_valid(z, self.scale.reshape(-1, 1, 1, 1) * self.conv2.weight)
+            zp = _norm_then_pad(self.bn1, z, self.geom)
+            return self.bn(self.conv2(zp) if nested else self.geom.conv_valid(zp, self.conv2.weight))
+        # Online: the online block's execution on small feature maps (see dyrep_fx.execution). The branch is
+        # linear, so the padding moves past the 1x1 (into the kxk conv itself, which then keeps the unpadded
+        # map for backward) and ``scale`` goes on the kxk kernel.
+        if nested:
+            return self.scale.reshape(1, -1, 1, 1) * self.conv2(self.geom.pad_input(z))
+        return self.geom.conv(z, self.scale.reshape(-1, 1, 1, 1) * self.conv2.weight, None)
 
 
 class _SpatialFilterBranch(Branch):
@@ -253,9 +390,9 @@ class _SpatialFilterBranch(Branch):
         w, b = kernels.merge_1x1_depthwise(w1, b1, self.spatial)
         return _fuse(w, b, self.bn)
 
-    def forward(self, x: Tensor, xp: Tensor) -> Tensor:
-        z = self.bn1(nn.functional.conv2d(xp, self.conv1.weight, None, 1, 0, 1, self.geom.groups))
-        return self.bn(self.geom.conv_valid(z, self.spatial.unsqueeze(1), groups=self.geom.out_channels))
+    def forward(self, x: Tensor, xp: Tensor | None) -> Tensor:
+        zp = _norm_then_pad(self.bn1, _pointwise(x, self.conv1.weight, self.geom.groups), self.geom)
+        return self.bn(self.geom.conv_valid(zp, self.spatial.unsqueeze(1), groups=self.geom.out_channels))
 
 
 class AvgBranch(_SpatialFilterBranch):

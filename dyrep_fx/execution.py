@@ -32,18 +32,18 @@ def _output_size(size: int, pad: tuple[int, int], k: int, stride: int, dilation:
 def composed_costs(geom: ConvGeometry, input_shape: tuple[int, ...]) -> tuple[int, int]:
     """Multiply-adds per forward of a ``1x1_kxk`` branch: ``(merged into the kernel, run as two convs)``.
 
-    ``input_shape`` is the block input's ``(N, C, H, W)``. The 1x1 runs on the padded input (see
-    :class:`~dyrep_fx.branches.ComposedBranch`); backward costs about twice forward in both ways.
+    ``input_shape`` is the block input's ``(N, C, H, W)``. The 1x1 runs on the unpadded input and the
+    padding moves to the kxk (see :class:`~dyrep_fx.branches.ComposedBranch`); backward costs about
+    twice forward in both ways.
     """
     n, _, h, w = input_shape
     (kh, kw), g = geom.kernel_size, geom.groups
     c_in, c_mid, c_out = geom.in_channels, geom.in_channels, geom.out_channels
     pads = geom.pads_for((h, w))
-    hp, wp = h + sum(pads[0]), w + sum(pads[1])
     ho = _output_size(h, pads[0], kh, geom.stride[0], geom.dilation[0])
     wo = _output_size(w, pads[1], kw, geom.stride[1], geom.dilation[1])
     merged = c_out * (c_mid // g) * (c_in // g) * kh * kw
-    convs = n * hp * wp * c_mid * (c_in // g) + n * ho * wo * c_out * (c_mid // g) * kh * kw
+    convs = n * h * w * c_mid * (c_in // g) + n * ho * wo * c_out * (c_mid // g) * kh * kw
     return merged, convs
 
 
