@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, write_json  # noqa: E402
 
+from dyrep_fx.defaults import STD_GATE  # noqa: E402
 from dyrep_fx.demo import DemoConfig, make_net, multiply_adds, run_variant  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "study"
@@ -170,7 +171,9 @@ def growth_summary(run: dict[str, Any]) -> dict[str, Any]:
             if any(name.startswith(p + ".") for p in previous):
                 into_last += 1
         previous = set(event["grown"]) or previous
+    spreads = [v["std"] for event in history for v in event.get("verdicts", {}).values()]
     return {"growths": len(grown), "nested_growths": sum(".branches." in n for n in grown),
+            "max_spread": max(spreads, default=0.0),
             "growths_into_last_grown": into_last,
             "cuts": sum(len(kinds) for event in history for kinds in event["cut"].values()),
             "cuts_per_step": [sum(len(k) for k in event["cut"].values()) for event in history],
@@ -227,11 +230,12 @@ def markdown(summary: dict[str, Any]) -> str:
     growth = [r for r in summary["rows"] if r["growth"]]
     if growth:
         lines += ["", "| variant | seed | growths (nested) | into the site grown the step before | cuts per step "
-                  "| sites grown, in order |", "|---|---|---|---|---|---|"]
+                  f"| largest importance spread (Dep gate {STD_GATE:g}) | sites grown, in order |", "|---|---|---|---|---|---|---|"]
         for r in growth:
             for seed, g in r["growth"].items():
                 lines.append(f"| {r['variant']} | {seed} | {g['growths']} ({g['nested_growths']}) "
-                             f"| {g['growths_into_last_grown']} | {g['cuts_per_step']} | {', '.join(g['sites'])} |")
+                             f"| {g['growths_into_last_grown']} | {g['cuts_per_step']} | {g['max_spread']:.3f} "
+                             f"| {', '.join(g['sites'])} |")
     return "\n".join(lines)
 
 
