@@ -275,6 +275,11 @@ def stage_texts(summary: dict[str, Any]) -> tuple[str, str]:
     unfinished = [v for v in STAGE2 if v not in rows or len(rows[v]["seeds"]) < 3]
     if unfinished:
         stage2 += f" Unfinished (the script resumes them): {', '.join(unfinished)}."
+    else:
+        pairs = [rows[v][key] for v in STAGE2 for key in ("vs_plain", "vs_control") if rows[v][key]]
+        if all(p["verdict"] == "no difference" for p in pairs):
+            stage2 += (" Every DyRep variant is within noise of plain training and of growing at random sites: "
+                       "at this scale the study finds no gain, and no site choice better than chance.")
     return stage1, stage2
 
 
