@@ -50,10 +50,18 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process in MiB."""
-    import resource
+    """Peak resident set size of this process in MiB since it started or since :func:`reset_peak_rss`
+    (``VmHWM``, Linux)."""
+    with open("/proc/self/status") as f:
+        line = next(entry for entry in f if entry.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def reset_peak_rss() -> None:
+    """Start :func:`peak_rss_mib` over from the current RSS (Linux >= 4.0: ``clear_refs`` value 5), so that
+    a peak reached earlier (building the model) does not hide a smaller one measured later."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def write_json(path: str | Path, data: Any) -> None:

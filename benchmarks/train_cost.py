@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, peak_rss_mib, rss_mib, run_worker, summary, write_json  # noqa: E402
+from common import machine, peak_rss_mib, reset_peak_rss, rss_mib, run_worker, summary, write_json  # noqa: E402
 from macs import INPUTS, mac_floor  # noqa: E402
 from variants import VARIANTS, build  # noqa: E402
 
@@ -100,6 +100,7 @@ def activation_memory(step, device: torch.device, steps: int) -> dict[str, float
         torch.cuda.reset_peak_memory_stats()
     else:
         base = rss_mib()
+        reset_peak_rss()  # the peak of building the model can exceed a small map's steps
     for _ in range(steps):
         step()
     _sync(device)
