@@ -60,10 +60,11 @@ def transform(
 
     Returns the same model. Nothing is replaced until :func:`grow`; on error the model is unchanged.
     """
-    found = Handle.transform(model, example_inputs, mode, init_scale=init_scale, leaf_modules=leaf_modules,
-                             concrete_args=concrete_args).sites()
+    handle = Handle.transform(model, example_inputs, mode, init_scale=init_scale, leaf_modules=leaf_modules,
+                              concrete_args=concrete_args)
+    found = handle.sites()
     log.info("transform %s: %d conv sites, %d eligible, %d untraceable submodules", type(model).__name__,
-             len(found), sum(s.eligible for s in found), len(state_of(model).traced.untraceable))
+             len(found), sum(s.eligible for s in found), len(handle.traced.untraceable))
     return model
 
 
@@ -138,5 +139,6 @@ def fuse_bn(model: nn.Module) -> PassReport:
     transformed model that never grew: with its stored trace). The result's state_dict no longer matches the original
     architecture (BatchNorms become ``Identity``).
     """
-    traced = state_of(model).traced if is_transformed(model) else trace_model(model)
-    return passes.fuse_bn.run(traced, model)
+    if is_transformed(model):
+        return Handle.of(model).fuse_bn()
+    return passes.fuse_bn.run(trace_model(model), model)

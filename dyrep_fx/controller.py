@@ -498,8 +498,7 @@ class DyRep:
     def _restore_on_emas(self, structures: dict[str, dict[str, Any]], undo: list[Transaction]) -> None:
         """Rebuild ``structures`` on every attached EMA copy too, each recorded in ``undo``."""
         for ema in self._emas:
-            self._ema_targets(ema)
-            undo.append(self._restore_on(ema, structures))
+            undo.append(self._restore_on(ema, structures))  # (it shares the live traces with the copy)
 
     def _undo(self, groups: list[tuple[dict, list]], undo: list[Transaction]) -> None:
         """Put the optimizer's groups and every restored model back as they were."""
