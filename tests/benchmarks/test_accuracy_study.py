@@ -96,3 +96,19 @@ def test_report_fills_only_the_marked_blocks_and_states_the_verdicts(study, tmp_
     text = readme.read_text()
     assert text.startswith("before\n<!-- study -->\nThe reproduction study") and text.endswith("<!-- /study -->\nafter\n")
     assert "old" not in text and "measured 2026-11-30" in text
+
+
+@pytest.mark.parametrize(("dyrep_gain", "concluded"), [(0.0, True), (0.6, False)])
+def test_the_stage_2_conclusion_needs_every_pair_within_noise(study, dyrep_gain, concluded):
+    plain = {s: {"test_acc": 0.90} for s in range(3)}
+    noise = [0.001, -0.001, 0.0005]
+    rows = [{"variant": "plain", "seeds": [0, 1, 2], "vs_plain": None, "vs_control": None}]
+    for v in study.STAGE2:
+        gain = dyrep_gain if v == "dyrep_online" else 0.0
+        runs = {s: {"test_acc": 0.90 + gain / 100 + noise[s] * (1 + len(v) % 3)} for s in range(3)}
+        control = {s: {"test_acc": 0.90 + noise[s]} for s in range(3)}
+        rows.append({"variant": v, "seeds": [0, 1, 2], "vs_plain": study.paired(runs, plain),
+                     "vs_control": study.paired(runs, control) if v in study.CONTROLS else None})
+    _, stage2 = study.stage_texts({"rows": rows})
+    assert "Unfinished" not in stage2
+    assert ("no site choice better than chance" in stage2) is concluded
