@@ -11,7 +11,10 @@ computes every parameter's gradient straight from the kernel's gradient ``G``:
 * filter terms (``1x1_avg``, ``prior``): ``K[o,i,u,v] = w1[o,i] * s[o,u,v]``; one contraction of ``G``
   with the fixed filter ``s``;
 * composed terms (``1x1_kxk``): ``K = w2 (x) w1`` per group; two contractions, and the scale's gradient
-  reuses the one for ``w2``.
+  reuses the one for ``w2``. On CPU, without groups, the merge and both contractions run as one 1x1
+  convolution over ``w2`` read as a batch of ``O`` images (and its two backward convolutions): oneDNN's
+  convolutions do these multiply-adds 1.6-2x faster than MKL's matrix products with their layout copies
+  (measured for 128-512 channels; ``einsum`` elsewhere, where nothing was measured).
 
 Only the inputs are saved for backward. The result equals the op-by-op sum to rounding (tested with
 ``gradcheck`` in float64).
@@ -30,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
@@ -117,7 +121,7 @@ class _Assemble(torch.autograd.Function):
                 kernel.addcmul_(_col(scale) * w1, spatial.unsqueeze(1))
             else:
                 w1, w2, scale = values
-                kernel.addcmul_(_col(scale), kernels.merge_1x1_kxk(w1, None, w2, None, groups)[0])
+                kernel.addcmul_(_col(scale), _compose(w1, w2, groups))
         return kernel
 
     @staticmethod
@@ -157,6 +161,8 @@ def _term_grads(spec: tuple, grad: Tensor, values: Sequence[Tensor], wanted: Seq
         g = torch.einsum("oiuv,ouv->oi", grad, spatial).reshape(w1.shape)  # <G, s> per (o, i)
         return [_scaled(g, scale, w1) if wanted[0] else None, _channel_dot(g, w1) if wanted[1] else None, None]
     w1, w2, scale = values
+    if _as_convolution(w2, groups):
+        return _composed_grads_by_convolution(grad, w1, w2, scale, wanted)
     g1 = kernels.split_groups(w1[:, :, 0, 0], groups)  # [g, T/g, I]
     g2 = kernels.split_groups(w2, groups)  # [g, O/g, T/g, kh, kw]
     gg = kernels.split_groups(grad, groups)  # [g, O/g, I, kh, kw]
@@ -167,6 +173,36 @@ def _term_grads(spec: tuple, grad: Tensor, values: Sequence[Tensor], wanted: Seq
     if wanted[1] or wanted[2]:
         unscaled = torch.einsum("goiuv,gti->gotuv", gg, g1).reshape(w2.shape)  # d<G, K>/d w2 without scale
         # (einsum's one matrix product leaves ``unscaled`` channels-last; the scaling writes w2's layout)
+        grad_w2 = _scaled(unscaled, scale, w2) if wanted[1] else None
+        grad_scale = _channel_dot(unscaled, w2) if wanted[2] else None
+    return [grad_w1, grad_w2, grad_scale]
+
+
+def _as_convolution(w2: Tensor, groups: int) -> bool:
+    """Whether a composed term's merge runs as a convolution (see the module docstring)."""
+    return groups == 1 and w2.device.type == "cpu"
+
+
+def _compose(w1: Tensor, w2: Tensor, groups: int) -> Tensor:
+    """``K[o, i] = sum_t w2[o, t] * w1[t, i]`` per tap and group (``kernels.merge_1x1_kxk``'s kernel)."""
+    if not _as_convolution(w2, groups):
+        return kernels.merge_1x1_kxk(w1, None, w2, None, groups)[0]
+    # w2 as O images of T channels, w1 transposed as I filters of T channels: out[o, i, u, v] = K[o, i, u, v]
+    return F.conv2d(w2, w1[:, :, 0, 0].t().unsqueeze(-1).unsqueeze(-1))
+
+
+def _composed_grads_by_convolution(grad: Tensor, w1: Tensor, w2: Tensor, scale: Tensor,
+                                   wanted: Sequence[bool]) -> list[Tensor | None]:
+    """The gradients of :func:`_compose`'s convolution: ``d w2`` is its input gradient (a 1x1 convolution of
+    ``G`` with ``w1``), ``d w1`` its weight gradient (with ``G`` scaled per output channel)."""
+    grad_w1 = grad_w2 = grad_scale = None
+    if wanted[0]:
+        t, i = w1.shape[:2]
+        scaled_grad = grad * _col(scale)
+        grad_w1 = torch.nn.grad.conv2d_weight(w2, (i, t, 1, 1), scaled_grad).reshape(i, t).t()
+        grad_w1 = grad_w1.unsqueeze(-1).unsqueeze(-1)
+    if wanted[1] or wanted[2]:
+        unscaled = F.conv2d(grad, w1)  # d<G, K>/d w2 without scale
         grad_w2 = _scaled(unscaled, scale, w2) if wanted[1] else None
         grad_scale = _channel_dot(unscaled, w2) if wanted[2] else None
     return [grad_w1, grad_w2, grad_scale]

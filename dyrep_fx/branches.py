@@ -358,10 +358,15 @@ class ComposedBranch(Branch):
             return self.bn(self.conv2(zp) if nested else self.geom.conv_valid(zp, self.conv2.weight))
         # Online: the online block's execution on small feature maps (see dyrep_fx.execution). The branch is
         # linear, so the padding moves past the 1x1 (into the kxk conv itself, which then keeps the unpadded
-        # map for backward) and ``scale`` goes on the kxk kernel.
+        # map for backward) and ``scale`` goes on the kxk kernel or on the output, whichever is smaller
+        # (on the small maps this runs on, the output often is: one pass over it instead of the kernel).
         if nested:
             return self.scale.reshape(1, -1, 1, 1) * self.conv2(self.geom.pad_input(z))
-        return self.geom.conv(z, self.scale.reshape(-1, 1, 1, 1) * self.conv2.weight, None)
+        w2 = self.conv2.weight
+        ho, wo = self.geom.output_size((z.shape[-2], z.shape[-1]))
+        if z.shape[0] * self.geom.out_channels * ho * wo < w2.numel():
+            return self.geom.conv(z, w2, None) * self.scale.reshape(1, -1, 1, 1)
+        return self.geom.conv(z, self.scale.reshape(-1, 1, 1, 1) * w2, None)
 
 
 class _SpatialFilterBranch(Branch):

@@ -19,14 +19,12 @@ __all__ = ["EXECUTIONS", "CONV_MAC_COST", "composed_costs", "run_composed_as_con
 
 #: ``auto``: cheaper of the two by the counts below; ``assemble``: always merge; ``convs``: always run.
 EXECUTIONS = ("auto", "assemble", "convs")
-#: A multiply-add in a convolution (forward + both backward convs) costs about twice one in the merge's
-#: matrix products: measured on CPU with ResNet-18 at 8x224, where layer4's counts are even (1.1 G vs
-#: 1.2 G) and merging is faster (benchmarks/train_cost.py).
-CONV_MAC_COST = 2.0
-
-
-def _output_size(size: int, pad: tuple[int, int], k: int, stride: int, dilation: int) -> int:
-    return (size + pad[0] + pad[1] - dilation * (k - 1) - 1) // stride + 1
+#: A multiply-add of the two convolutions over one of the merge, forward and backward together. Measured
+#: on CPU (2 threads, one grown ResNet block, fwd + bwd) with the merge run as a convolution
+#: (:mod:`dyrep_fx.assembly`): the ways cost the same time where the convolutions count 1.1-1.4x the merge's
+#: multiply-adds (128 ch at 2x2, b32: convs 1.08x the time at 1.11x the MACs; 256 ch at 3x3, b32: 0.75x at
+#: 1.25x; 512 -> 256 at 14x14, b8: 1.21x at 1.45x; 512 ch at 7x7, b8: 0.85x at 0.85x).
+CONV_MAC_COST = 0.8
 
 
 def composed_costs(geom: ConvGeometry, input_shape: tuple[int, ...]) -> tuple[int, int]:
@@ -39,9 +37,7 @@ def composed_costs(geom: ConvGeometry, input_shape: tuple[int, ...]) -> tuple[in
     n, _, h, w = input_shape
     (kh, kw), g = geom.kernel_size, geom.groups
     c_in, c_mid, c_out = geom.in_channels, geom.in_channels, geom.out_channels
-    pads = geom.pads_for((h, w))
-    ho = _output_size(h, pads[0], kh, geom.stride[0], geom.dilation[0])
-    wo = _output_size(w, pads[1], kw, geom.stride[1], geom.dilation[1])
+    ho, wo = geom.output_size((h, w))
     merged = c_out * (c_mid // g) * (c_in // g) * kh * kw
     convs = n * h * w * c_mid * (c_in // g) + n * ho * wo * c_out * (c_mid // g) * kh * kw
     return merged, convs

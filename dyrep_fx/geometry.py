@@ -147,6 +147,12 @@ class ConvGeometry:
             return self.pads
         return tuple(_same_pads(size[i], self.kernel_size[i], self.stride[i], self.dilation[i]) for i in range(2))
 
+    def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The spatial size of this conv's output for an input of spatial ``size``."""
+        pads = self.pads_for(size)
+        return tuple((n + pb + pa - d * (k - 1) - 1) // s + 1 for n, (pb, pa), k, s, d
+                     in zip(size, pads, self.kernel_size, self.stride, self.dilation))
+
     def pad_input(self, x: Tensor) -> Tensor:
         """The conv's input after its own padding (any padding mode), ready for valid convolutions."""
         (top, bottom), (left, right) = self.pads_for((x.shape[-2], x.shape[-1]))
@@ -168,7 +174,37 @@ class ConvGeometry:
         return F.conv2d(xp, weight, bias, self.stride, 0, self.dilation, self.groups if groups is None else groups)
 
     def conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """Exactly what the original ``nn.Conv2d`` computes, with another kernel and bias."""
+        """Exactly what the original ``nn.Conv2d`` computes, with another kernel and bias.
+
+        On a map so small that some kernel taps read only zero padding (a 3x3 conv on a 1x1 map reads
+        nothing but its centre tap), the kernel is cropped to the taps that read the input: the same sums
+        without the zero terms, and a 1x1 convolution costs far less than a 3x3 one on such maps
+        (oneDNN's backward of a 3x3 kernel on 1x1 maps runs at a fraction of its usual speed).
+        """
         if self.padding_mode != "zeros" or self.same_from_input:
             return self.conv_valid(self.pad_input(x), weight, bias)
+        crop = self._live_taps((x.shape[-2], x.shape[-1]))
+        if crop is not None:
+            (r0, r1, ph), (c0, c1, pw) = crop
+            return F.conv2d(x, weight[:, :, r0:r1, c0:c1], bias, self.stride, (ph, pw), self.dilation, self.groups)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _live_taps(self, size: tuple[int, int]) -> tuple[tuple[int, int, int], ...] | None:
+        """``(first, stop, padding)`` per axis of the kernel taps that read the input on a map of ``size``
+        and the padding that keeps every output where it was; ``None`` when every tap reads the input or
+        the cropped conv would need other padding on its two sides."""
+        axes = []
+        for n, out, k, s, d, (pb, _) in zip(size, self.output_size(size), self.kernel_size, self.stride,
+                                            self.dilation, self.pads):
+            # tap u reads rows u*d - pb ... (out-1)*s + u*d - pb: live when that range meets [0, n)
+            live = [u for u in range(k) if u * d - pb <= n - 1 and (out - 1) * s + u * d - pb >= 0]
+            if not live:
+                return None
+            first, stop = live[0], live[-1] + 1
+            pad = pb - first * d
+            if pad < 0 or (n + 2 * pad - d * (stop - first - 1) - 1) // s + 1 != out:
+                return None
+            axes.append((first, stop, pad))
+        if all(first == 0 and stop == k for (first, stop, _), k in zip(axes, self.kernel_size)):
+            return None
+        return tuple(axes)

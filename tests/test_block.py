@@ -265,10 +265,12 @@ def test_gradients_reach_every_branch_parameter(mode, cfg, seed):
 
 # ---------------------------------------------------------------------------------- one convolution
 class ConvCounter(TorchDispatchMode):
-    """Counts forward convolution kernels at the ATen dispatch level."""
+    """Counts forward convolutions over a batch of ``batch`` feature maps at the ATen dispatch level (the
+    online assembly runs its kernel merges as convolutions over kernels, whose batch is a channel count)."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch: int) -> None:
         super().__init__()
+        self.batch = batch
         self.count = 0
         self.names: list[str] = []
 
@@ -276,14 +278,15 @@ class ConvCounter(TorchDispatchMode):
         name = func.overloadpacket.__name__.lstrip("_")
         if ("convolution" in name or name.startswith(("conv", "slow_conv", "thnn_conv"))) and not (
             "backward" in name or name.startswith("convert")
-        ):
+        ) and args[0].shape[0] == self.batch:
             self.count += 1
             self.names.append(str(func))
         return func(*args, **(kwargs or {}))
 
 
 def count_convs(module: nn.Module, x: torch.Tensor) -> int:
-    with ConvCounter() as counter:
+    """Feature-map convolutions of one forward of ``x`` (give ``x`` a batch size no channel count has)."""
+    with ConvCounter(x.shape[0]) as counter:
         module(x)
     return counter.count
 
@@ -293,7 +296,7 @@ def count_convs(module: nn.Module, x: torch.Tensor) -> int:
 def test_online_block_runs_exactly_one_convolution(cfg, seed):
     torch.manual_seed(seed)
     conv = cfg.build()
-    x = cfg.input()
+    x = cfg.input(batch=max(cfg.cin, cfg.cout) + 1)
     assert count_convs(conv, x) == 1  # the counter sees a plain conv
     blk = RepConv2d(conv, "online")
     assert count_convs(blk, x) == 1

@@ -78,12 +78,13 @@ def conv_cfgs(
     padding_modes: tuple[str, ...] = ("zeros",),
     max_kernel: int = 7,
     square_io: bool | None = None,
+    map_sizes: tuple[int, int] = (5, 12),
 ) -> ConvCfg:
     """A conv configuration torch accepts, with a non-empty output.
 
     Channels 1..8 (grouped: groups 1, 2, 3 or depthwise with multiplier 1 or 2), kernels 1..``max_kernel``
     (often non-square), stride 1..2 and dilation 1..3 (per axis), padding an int, a per-axis tuple,
-    ``'same'`` (stride 1 only) or ``'valid'``, maps 5..12 px.
+    ``'same'`` (stride 1 only) or ``'valid'``, maps of ``map_sizes`` px (5..12).
     """
     gkind = draw(st.sampled_from(["1", "2", "3", "dw"]))
     same_io = draw(st.booleans()) if square_io is None else square_io
@@ -115,7 +116,7 @@ def conv_cfgs(
     cfg = ConvCfg(
         cin=cin, cout=cout, kernel=kernel, stride=stride, dilation=dilation, groups=groups, padding=padding,
         bias=draw(st.booleans()), padding_mode=draw(st.sampled_from(padding_modes)),
-        h=draw(st.integers(5, 12)), w=draw(st.integers(5, 12)),
+        h=draw(st.integers(*map_sizes)), w=draw(st.integers(*map_sizes)),
     )
     assume(cfg.accepted_by_torch())
     return cfg
