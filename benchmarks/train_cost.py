@@ -17,6 +17,8 @@ multiply-adds over the plain model's.
     .venv/bin/python benchmarks/train_cost.py                      # ResNet-18/50 at 8x224 and 32x32
     .venv/bin/python benchmarks/train_cost.py --models resnet18 --rounds 3 --device cuda
     .venv/bin/python benchmarks/train_cost.py --compile     # every variant under torch.compile (plain too)
+    DYREP_FX_REFERENCE_DBB=~/src/DiverseBranchBlock DYREP_FX_REFERENCE_OREPA=~/src/OREPA_CVPR2022 \
+        .venv/bin/python benchmarks/train_cost.py --models resnet18 --rounds 3   # with ref_dbb, ref_orepa
     .venv/bin/python benchmarks/train_cost.py --models resnet18 --inputs 32x32 --variants plain,dbb_all \
         --rounds 1 --memory-rounds 1 --steps 1 --warmup 1       # smoke setting: the script runs
 
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, peak_rss_mib, reset_peak_rss, rss_mib, run_worker, summary, write_json  # noqa: E402
 from macs import INPUTS, mac_floor  # noqa: E402
-from variants import VARIANTS, build  # noqa: E402
+from variants import VARIANTS, available_references, build  # noqa: E402
 
 #: The allocator setting of the memory processes only (see the module docstring).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
@@ -172,7 +174,8 @@ def main() -> None:
     parser.add_argument("--input", default="8x224", choices=list(INPUTS))
     parser.add_argument("--models", default="resnet18,resnet50")
     parser.add_argument("--inputs", default="8x224,32x32")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS + tuple(available_references())),
+                        help="default: every variant, the reference implementations where configured")
     parser.add_argument("--rounds", type=int, default=5, help="timed processes per variant")
     parser.add_argument("--memory-rounds", type=int, default=2, help="memory processes per variant")
     parser.add_argument("--measure", default="time", choices=["time", "memory"], help=argparse.SUPPRESS)
