@@ -31,15 +31,17 @@ def composed_costs(geom: ConvGeometry, input_shape: tuple[int, ...]) -> tuple[in
     """Multiply-adds per forward of a ``1x1_kxk`` branch: ``(merged into the kernel, run as two convs)``.
 
     ``input_shape`` is the block input's ``(N, C, H, W)``. The 1x1 runs on the unpadded input and the
-    padding moves to the kxk (see :class:`~dyrep_fx.branches.ComposedBranch`); backward costs about
-    twice forward in both ways.
+    padding moves to the kxk (see :class:`~dyrep_fx.branches.ComposedBranch`), which on maps smaller than
+    its window runs only the taps that read them (:meth:`~dyrep_fx.geometry.ConvGeometry.taps_run`);
+    backward costs about twice forward in both ways.
     """
     n, _, h, w = input_shape
     (kh, kw), g = geom.kernel_size, geom.groups
+    th, tw = geom.taps_run((h, w))
     c_in, c_mid, c_out = geom.in_channels, geom.in_channels, geom.out_channels
     ho, wo = geom.output_size((h, w))
     merged = c_out * (c_mid // g) * (c_in // g) * kh * kw
-    convs = n * h * w * c_mid * (c_in // g) + n * ho * wo * c_out * (c_mid // g) * kh * kw
+    convs = n * h * w * c_mid * (c_in // g) + n * ho * wo * c_out * (c_mid // g) * th * tw
     return merged, convs
 
 

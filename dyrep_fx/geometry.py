@@ -189,6 +189,14 @@ class ConvGeometry:
             return F.conv2d(x, weight[:, :, r0:r1, c0:c1], bias, self.stride, (ph, pw), self.dilation, self.groups)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def taps_run(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The kernel size :meth:`conv` runs on a map of ``size``: smaller than ``kernel_size`` where some
+        taps would read only zero padding (zero padding only)."""
+        crop = None if self.padding_mode != "zeros" or self.same_from_input else self._live_taps(size)
+        if crop is None:
+            return self.kernel_size
+        return tuple(stop - first for first, stop, _ in crop)
+
     def _live_taps(self, size: tuple[int, int]) -> tuple[tuple[int, int, int], ...] | None:
         """``(first, stop, padding)`` per axis of the kernel taps that read the input on a map of ``size``
         and the padding that keeps every output where it was; ``None`` when every tap reads the input or

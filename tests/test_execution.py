@@ -21,6 +21,13 @@ def test_costs_count_multiply_adds() -> None:
     assert convs == 2 * 6 * 6 * 8 * 4 + 2 * 3 * 3 * 8 * 4 * 9
 
 
+def test_costs_count_only_the_taps_a_tiny_map_reads() -> None:
+    """On 1x1 maps a 3x3 kxk runs its centre tap alone (ConvGeometry.conv crops it)."""
+    merged, convs = composed_costs(geometry(8), (2, 8, 1, 1))
+    assert merged == 8 * 8 * 8 * 9
+    assert convs == 2 * 8 * 8 + 2 * 8 * 8 * 1
+
+
 @pytest.mark.parametrize(("channels", "size", "batch", "expect_convs"), [
     (512, 1, 32, True),    # ResNet-18 layer4 at 32x32 input: the merge is C^3 k^2 = 1.2 G
     (512, 7, 8, True),     # layer4 at 224: 1.03 G vs 1.21 G (measured 0.85x the merge's time)
