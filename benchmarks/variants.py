@@ -6,6 +6,8 @@
   default) -- in online (OREPA-style) or dbb (BatchNorm per branch) mode.
 * ``dbb_all``: every 3x3 conv with DBB's branches in dbb mode (the static baseline DyRep compares to).
 * ``orepa_all``: every 3x3 conv with OREPA's linear branches in online mode.
+* ``dbb_all_recompute`` / ``dyrep_dbb_recompute``: the dbb-mode variants with every block's ``recompute`` set
+  (1x1 stages run again in backward instead of keeping their outputs).
 * ``ref_dbb`` / ``ref_orepa``: the reference implementations, for side-by-side runs: every 3x3 conv of a
   torchvision ResNet and the BatchNorm after it replaced by the published block (DBB's
   ``DiverseBranchBlock``, OREPA's ``OREPA``; each carries its own BatchNorms). Their code is not part of
@@ -31,6 +33,8 @@ from dyrep_fx import DBB_KINDS, OREPA_KINDS
 from dyrep_fx.controller import DYREP_KINDS
 
 VARIANTS = ("plain", "dyrep_online", "dyrep_dbb", "dbb_all", "orepa_all")
+#: Opt-in variants: a dbb-mode variant with every block's ``recompute`` set.
+RECOMPUTE_VARIANTS = ("dbb_all_recompute", "dyrep_dbb_recompute")
 #: ``variant: (environment variable naming the checkout, module, block class)``.
 REFERENCES = {"ref_dbb": ("DYREP_FX_REFERENCE_DBB", "diversebranchblock", "DiverseBranchBlock"),
               "ref_dbb_bn": ("DYREP_FX_REFERENCE_DBB", "diversebranchblock", "DiverseBranchBlock"),
@@ -85,6 +89,11 @@ def build(model_name: str, variant: str, sites: int = 16, nested: int = 4, seed:
         return model
     if variant in REFERENCES:
         return _with_reference_blocks(model, _reference_block(variant), keep_bn=variant.endswith("_bn"))
+    if variant in RECOMPUTE_VARIANTS:
+        model = build(model_name, variant.removesuffix("_recompute"), sites, nested, seed)
+        for block in dyrep_fx.blocks(model).values():
+            block.recompute = True
+        return model
     mode = "dbb" if variant in ("dyrep_dbb", "dbb_all") else "online"
     dyrep_fx.transform(model, mode=mode)
     convs = _three_by_three(model)
@@ -102,5 +111,5 @@ def build(model_name: str, variant: str, sites: int = 16, nested: int = 4, seed:
     elif variant == "orepa_all":
         dyrep_fx.grow(model, convs, list(OREPA_KINDS))
     else:
-        raise ValueError(f"unknown variant {variant!r}; variants: {VARIANTS + tuple(REFERENCES)}")
+        raise ValueError(f"unknown variant {variant!r}; variants: {VARIANTS + RECOMPUTE_VARIANTS + tuple(REFERENCES)}")
     return model

@@ -40,8 +40,8 @@ MODES = ("online", "dbb")
 
 # Names a block uses for its own state: a wrapped conv's extra parameters, buffers or children cannot
 # take them (see RepConv2d.why_not_wrap).
-_BLOCK_NAMES = frozenset({"weight", "bias", "geometry", "mode", "init_scale", "branches", "execution", "main_scale",
-                          "main_bn", "_template", "_kernel_cache"})
+_BLOCK_NAMES = frozenset({"weight", "bias", "geometry", "mode", "init_scale", "branches", "execution", "recompute",
+                          "main_scale", "main_bn", "_template", "_kernel_cache"})
 
 
 class RepConv2d(nn.Module):
@@ -70,6 +70,10 @@ class RepConv2d(nn.Module):
         self.branches = nn.ModuleDict()
         #: Online mode: how the ``1x1_kxk`` branch runs (see :mod:`dyrep_fx.execution`); not saved.
         self.execution = "auto"
+        #: dbb mode: run the branches' 1x1 stages again in backward instead of keeping their output maps
+        #: (ResNet-18 at 8x224: activation memory -30 % for +8 % step time, see benchmarks/README.md); not
+        #: saved, not inherited by nested blocks.
+        self.recompute = False
         # The original module, kept outside the module tree so that folding can rebuild the very class
         # the user had (e.g. an mmcv Conv2d subclass) without registering its parameters twice.
         self.__dict__["_template"] = conv
@@ -216,7 +220,7 @@ class RepConv2d(nn.Module):
         main = geom.conv(x, self.weight, self.bias) if xp is None else geom.conv_valid(xp, self.weight, self.bias)
         out = self.main_bn(main)
         for branch in self.branches.values():
-            out = out + branch(x, xp)
+            out = out + branch(x, xp, self.recompute)
         return out
 
     # -- growth and pruning ----------------------------------------------------------------------
