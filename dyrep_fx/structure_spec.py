@@ -88,24 +88,26 @@ def _inner_geometry(outer: ConvGeometry) -> ConvGeometry:
         outer.groups, bias=False, device="meta"))
 
 
-def grow_entry(model: nn.Module, name: str, entry: dict[str, Any], mode: str, init_scale: float) -> None:
+def grow_entry(model: nn.Module, name: str, entry: dict[str, Any], mode: str, init_scale: float,
+               recompute: bool = False) -> None:
     """Grow the block ``entry`` describes at ``name``, nested blocks included; no eligibility check
     (e.g. on a frozen EMA copy). Branch values are fresh until a state_dict loads."""
     module = get_module(model, name)
     if not isinstance(module, RepConv2d):
         if not isinstance(module, nn.Conv2d):
             raise PassError(f"structure names {name!r}, which is a {type(module).__name__}, not a Conv2d")
-        module = RepConv2d(module, mode=mode, init_scale=init_scale)
+        module = RepConv2d(module, mode=mode, init_scale=init_scale, recompute=recompute)
         set_module(model, name, module)
     if entry.get("kinds"):
         module.grow([k for k in entry["kinds"] if k not in module.branches])
     if entry.get("bias") and module.bias is None:
         module.ensure_bias()
     for rel, inner in entry.get("nested", {}).items():
-        grow_entry(module, rel, inner, mode, init_scale)
+        grow_entry(module, rel, inner, mode, init_scale, recompute)
 
 
-def apply(model: nn.Module, spec: dict[str, Any], txn: Transaction, init_scale: float, prefix: str = "") -> None:
+def apply(model: nn.Module, spec: dict[str, Any], txn: Transaction, init_scale: float, prefix: str = "",
+          recompute: bool = False) -> None:
     """Grow the checked ``spec`` on ``model`` (new branches start at ``init_scale``), recording every
     change in ``txn``.
 
@@ -117,7 +119,7 @@ def apply(model: nn.Module, spec: dict[str, Any], txn: Transaction, init_scale: 
         for name, entry in spec["sites"].items():
             original = get_module(model, name)
             txn.save(original)
-            grow_entry(model, name, entry, spec["mode"], init_scale)
+            grow_entry(model, name, entry, spec["mode"], init_scale, recompute)
             if get_module(model, name) is not original:
                 txn.record_replacement(f"{prefix}.{name}" if prefix else name, original)
 

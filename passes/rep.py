@@ -65,6 +65,7 @@ def run(
     kinds: Iterable[str] | None = None,
     mode: str = "online",
     init_scale: float = INIT_SCALE,
+    recompute: bool = False,
 ) -> PassReport:
     """Grow ``kinds`` at ``names`` (see :func:`plan`); all or nothing."""
     todo = plan(analyse(traced, model, mode), names, kinds)
@@ -79,7 +80,7 @@ def run(
             module = get_module(model, name)
             txn.save(module)
             if not isinstance(module, RepConv2d):
-                module = RepConv2d(module, mode=mode, init_scale=init_scale)
+                module = RepConv2d(module, mode=mode, init_scale=init_scale, recompute=recompute)
                 txn.replace(name, module)
             new_modules[name] = module.grow(site_kinds)
             report.changed[name] = list(site_kinds)

@@ -72,6 +72,45 @@ def test_a_described_structure_rebuilds_on_a_fresh_model(mode):
     assert torch.equal(model(X), fresh(X))
 
 
+def test_recompute_reaches_every_block_grown_later_and_keeps_the_training_function():
+    """``transform(recompute=True)``: blocks grown by ``grow`` (nested ones too), by a DyRep controller, on an
+    EMA twin and from a restored structure all recompute; a training step then computes the same
+    outputs and gradients as without, and keeps fewer bytes for backward."""
+    from helpers.memory import saved_bytes
+
+    def net(recompute: bool) -> SmallNet:
+        torch.manual_seed(0)
+        model = SmallNet().double()
+        dyrep_fx.transform(model, mode="dbb", recompute=recompute)
+        dyrep_fx.grow(model, ["conv1", "conv2"])
+        dyrep_fx.grow(model, ["conv1.branches.1x1_kxk.conv2"], ["1x1", "1x1_avg"])
+        return model
+
+    plain, lean = net(False), net(True)
+    assert Handle.of(lean).recompute and not Handle.of(plain).recompute
+    assert len(dyrep_fx.blocks(lean)) == 3
+    assert all(b.recompute for b in dyrep_fx.blocks(lean).values())
+    assert not any(b.recompute for b in dyrep_fx.blocks(plain).values())
+    twin = copy.deepcopy(lean)
+    twin.__dict__.pop(STATE_ATTR)
+    assert Handle.of(lean).share_with(twin).recompute
+    fresh = SmallNet().double()
+    Handle.transform(fresh, mode="dbb", recompute=True).apply_structure(Handle.of(lean).structure(),
+                                                                        Transaction(fresh))
+    assert all(b.recompute for b in dyrep_fx.blocks(fresh).values()) and len(dyrep_fx.blocks(fresh)) == 3
+    ctl_model = SmallNet().double()
+    dyrep_fx.DyRep(ctl_model, torch.optim.SGD(ctl_model.parameters(), lr=0.1), mode="dbb", recompute=True)
+    dyrep_fx.grow(ctl_model, ["conv3"])
+    assert dyrep_fx.blocks(ctl_model)["conv3"].recompute
+    x = X.clone().requires_grad_()
+    outs = [m(x) for m in (plain, lean)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+    grads = [torch.autograd.grad(o.square().sum(), [x, *m.parameters()]) for o, m in zip(outs, (plain, lean))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
+    assert saved_bytes(lean, X) < saved_bytes(plain, X)
+
+
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda s: s.update(format="other/1"), "not a dyrep_fx structure"),
     (lambda s: s.update(mode="dbb"), "structure is for 'dbb' mode"),

@@ -67,6 +67,8 @@ class DyRepHook(Hook):
             :class:`dyrep_fx.DyRep`.
         mode: ``"online"`` (one conv per site) or ``"dbb"`` (branches with BatchNorms).
         init_scale: initial scale of new branches.
+        recompute: dbb mode: recompute the branches' 1x1 stages in backward (less activation memory, a
+            little more time; see :func:`dyrep_fx.transform`).
         deploy: at the end, fold and save ``deploy_filename`` (and ``ema_`` + it with an EMAHook)
             in ``work_dir``; it loads with ``strict=True`` into the model of the unmodified config.
         trust_checkpoint: under torch >= 2.6, let mmengine unpickle the checkpoint it resumes or loads
@@ -111,6 +113,7 @@ class DyRepHook(Hook):
         deploy: bool = True,
         deploy_filename: str = "dyrep_deploy.pth",
         trust_checkpoint: bool = True,
+        recompute: bool = False,
     ) -> None:
         self.targets = list(targets)
         self.trust_checkpoint = trust_checkpoint
@@ -119,7 +122,7 @@ class DyRepHook(Hook):
         self.deploy_filename = deploy_filename
         self.options = dict(interval=interval, until=until, topk=topk, kinds=None if kinds is None else list(kinds),
                             metric=metric, nested=nested, pointwise=pointwise, std_gate=std_gate, threshold=threshold, calib_batches=calib_batches,
-                            seed=seed, mode=mode, init_scale=init_scale)
+                            seed=seed, mode=mode, init_scale=init_scale, recompute=recompute)
         self.controller: DyRep | None = None
 
     # -- set-up ------------------------------------------------------------------------------------
