@@ -8,8 +8,8 @@ computes every parameter's gradient straight from the kernel's gradient ``G``:
 * main: ``dW = G * main_scale``, ``d main_scale = <G, W>`` per output channel;
 * window terms (``1x1``, ``1xk``, ``kx1``, ``identity``): a small kernel at a tap offset; only the
   slice of ``G`` under it is read;
-* filter terms (``1x1_avg``, ``prior``): ``K[o,i,u,v] = w1[o,i] * s[o,u,v]``; one contraction of ``G``
-  with the fixed filter ``s``;
+* filter terms (``1x1_avg``, ``prior``): ``K[o,i,u,v] = w1[o,i] * s[o,u,v]``; all of them are added in
+  one batched product and share one contraction of ``G`` with their fixed filters ``s``;
 * composed terms (``1x1_kxk``): ``K = w2 (x) w1`` per group; two contractions, and the scale's gradient
   reuses the one for ``w2``. On CPU, without groups, the merge and both contractions run as one 1x1
   convolution over ``w2`` read as a batch of ``O`` images (and its two backward convolutions): oneDNN's
@@ -111,17 +111,25 @@ class _Assemble(torch.autograd.Function):
         ctx.specs = specs
         ctx.save_for_backward(weight, main_scale, *flat)
         kernel = weight * _col(main_scale)
+        filters = []
         for (kind, offset, groups), values in _split(specs, flat):
             if kind is WindowTerm:
                 small, scale = values
                 (r, c), (a, b) = offset, small.shape[-2:]
                 kernel[:, :, r:r + a, c:c + b].addcmul_(_col(scale), small)
             elif kind is FilterTerm:
-                w1, scale, spatial = values
-                kernel.addcmul_(_col(scale) * w1, spatial.unsqueeze(1))
+                filters.append(values)
             else:
                 w1, w2, scale = values
                 kernel.addcmul_(_col(scale), _compose(w1, w2, groups))
+        if filters and kernel.is_contiguous():
+            # every filter term in one batched product, one pass over the kernel:
+            # K[o, i, :] += sum_f (scale_f[o] * w1_f[o, i]) * spatial_f[o, :]
+            coeffs = torch.stack([_col(scale).flatten(1) * w1.flatten(1) for w1, scale, _ in filters], -1)
+            kernel.view(*coeffs.shape[:2], -1).baddbmm_(coeffs, _filter_stack(filters))
+        else:  # (a channels-last kernel has no [O, I, kh*kw] view)
+            for w1, scale, spatial in filters:
+                kernel.addcmul_(_col(scale) * w1, spatial.unsqueeze(1))
         return kernel
 
     @staticmethod
@@ -131,12 +139,32 @@ class _Assemble(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grads: list[Tensor | None] = [None, _scaled(grad, main_scale, weight) if needs[1] else None,
                                       _channel_dot(grad, weight) if needs[2] else None]
-        pos = 3
+        filters = [values for spec, values in _split(ctx.specs, flat) if spec[0] is FilterTerm]
+        # <G, spatial_f> per (o, i) for every filter term in one batched product: G is read once
+        by_filter = torch.bmm(grad.reshape(*grad.shape[:2], -1), _filter_stack(filters).transpose(1, 2)) if filters else None
+        pos, f = 3, 0
         for spec, values in _split(ctx.specs, flat):
-            term_grads = _term_grads(spec, grad, values, needs[pos:pos + len(values)])
+            wanted = needs[pos:pos + len(values)]
+            if spec[0] is FilterTerm:
+                term_grads = _filter_grads(by_filter[..., f], values, wanted)
+                f += 1
+            else:
+                term_grads = _term_grads(spec, grad, values, wanted)
             grads.extend(_in_layout(g, v) for g, v in zip(term_grads, values))
             pos += len(values)
         return tuple(grads)
+
+
+def _filter_stack(filters: list[Sequence[Tensor]]) -> Tensor:
+    """The filter terms' fixed filters as ``[O, F, kh * kw]``."""
+    return torch.stack([spatial.flatten(1) for _, _, spatial in filters], 1)
+
+
+def _filter_grads(contracted: Tensor, values: Sequence[Tensor], wanted: Sequence[bool]) -> list[Tensor | None]:
+    """A filter term's gradients from ``<G, spatial>`` per ``(o, i)``."""
+    w1, scale, _ = values
+    g = contracted.reshape(w1.shape)
+    return [_scaled(g, scale, w1) if wanted[0] else None, _channel_dot(g, w1) if wanted[1] else None, None]
 
 
 def _split(specs: tuple, flat: Sequence[Tensor]):
@@ -156,10 +184,6 @@ def _term_grads(spec: tuple, grad: Tensor, values: Sequence[Tensor], wanted: Seq
         (r, c), (a, b) = offset, small.shape[-2:]
         g = grad[:, :, r:r + a, c:c + b]
         return [_scaled(g, scale, small) if wanted[0] else None, _channel_dot(g, small) if wanted[1] else None]
-    if kind is FilterTerm:
-        w1, scale, spatial = values
-        g = torch.einsum("oiuv,ouv->oi", grad, spatial).reshape(w1.shape)  # <G, s> per (o, i)
-        return [_scaled(g, scale, w1) if wanted[0] else None, _channel_dot(g, w1) if wanted[1] else None, None]
     w1, w2, scale = values
     if _as_convolution(w2, groups):
         return _composed_grads_by_convolution(grad, w1, w2, scale, wanted)

@@ -16,7 +16,8 @@ def rand(*shape: int, grad: bool = True) -> torch.Tensor:
 
 
 def build_terms(out_c: int, in_c: int, groups: int, k: tuple[int, int]):
-    """One term of every shape: 1x1, 1xk, kx1 windows, a constant window, a filter and a composed term."""
+    """One term of every shape: 1x1, 1xk, kx1 windows, a constant window, two filters (summed in one
+    product) and a composed term."""
     kh, kw = k
     ig, cm = in_c // groups, in_c
     terms = [
@@ -25,6 +26,7 @@ def build_terms(out_c: int, in_c: int, groups: int, k: tuple[int, int]):
         WindowTerm(rand(out_c, ig, kh, 1), rand(out_c), (0, kw // 2)),
         WindowTerm(rand(out_c, ig, 1, 1, grad=False), rand(out_c), (0, kw - 1)),
         FilterTerm(rand(out_c, ig, 1, 1), rand(out_c), torch.rand(out_c, kh, kw, dtype=torch.float64)),
+        FilterTerm(rand(out_c, ig, 1, 1), rand(out_c), torch.randn(out_c, kh, kw, dtype=torch.float64)),
         ComposedTerm(rand(cm, ig, 1, 1), rand(out_c, cm // groups, kh, kw), rand(out_c), groups),
     ]
     return rand(out_c, ig, kh, kw), rand(out_c), terms
@@ -85,6 +87,14 @@ def test_gradcheck(groups):
         return assemble_kernel(tensors[0], tensors[1], rebuilt)
 
     assert torch.autograd.gradcheck(fn, params)
+
+
+def test_a_channels_last_kernel_adds_its_filter_terms_one_by_one():
+    torch.manual_seed(0)
+    weight, main_scale, terms = build_terms(4, 4, 1, (3, 3))
+    weight = weight.detach().to(memory_format=torch.channels_last).requires_grad_()
+    torch.testing.assert_close(assemble_kernel(weight, main_scale, terms), reference(weight, main_scale, terms),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_no_terms_is_the_scaled_kernel():
