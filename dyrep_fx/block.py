@@ -74,7 +74,7 @@ class RepConv2d(nn.Module):
         #: Online mode: how the ``1x1_kxk`` branch runs (see :mod:`dyrep_fx.execution`); not saved.
         self.execution = "auto"
         #: dbb mode: run the branches' 1x1 stages again in backward instead of keeping their output maps
-        #: (ResNet-18 at 8x224: activation memory -30 % for +8 % step time, see benchmarks/README.md); the
+        #: (ResNet-18 at 8x224: activation memory -30 % for +7 % step time, see benchmarks/README.md); the
         #: same function and gradients either way. Not saved; set by ``transform(..., recompute=True)``.
         self.recompute = bool(recompute)
         # The original module, kept outside the module tree so that folding can rebuild the very class
