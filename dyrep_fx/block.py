@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from . import conv_classes, kernels
 from .assembly import assemble_kernel
-from .branches import Branch, make_branch, pads_with_zeros
+from .branches import Branch, make_branch
+from .dbb_ops import pads_with_zeros
 from .defaults import INIT_SCALE
 from .execution import run_composed_as_convs
 from .geometry import BRANCH_KINDS, ConvGeometry

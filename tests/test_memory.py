@@ -2,9 +2,9 @@
 
 * A dbb-mode block saves less than a plain DBB block with the same branches (``ReferenceDBB``: conv +
   BatchNorm per branch, summed): no padded copy of the input, a 1x1 stage's BatchNorm keeps the unpadded
-  map, not the padded one (``branches._PaddedMapBatchNorm``), the average filter keeps nothing of its
-  input (``branches._FixedFilter``), and with ``recompute`` a 1x1 stage keeps nothing of its output's
-  size: it runs its conv again in backward (``branches._PointwiseNorm``).
+  map, not the padded one (``dbb_ops._PaddedMapBatchNorm``), the average filter keeps nothing of its
+  input (``dbb_ops._FixedFilter``), and with ``recompute`` a 1x1 stage keeps nothing of its output's
+  size: it runs its conv again in backward (``dbb_ops._PointwiseNorm``).
 * That forward computes what the padded-input formulation computes, in training too (outputs,
   gradients, running statistics), for every padding mode and geometry.
 * An online block running ``1x1_kxk`` as convolutions keeps no padded copy of its input either.
@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dyrep_fx import branches
+from dyrep_fx import dbb_ops
 from dyrep_fx.block import RepConv2d
 from dyrep_fx.geometry import ConvGeometry
 
@@ -65,12 +65,12 @@ def test_pointwise_norm_is_the_batchnorm_of_the_padded_conv_output(pads, stride,
         want = ref(geom.pad_input(z))
         if training:
             state = copy.deepcopy(ours.state_dict())
-            shapes = [s for _, s, _ in saved_tensors(lambda t: branches._pointwise_norm(ours, t, w, geom, stride,
+            shapes = [s for _, s, _ in saved_tensors(lambda t: dbb_ops.pointwise_norm(ours, t, w, geom, stride,
                                                                                         padded, recompute), x)]
             assert (tuple(z.shape) in shapes) is not recompute, shapes
             assert not padded or tuple(want.shape) not in shapes, shapes
             ours.load_state_dict(state)  # (that forward counted a batch)
-        out = branches._pointwise_norm(ours, x, w, geom, stride, padded, recompute)
+        out = dbb_ops.pointwise_norm(ours, x, w, geom, stride, padded, recompute)
         assert rel_err(out, want) <= F64_TOL
         g = torch.randn_like(want)
         got = torch.autograd.grad(out, [x, w, ours.weight, ours.bias], g)
@@ -87,10 +87,10 @@ def test_padded_map_batchnorm_and_fixed_filter_gradcheck():
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda *t: branches._PaddedMapBatchNorm.apply(*t, ((1, 2), (2, 1)), 1e-5)[0], (z, w, b))
+        lambda *t: dbb_ops._PaddedMapBatchNorm.apply(*t, ((1, 2), (2, 1)), 1e-5)[0], (z, w, b))
     filt = torch.rand(3, 1, 2, 3, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda t: branches._FixedFilter.apply(t, filt, (2, 1), (1, 1)), (z,))
-    saved = saved_tensors(lambda t: branches._FixedFilter.apply(t, filt, (1, 1), (1, 1)), z)
+    assert torch.autograd.gradcheck(lambda t: dbb_ops._FixedFilter.apply(t, filt, (2, 1), (1, 1)), (z,))
+    saved = saved_tensors(lambda t: dbb_ops._FixedFilter.apply(t, filt, (1, 1), (1, 1)), z)
     assert saved == [("leaf", tuple(filt.shape), filt.numel() * 8)], saved  # the filter, nothing of z
 
 
@@ -102,10 +102,10 @@ def test_pointwise_norm_gradcheck():
 
     x = rand(2, 4, 3, 4)
     assert torch.autograd.gradcheck(  # padded on every side differently
-        lambda *t: branches._PointwiseNorm.apply(*t, (1, 1), 1, ((1, 2), (2, 1)), 1e-5)[0],
+        lambda *t: dbb_ops._PointwiseNorm.apply(*t, (1, 1), 1, ((1, 2), (2, 1)), 1e-5)[0],
         (x, rand(3, 4, 1, 1), rand(3), rand(3)))
     assert torch.autograd.gradcheck(  # grouped and strided, unpadded
-        lambda *t: branches._PointwiseNorm.apply(*t, (2, 1), 2, ((0, 0), (0, 0)), 1e-5)[0],
+        lambda *t: dbb_ops._PointwiseNorm.apply(*t, (2, 1), 2, ((0, 0), (0, 0)), 1e-5)[0],
         (x, rand(4, 2, 1, 1), rand(4), rand(4)))
 
 
@@ -120,7 +120,7 @@ def test_pointwise_norm_under_autocast_runs_in_the_forward_dtype(recompute):
     w = torch.randn(6, 6, 1, 1, requires_grad=True)
     x = torch.randn(4, 6, 5, 5, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = branches._pointwise_norm(ours, x, w, geom, recompute=recompute)
+        out = dbb_ops.pointwise_norm(ours, x, w, geom, recompute=recompute)
         want = ref(geom.pad_input(F.conv2d(x, w)))
     assert out.dtype == want.dtype
     g = torch.randn_like(want.float())
@@ -139,11 +139,11 @@ def test_a_watched_batchnorm_runs_as_a_module_on_the_padded_map(recompute):
     w = torch.randn(5, 5, 1, 1, dtype=torch.float64)
     seen = []
     handle = bn.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
-    branches._pointwise_norm(bn, x, w, geom, recompute=recompute)
+    dbb_ops.pointwise_norm(bn, x, w, geom, recompute=recompute)
     handle.remove()
     handle = torch.nn.modules.module.register_module_forward_pre_hook(
         lambda m, args: seen.append(tuple(args[0].shape)))
-    branches._pointwise_norm(bn, x, w, geom, recompute=recompute)
+    dbb_ops.pointwise_norm(bn, x, w, geom, recompute=recompute)
     handle.remove()
     assert seen == [(2, 5, 6, 6)] * 2
 
