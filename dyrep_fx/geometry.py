@@ -192,15 +192,17 @@ class ConvGeometry:
     def taps_run(self, size: tuple[int, int]) -> tuple[int, int]:
         """The kernel size :meth:`conv` runs on a map of ``size``: smaller than ``kernel_size`` where some
         taps would read only zero padding (zero padding only)."""
-        crop = None if self.padding_mode != "zeros" or self.same_from_input else self._live_taps(size)
+        crop = self._live_taps(size)
         if crop is None:
             return self.kernel_size
         return tuple(stop - first for first, stop, _ in crop)
 
     def _live_taps(self, size: tuple[int, int]) -> tuple[tuple[int, int, int], ...] | None:
         """``(first, stop, padding)`` per axis of the kernel taps that read the input on a map of ``size``
-        and the padding that keeps every output where it was; ``None`` when every tap reads the input or
-        the cropped conv would need other padding on its two sides."""
+        and the padding that keeps every output where it was; ``None`` when every tap reads the input, the
+        cropped conv would need other padding on its two sides, or the padding is not plain zeros."""
+        if self.padding_mode != "zeros" or self.same_from_input:
+            return None
         axes = []
         for n, out, k, s, d, (pb, _) in zip(size, self.output_size(size), self.kernel_size, self.stride,
                                             self.dilation, self.pads):

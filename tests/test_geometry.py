@@ -64,5 +64,8 @@ def test_tiny_maps_run_only_the_taps_that_read_them():
     assert _kernel_run(nn.Conv2d(8, 8, 3, 2, 1), 2) == (2, 2)
     assert _kernel_run(nn.Conv2d(8, 8, 3, 1, 1), 2) == (3, 3)
     assert _kernel_run(nn.Conv2d(8, 8, 3, 1, 1, padding_mode="circular"), 1) == (3, 3)
+    # what the cost model counts is what runs (no crop where the padding is not plain zeros)
+    assert ConvGeometry.from_conv(nn.Conv2d(8, 8, 3, 1, 1)).taps_run((1, 1)) == (1, 1)
+    assert ConvGeometry.from_conv(nn.Conv2d(8, 8, 3, 1, 1, padding_mode="circular")).taps_run((1, 1)) == (3, 3)
     # only the centre tap reads a 5 px map at dilation 3, but cropping to it would need padding -2
     assert _kernel_run(nn.Conv2d(8, 8, 3, 1, 1, dilation=3), 5) == (3, 3)
