@@ -47,6 +47,7 @@ from .handle import Handle
 from .optim_sync import GroupChooser, apply_layout, default_group, layout, sync_optimizer
 from .passes.base import PassError, Transaction
 from .passes.dep import DepCriterion
+from .passes.rep import check_kind_names
 from .saliency import DEFAULT_METRIC, SaliencyCollector, Scorer, metric_name
 
 __all__ = ["DyRep", "StepResult", "DYREP_KINDS", "NESTED_POLICIES"]
@@ -86,12 +87,28 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def _refuse_foreign_optimizer(optimizer: torch.optim.Optimizer, roots: dict[str, nn.Module]) -> None:
+    """Refuse an optimizer that holds none of the targets' trainable parameters: it was built for
+    another model instance (a copy, an EMA twin) or before the model was rebuilt, and would train nothing
+    DyRep grows."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {f"{prefix}.{name}" if prefix else name: p for prefix, root in roots.items()
+                 for name, p in root.named_parameters() if p.requires_grad}
+    if trainable and not any(id(p) in held for p in trainable.values()):
+        raise ValueError(
+            f"the optimizer holds none of the {len(trainable)} trainable parameters DyRep works on "
+            f"(e.g. {list(trainable)[:3]}); build it from this model's parameters (e.g. "
+            "torch.optim.SGD(model.parameters(), ...)), not from another instance or a copy")
+
+
 class DyRep:
     """Dynamic re-parameterization during training (DyRep, CVPR 2022) for a transformed model.
 
     Args:
         model: the model (or its DDP wrapper); transformed here if it was not yet.
-        optimizer: the torch optimizer training it; kept consistent in place.
+        optimizer: the torch optimizer training it; kept consistent in place. One holding none of the
+            targets' trainable parameters is refused (``ValueError``); one lacking only some growable
+            convs' weights is accepted with a logged warning naming them (their saliency would be stale).
         interval: a step is due every ``interval`` calls of :meth:`step` (paper: 5 epochs).
         until: no growth or cut after this many calls (paper: 100 of 120 epochs); ``None`` = never stop.
         topk: sites grown per step (paper: 1).
@@ -141,11 +158,14 @@ class DyRep:
             raise ValueError("interval must be >= 1")
         if nested not in NESTED_POLICIES:
             raise ValueError(f"nested must be one of {NESTED_POLICIES}, got {nested!r}")
+        kinds = None if kinds is None else check_kind_names(kinds)
         self.model = _unwrap(model)
+        roots = {prefix: self.model.get_submodule(prefix) if prefix else self.model
+                 for prefix in ([""] if targets is None else list(targets))}
+        _refuse_foreign_optimizer(optimizer, roots)  # before transforming: a refusal changes nothing
         #: One handle per target, by its qualified name ("" is the whole model).
         self.targets: dict[str, Handle] = {}
-        for prefix in ([""] if targets is None else list(targets)):
-            root = self.model.get_submodule(prefix) if prefix else self.model
+        for prefix, root in roots.items():
             if Handle.is_transformed(root):
                 self.targets[prefix] = Handle.of(root)
             else:
@@ -156,9 +176,10 @@ class DyRep:
         if len(modes) != 1:
             raise ValueError(f"targets were transformed in different modes: {sorted(modes)}")
         self.mode = modes.pop()
+        self._warn_missing_weights(optimizer)
         self.optimizer = optimizer
         self.interval, self.until, self.topk = interval, until, topk
-        self.kinds = None if kinds is None else list(kinds)
+        self.kinds = kinds
         self.nested, self.pointwise = nested, pointwise
         self.criterion = DepCriterion(std_gate, threshold)
         self.calib_loader, self.calib_batches, self.forward_fn = calib_loader, calib_batches, forward_fn
@@ -172,6 +193,22 @@ class DyRep:
         self._emas: list[nn.Module] = []
         self.saliency = SaliencyCollector(optimizer, metric, seed=seed)
         self._watch()
+
+    def _warn_missing_weights(self, optimizer: torch.optim.Optimizer) -> None:
+        """Warn when the optimizer lacks some growable convs' weights.
+
+        Only a warning: training part of a network with this optimizer is legitimate, but such a conv's
+        gradient is never zeroed or applied by it, so its saliency is stale and its new branches would
+        train while its own kernel does not.
+        """
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [s.name for s in self.sites()
+                   if s.eligible and id(self.model.get_submodule(s.name).weight) not in held]
+        if missing:
+            log.warning("DyRep: the optimizer lacks the weights of %d growable conv(s) %s; they are still "
+                        "scored and grown but this optimizer neither trains nor zeroes them: add them to it, "
+                        "or freeze them (requires_grad=False) to keep them out of DyRep",
+                        len(missing), missing[:5])
 
     # -- what can grow -------------------------------------------------------------------------
     @staticmethod

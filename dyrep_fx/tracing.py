@@ -327,6 +327,30 @@ def _trace_forest(
         _record_graph(graph, name, modules, convs, norm_calls)
 
 
+def _refuse_torchscript(model: nn.Module) -> None:
+    """A TorchScript module (``torch.jit.script`` / ``torch.jit.trace``) hides its convs as compiled
+    submodules, which torch.fx cannot trace and which are no ``nn.Conv2d``: say so instead of reporting
+    a model without convolutions."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TraceFailure(
+            f"{type(model).__name__} is a TorchScript module (torch.jit.script / torch.jit.trace): torch.fx "
+            "cannot trace TorchScript and its convs are not nn.Conv2d modules; pass the eager nn.Module "
+            "(the one given to torch.jit.script), and script the folded model afterwards if you need to")
+
+
+def _scripted_hint(model: nn.Module) -> str:
+    """Why a model may seem to hold no convolution: convs inside TorchScript submodules are not visible."""
+    scripted: list[str] = []
+    for name, module in model.named_modules():
+        outermost = not any(name.startswith(f"{s}.") for s in scripted)
+        if name and outermost and isinstance(module, torch.jit.ScriptModule):
+            scripted.append(name)
+    if not scripted:
+        return ""
+    return (f" (its submodules {scripted[:3]} are TorchScript modules, whose convs torch.fx cannot see; "
+            "build them as eager nn.Modules)")
+
+
 def trace_model(
     model: nn.Module,
     example_inputs: tuple | None = None,
@@ -336,12 +360,14 @@ def trace_model(
     """Trace ``model`` (in training mode, then eval mode to compare) and return what the passes need.
 
     Never changes the model: training flags are restored and nothing is registered on it.
-    Raises :class:`TraceFailure` when the model holds no convolution at all.
+    Raises :class:`TraceFailure` when the model holds no convolution at all, or is a TorchScript module.
     """
+    _refuse_torchscript(model)
     leaf_types = tuple(leaf_modules)
     modules = dict(model.named_modules())
     if not conv_modules(model):
-        raise TraceFailure(f"{type(model).__name__} holds no convolution: nothing to re-parameterize")
+        raise TraceFailure(f"{type(model).__name__} holds no convolution: nothing to re-parameterize"
+                           f"{_scripted_hint(model)}")
     if concrete_args is None:
         concrete_args = _concrete_args_for(model, example_inputs)
     untraceable: dict[str, str] = {}

@@ -7,17 +7,35 @@ The model's function is unchanged (exactly in online mode; in eval mode in dbb m
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Sequence
 
 from torch import nn
 
 from ..block import RepConv2d
 from ..defaults import INIT_SCALE
+from ..geometry import BRANCH_KINDS
 from ..tracing import TracedModel
 from .analysis import Site, analyse
 from .base import PassError, PassReport, Transaction, get_module
 
-__all__ = ["plan", "run"]
+__all__ = ["plan", "run", "check_kind_names"]
+
+
+def check_kind_names(kinds: Iterable[str]) -> list[str]:
+    """``kinds`` as a list, refusing any name that is no branch kind at all with the closest kind
+    suggested (a typo such as ``"idenity"`` would otherwise read as a kind that does not apply to the
+    first site)."""
+    if isinstance(kinds, str):  # list("1x1") would name three kinds
+        raise PassError(f"kinds must be a list of branch kinds, not the string {kinds!r}: write [{kinds!r}]")
+    kinds = list(kinds)
+    for kind in kinds:
+        if kind in BRANCH_KINDS:
+            continue
+        close = difflib.get_close_matches(str(kind), BRANCH_KINDS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise PassError(f"{kind!r} is not a branch kind; {hint}the kinds are {list(BRANCH_KINDS)}")
+    return kinds
 
 
 def plan(
@@ -28,6 +46,7 @@ def plan(
     ``names=None`` means every eligible site; ``kinds=None`` every kind that applies and is absent.
     Explicit kinds must apply to every named site.
     """
+    wanted = None if kinds is None else check_kind_names(kinds)
     by_name = {s.name: s for s in sites}
     if names is None:
         chosen = [s for s in sites if s.eligible and s.depth == 0]
@@ -40,7 +59,6 @@ def plan(
             if not site.eligible:
                 raise PassError(f"site {name!r} cannot grow: {site.reason}")
             chosen.append(site)
-    wanted = None if kinds is None else list(kinds)
     result: dict[str, list[str]] = {}
     for site in chosen:
         if wanted is None:

@@ -504,3 +504,38 @@ def test_ema_follows_every_change(mode, ema_first, use_buffers):
     assert any(e["cut"] for e in ctl.history) and changes == 5
     train(model, opt, 2, start=50, ema=ema)
     assert torch.isfinite(run_eval(ema.module)).all()
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def test_an_optimizer_of_another_model_is_refused_naming_what_it_lacks():
+    model, _, _ = make(build_ctl=False)
+    other, other_opt, _ = make(build_ctl=False)  # e.g. built for a copy of the model
+    with pytest.raises(ValueError, match=r"holds none of the \d+ trainable parameters.*'conv1.weight'"):
+        dyrep_fx.DyRep(model, other_opt)
+    assert not dyrep_fx.api.is_transformed(model)  # refused before anything changed
+    # frozen parameters need not be in it: only the trainable ones count
+    model.conv1.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    dyrep_fx.DyRep(model, opt)
+
+
+def test_an_optimizer_lacking_some_growable_weights_is_accepted_with_a_warning(caplog):
+    model, _, _ = make(build_ctl=False)
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("conv2.")], lr=0.1)
+    with caplog.at_level("WARNING", logger="dyrep_fx.controller"):
+        ctl = dyrep_fx.DyRep(model, opt)
+    warned = [r.getMessage() for r in caplog.records if r.name == "dyrep_fx.controller"]
+    assert len(warned) == 1 and "lacks the weights of 1 growable conv(s) ['conv2']" in warned[0], warned
+    assert "requires_grad=False" in warned[0]
+    assert "conv2" in ctl.candidates()  # still a candidate, as the warning says
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dyrep_fx.controller"):
+        dyrep_fx.DyRep(*make(build_ctl=False)[:2])  # a complete optimizer: no warning
+    assert not [r for r in caplog.records if r.name == "dyrep_fx.controller"]
+
+
+def test_a_misspelt_kind_is_refused_before_the_model_changes():
+    model, opt, _ = make(build_ctl=False)
+    with pytest.raises(ValueError, match="'idenity' is not a branch kind; did you mean 'identity'"):
+        dyrep_fx.DyRep(model, opt, kinds=["1x1", "idenity"])
+    assert not dyrep_fx.api.is_transformed(model)

@@ -165,5 +165,6 @@ def test_the_dep_criterion_is_one_object_with_the_reference_settings():
     assert DepCriterion(std_gate=0.5).judge(spread).cut == []
     with pytest.raises(AttributeError):
         criterion.threshold = 0.5  # frozen: a controller's criterion cannot drift
-    ctl = dyrep_fx.DyRep(SmallNet(), torch.optim.SGD(SmallNet().parameters(), lr=0.1), std_gate=0.3, threshold=0.2)
+    model = SmallNet()
+    ctl = dyrep_fx.DyRep(model, torch.optim.SGD(model.parameters(), lr=0.1), std_gate=0.3, threshold=0.2)
     assert ctl.criterion == DepCriterion(0.3, 0.2)

@@ -403,3 +403,16 @@ def test_a_weight_used_outside_its_conv_in_untraceable_code_is_refused():
     assert not other.eligible and "conv2d takes its weight outside its forward" in other.reason
     with pytest.raises(dyrep_fx.passes.PassError, match="outside its forward"):
         dyrep_fx.grow(model, ["body.other"])
+
+
+def test_torchscript_modules_are_refused_naming_torchscript():
+    eager = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    for compiled in (torch.jit.script(eager), torch.jit.trace(eager.eval(), X)):
+        with pytest.raises(TraceFailure, match="is a TorchScript module.*pass the eager nn.Module") as err:
+            dyrep_fx.transform(compiled)
+        assert "holds no convolution" not in str(err.value)
+        assert not dyrep_fx.api.is_transformed(compiled)
+    # an eager model whose convs all sit inside scripted children says why it sees none
+    wrapper = nn.Sequential(torch.jit.script(eager))
+    with pytest.raises(TraceFailure, match=r"holds no convolution.*\['0'\] are TorchScript modules"):
+        dyrep_fx.transform(wrapper)

@@ -173,3 +173,16 @@ def test_dep_plan_errors_and_atomicity():
     with pytest.raises(PassError, match=r"no \['prior'\] branch"):
         dep.run(traced(model), model, cuts={"a": ["prior"]})
     assert model.a.kinds == ["1x1"]
+
+
+def test_a_misspelt_kind_is_named_as_no_kind_with_the_closest_suggested():
+    model = build()
+    with pytest.raises(PassError, match=r"'idenity' is not a branch kind; did you mean 'identity'\?") as err:
+        dyrep_fx.grow(model, ["a"], kinds=["idenity"])
+    assert all(k in str(err.value) for k in ("1x1_kxk", "prior"))  # every kind is listed
+    assert "does not apply" not in str(err.value)
+    with pytest.raises(PassError, match="'conv' is not a branch kind; the kinds are"):
+        dyrep_fx.grow(model, kinds=["conv"])  # nothing close: no suggestion
+    with pytest.raises(PassError, match=r"not the string '1x1': write \['1x1'\]"):
+        dyrep_fx.grow(model, ["a"], kinds="1x1")
+    assert not dyrep_fx.blocks(model)  # refused before anything changed
