@@ -12,10 +12,12 @@ import copy
 import pytest
 import torch
 from helpers.nets import SmallNet
+from helpers.numerics import assert_same
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import dyrep_fx
+from dyrep_fx import controller, structure_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,3 +107,69 @@ def test_load_structure_that_does_not_fit_changes_nothing(grown):
     assert not dyrep_fx.blocks(model)
     assert {n: id(p) for n, p in model.named_parameters()} == params
     assert [[id(p) for p in g["params"]] for g in opt.param_groups] == groups
+
+
+def snapshot(model: nn.Module, opt: torch.optim.Optimizer, ema: nn.Module) -> dict:
+    """Values (not identities) of everything a failed ``load_structure`` must put back."""
+    return copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict()})
+
+
+def count_grow_calls(state: dict, monkeypatch) -> int:
+    """How often restoring ``state`` on one fresh model calls ``structure_spec.grow_entry`` (nested
+    entries count: the function recurses through the patched module attribute)."""
+    real, calls = structure_spec.grow_entry, []
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    model, _, ctl = make(seed=2)
+    with monkeypatch.context() as m:
+        m.setattr(structure_spec, "grow_entry", counting)
+        ctl.load_structure(state)
+    return len(calls)
+
+
+@pytest.mark.parametrize("where", ["live model", "ema copy", "optimizer"])
+def test_load_structure_failing_midway_puts_values_back(grown, where, monkeypatch):
+    """A failure after some blocks were rebuilt (the live model's last site, the EMA copy's last site, or
+    the optimizer sync after every model changed): every parameter, buffer, optimizer state and group,
+    and the EMA copy hold their old values, and training goes on."""
+    state, _ = grown
+    per_model = count_grow_calls(state, monkeypatch)
+    assert per_model >= 2  # the failing call comes after at least one block was rebuilt
+    model, opt, ctl = make(seed=1)
+    train_units(model, opt, ctl, 1)  # momentum in the optimizer state; no step due yet
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.99))
+    ema.update_parameters(model)
+    ctl.attach_ema(ema.module)
+    before = snapshot(model, opt, ema.module)
+
+    if where == "optimizer":
+        real_sync = controller.sync_optimizer
+
+        def sync_then_fail(*args, **kwargs):
+            real_sync(*args, **kwargs)  # the groups changed: the undo must restore them
+            raise RuntimeError("injected failure")
+
+        monkeypatch.setattr(controller, "sync_optimizer", sync_then_fail)
+    else:
+        real_grow, calls = structure_spec.grow_entry, []
+        fail_at = per_model if where == "live model" else 2 * per_model
+
+        def grow_then_fail(*args, **kwargs):
+            calls.append(args[1])
+            if len(calls) == fail_at:
+                raise RuntimeError("injected failure")
+            return real_grow(*args, **kwargs)
+
+        monkeypatch.setattr(structure_spec, "grow_entry", grow_then_fail)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        ctl.load_structure(state)
+    monkeypatch.undo()
+
+    assert not dyrep_fx.blocks(model) and not dyrep_fx.blocks(ema.module)
+    assert_same(snapshot(model, opt, ema.module), before, "after the failed load")
+    assert ctl.units == 1
+    train_units(model, opt, ctl, 3, start=1)  # the controller still trains and grows
+    assert ctl.history and dyrep_fx.blocks(model)
