@@ -5,6 +5,8 @@
   written as a COCO detection folder that mmdet's ``CocoDataset`` reads.
 * :func:`fashion_mnist_segmentation`: scenes composed of real Fashion-MNIST items with their pixel masks
   as labels, written in mmseg's ``BaseSegDataset`` layout (``img_dir/<split>``, ``ann_dir/<split>``).
+* :func:`fashion_mnist_classification`: real Fashion-MNIST items as class folders of PNG files with
+  annotation lists, the layout mmpretrain's ``CustomDataset`` reads.
 
 Neither function downloads anything. ``deepforest`` is only read from disk, never imported (its import
 needs pytorch-lightning, geopandas, rasterio, ...): install it without dependencies,
@@ -34,10 +36,12 @@ __all__ = [
     "DEEPFOREST_VERSION",
     "DEEPFOREST_VAL_IMAGES",
     "FASHION_SEG_CLASSES",
+    "FASHION_CLS_FOLDERS",
     "FASHION_SEG_PALETTE",
     "TREE_CLASSES",
     "deepforest_coco",
     "deepforest_data_dir",
+    "fashion_mnist_classification",
     "fashion_mnist_segmentation",
 ]
 
@@ -64,6 +68,11 @@ FASHION_SEG_PALETTE: tuple[tuple[int, int, int], ...] = (
     (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
     (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
 )
+
+#: Folder name of each Fashion-MNIST class in :func:`fashion_mnist_classification`, indexed by label: the
+#: label first, so that sorting the folders (what ``CustomDataset`` does without a list) keeps the labels.
+FASHION_CLS_FOLDERS: tuple[str, ...] = tuple(
+    f"{i}_{name.lower().replace('/', '_').replace(' ', '_')}" for i, name in enumerate(FASHION_MNIST_CLASSES))
 
 _INSTALL_HINT = (f"install it without its (heavy) dependencies into this environment: "
                  f"`pip install --no-deps deepforest=={DEEPFOREST_VERSION}` (only its data files are read)")
@@ -320,3 +329,80 @@ def fashion_mnist_segmentation(
             "n_train": n_images, "n_val": n_val, "size": size, "grid": grid, "seed": seed}
     (out / "classes.json").write_text(json.dumps(meta, indent=1))
     return out
+
+
+# -- Fashion-MNIST classification ----------------------------------------------------------------------
+
+
+def _write_class_split(out: Path, split: str, items: np.ndarray, labels: np.ndarray, size: int) -> None:
+    """``out/<split>/<class folder>/<index>.png`` (RGB, ``size`` pixels square) and ``out/meta/<split>.txt``
+    (one ``<class folder>/<file> <label>`` line per image, in index order)."""
+    Image = _pil()
+    root = out / split
+    for stale in root.glob("*/*.png"):
+        stale.unlink()
+    lines = []
+    for i, (item, label) in enumerate(zip(items, labels)):
+        folder = FASHION_CLS_FOLDERS[int(label)]
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        picture = Image.fromarray(item)
+        if size != picture.width:
+            picture = picture.resize((size, size), Image.BILINEAR)
+        picture.convert("RGB").save(root / folder / f"{i:05d}.png")
+        lines.append(f"{folder}/{i:05d}.png {int(label)}")
+    (out / "meta").mkdir(parents=True, exist_ok=True)
+    (out / "meta" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+def fashion_mnist_classification(
+    out_dir: str | os.PathLike[str],
+    n_train: int,
+    n_val: int = 200,
+    size: int = 28,
+    *,
+    seed: int = 0,
+    root: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write real Fashion-MNIST items as an image classification folder; return the folder.
+
+    ``n_train`` items of the train split and ``n_val`` of the test split are drawn with ``seed``
+    (deterministic, without replacement, every class about equally often) and saved as RGB PNG files (the
+    grey item in all three channels, so the classifier takes three channels like a detector's backbone),
+    upscaled to ``size`` pixels square if ``size`` is not 28.
+
+    Layout (mmpretrain's ``CustomDataset``, ``data_prefix='train'`` with ``ann_file='meta/train.txt'``, or
+    with the class folders alone)::
+
+        out_dir/train/<k>_<class>/00000.png   k = the label (FASHION_CLS_FOLDERS)
+        out_dir/val/<k>_<class>/00000.png
+        out_dir/meta/train.txt                "<k>_<class>/00000.png <k>" per line
+        out_dir/meta/val.txt
+        out_dir/classes.json                  {"classes": [...], "folders": [...], ...}
+
+    Fashion-MNIST is read from Debian's ``dataset-fashion-mnist`` (or ``root`` / ``$DYREP_FASHION_MNIST``,
+    see :func:`dyrep_fx.data.fashion_mnist_root`).
+    """
+    if n_train < 1 or n_val < 1:
+        raise ValueError(f"need n_train >= 1 and n_val >= 1, got {n_train} and {n_val}")
+    if size < 8:
+        raise ValueError(f"size must be at least 8 pixels, got {size}")
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    for split, count, source in (("train", n_train, "train"), ("val", n_val, "test")):
+        images, labels = load_fashion_mnist(source, root=root)
+        pick = _balanced_pick(labels.numpy(), count, rng)
+        _write_class_split(out, split, images.numpy()[pick], labels.numpy()[pick], size)
+    meta = {"classes": list(FASHION_MNIST_CLASSES), "folders": list(FASHION_CLS_FOLDERS), "n_train": n_train,
+            "n_val": n_val, "size": size, "seed": seed}
+    (out / "classes.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def _balanced_pick(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` indices into ``labels``, the classes taking turns (so a small split holds every class),
+    each class's items in random order."""
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    order = [idx for rank in zip(*per_class) for idx in rank]
+    if count > len(order):
+        raise ValueError(f"asked for {count} items, the split has {len(order)} in equal numbers per class")
+    return np.asarray(order[:count])

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create or reuse the project's virtual environment with the full, real stack:
-# torch + torchvision, the OpenMMLab stack (mmcv 2.1.0 built from source with CPU ops),
+# torch + torchvision, the OpenMMLab stack (mmcv 2.1.0 built from source with CPU ops; mmengine,
+# mmdet, mmsegmentation and mmpretrain from the package index),
 # the test tools, dyrep_fx itself (editable), and the Fashion-MNIST data from Debian.
 #
 # Idempotent: a stamp file records the inputs it was made from; a second run with the
@@ -70,6 +71,6 @@ log "installing the OpenMMLab stack and dyrep_fx"
 # deepforest ships the annotated aerial images the detection tests train on; only its data files are
 # read (importing it would need pytorch-lightning), so its dependencies are not installed.
 "${PIP[@]}" --no-deps deepforest==2.1.0
-"$VENV/bin/python" -c "import mmcv.ops, mmdet.models, mmseg.models, dyrep_fx, dyrep_fx.passes" 2>/dev/null
+"$VENV/bin/python" -c "import mmcv.ops, mmdet.models, mmseg.models, mmpretrain.models, dyrep_fx, dyrep_fx.passes" 2>/dev/null
 echo "$want_stamp" > "$STAMP"
 log "environment ready: $VENV"

@@ -34,7 +34,11 @@ def build_model_from_config(config: str | Config) -> nn.Module:
     if cfg.get("custom_imports"):
         import_modules_from_strings(**cfg["custom_imports"])
     init_default_scope(cfg.get("default_scope", "mmdet"))
-    return MODELS.build(cfg.model)
+    model = copy.deepcopy(cfg.model)
+    if isinstance(model, dict) and cfg.get("data_preprocessor") is not None:
+        # As mmengine's Runner does: mmpretrain configs give the preprocessor (mean, std) at the top level.
+        model.setdefault("data_preprocessor", copy.deepcopy(cfg.data_preprocessor))
+    return MODELS.build(model)
 
 
 def fold_targets(model: nn.Module, targets: Sequence[str]) -> nn.Module:

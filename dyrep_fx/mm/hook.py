@@ -45,6 +45,7 @@ from .. import api
 from ..controller import DYREP_KINDS, DyRep
 from ..defaults import INIT_SCALE, STD_GATE, THRESHOLD
 from ..saliency import DEFAULT_METRIC
+from ..tracing import conv_modules
 from .checkpoint import STATE_KEY, is_resuming, scope_checkpoint_loading
 from .fold_checkpoint import fold_targets
 from .inputs import capture_target_inputs, mm_forward, side_loader
@@ -133,6 +134,7 @@ class DyRepHook(Hook):
         missing = [t for t in self.targets if not hasattr(model, t.split(".")[0])]
         if missing:
             raise ValueError(f"DyRepHook targets {missing} are not submodules of {type(model).__name__}")
+        _refuse_convless_targets(model, self.targets)
         side = side_loader(runner.train_dataloader, self.options["seed"])
         inputs = capture_target_inputs(model, next(iter(side)), self.targets)
         chooser = paramwise_chooser(runner.cfg.get("optim_wrapper"))
@@ -259,3 +261,13 @@ class DyRepHook(Hook):
         torch.save({"meta": {"dyrep_fx": "folded", "targets": self.targets},
                     "state_dict": deploy.state_dict()}, path)
 
+
+def _refuse_convless_targets(model: nn.Module, targets: Sequence[str]) -> None:
+    """Stop before training when a listed target holds no convolution (a classifier's pooling neck or
+    linear head): the user asked for DyRep there and would silently get none. Skipping it with a warning
+    would let a config that means something else (a typo, the wrong head) train for days unnoticed."""
+    convless = [t for t in targets if not conv_modules(model.get_submodule(t))]
+    if convless:
+        kinds = ", ".join(f"{t} ({type(model.get_submodule(t)).__name__})" for t in convless)
+        raise ValueError(f"DyRepHook targets hold no convolution, nothing to re-parameterize: {kinds}; "
+                         f"list only submodules with convs (e.g. 'backbone')")

@@ -32,7 +32,10 @@ DEFAULT_SIZE = (256, 256)
 #: The targets of a ``DyRepHook`` entry that names none (the hook's default).
 DEFAULT_TARGETS = ("backbone",)
 _RESIZES = ("Resize", "RandomResize", "RandomChoiceResize", "FixScaleResize")
-_DATA_SAMPLES = {"mmdet": ("mmdet.structures", "DetDataSample"), "mmseg": ("mmseg.structures", "SegDataSample")}
+#: mmpretrain's crops give one side (an int) for a square image.
+_SQUARE_CROPS = {"CenterCrop": "crop_size", "RandomResizedCrop": "scale", "RandomCrop": "crop_size"}
+_DATA_SAMPLES = {"mmdet": ("mmdet.structures", "DetDataSample"), "mmseg": ("mmseg.structures", "SegDataSample"),
+                 "mmpretrain": ("mmpretrain.structures", "DataSample")}
 
 
 @dataclass
@@ -85,7 +88,8 @@ def config_image_size(cfg: Any) -> tuple[int, int] | None:
     """``(height, width)`` of the config's images, or None.
 
     mmseg's crop size (``model.data_preprocessor.size``, height first) if set, else the scale of the first
-    resize step of the test / val / train pipeline (mmcv's ``scale`` is ``(width, height)``).
+    resize step of the test / val / train pipeline (mmcv's ``scale`` is ``(width, height)``), or the last
+    square crop of that pipeline (mmpretrain's ``CenterCrop`` / ``RandomResizedCrop``, one int).
     """
     size = _pair((cfg.model.get("data_preprocessor") or {}).get("size"))
     if size is not None:
@@ -93,11 +97,17 @@ def config_image_size(cfg: Any) -> tuple[int, int] | None:
     for key in ("test_dataloader", "val_dataloader", "train_dataloader"):
         dataset = (cfg.get(key) or {}).get("dataset") or {}
         pipeline = dataset.get("pipeline") or (dataset.get("dataset") or {}).get("pipeline") or []
+        crop = None
         for step in pipeline:
             if step.get("type") in _RESIZES:
                 scale = _pair(step.get("scale"))
                 if scale is not None:
                     return scale[1], scale[0]
+            side = step.get(_SQUARE_CROPS.get(step.get("type"), ""))
+            if isinstance(side, int):
+                crop = (side, side)
+        if crop is not None:
+            return crop
     return None
 
 
