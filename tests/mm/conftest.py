@@ -21,3 +21,11 @@ def fashion_seg_root(tmp_path_factory) -> Path:
     from dyrep_fx.datasets import fashion_mnist_segmentation
 
     return fashion_mnist_segmentation(tmp_path_factory.mktemp("fashion_seg"), 8, 128, n_val=2)
+
+
+@pytest.fixture(scope="session")
+def fashion_cls_root(tmp_path_factory) -> Path:
+    """96 training and 30 validation Fashion-MNIST items as mmpretrain class folders (28 x 28 PNG)."""
+    from dyrep_fx.datasets import fashion_mnist_classification
+
+    return fashion_mnist_classification(tmp_path_factory.mktemp("fashion_cls"), 96, 30)

@@ -24,7 +24,8 @@ FULL_SIZE = {
     "mmseg/deeplabv3_r50-d8_4xb2-80k_cityscapes-512x1024_dyrep.py":
         ("mmseg::deeplabv3/deeplabv3_r50-d8_4xb2-80k_cityscapes-512x1024.py", 19),
 }
-CPU_DYREP = ["cpu/retinanet_r18_fpn_deepforest_dyrep.py", "cpu/fcn_r18_fashion_seg_dyrep.py"]
+CPU_DYREP = ["cpu/retinanet_r18_fpn_deepforest_dyrep.py", "cpu/fcn_r18_fashion_seg_dyrep.py",
+             "cpu/resnet18_fashion_cls_dyrep.py"]
 
 
 def test_every_config_is_listed():
@@ -41,8 +42,11 @@ def test_config_parses_and_builds(rel):
         assert len(hooks) == 1 and cfg.custom_imports.imports == ["dyrep_fx.mm"]
         assert not cfg.custom_imports.allow_failed_imports
         hook = hooks[0]
-        # Growth stops at 80% of training, as DyRep stops at epoch 100 of 120.
-        assert hook["until"] == pytest.approx(0.8 * cfg.train_cfg.get("max_iters", 87960), rel=0.01)
+        # Growth stops at 80% of training (iterations), as DyRep stops at epoch 100 of 120 (epochs).
+        if hook.get("by_epoch"):
+            assert (hook["until"], cfg.train_cfg.max_epochs) == (100, 120)
+        else:
+            assert hook["until"] == pytest.approx(0.8 * cfg.train_cfg.get("max_iters", 87960), rel=0.01)
         assert hook["until"] // hook["interval"] >= 9
     else:
         assert not hooks

@@ -1,0 +1,141 @@
+"""The downstream chain, each step one config and one command, run by the real Runners on CPU (tiny runs):
+
+(a) ``resnet18_fashion_cls_dyrep.py``: an mmpretrain ResNet-18 classifier trained with DyRep on Fashion-MNIST;
+(b) ``dyrep-fx fold`` of its last checkpoint: the plain ResNet-18 classifier, which loads strictly into
+    ``resnet18_fashion_cls.py`` and computes what the grown classifier computes;
+(c) ``retinanet_r18_fpn_deepforest_cls_finetune.py`` (mmdet) and ``fcn_r18_fashion_seg_cls_finetune.py``
+    (mmseg) start their backbones from it (``init_cfg=Pretrained``, ``prefix='backbone.'``).
+
+Each hand-over is checked by values: the file the command writes is the hook's deploy file bit for bit, and
+the detector's and segmentor's backbones hold exactly the folded classifier's backbone weights when their
+training starts (the same names, none missing or unexpected).
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.mm_data import (
+    CONFIG_DIR,
+    DEEPFOREST_ENV,
+    FASHION_SEG_ENV,
+    find_hook,
+    load_config,
+    load_deploy,
+    make_recorder,
+    set_image_scale,
+    small_run,
+    tensor_outputs,
+)
+
+from dyrep_fx import api, cli
+from dyrep_fx.mm.fold_checkpoint import build_model_from_config
+from dyrep_fx.mm.train import train_from_config
+
+pytest.importorskip("mmpretrain")
+pytestmark = pytest.mark.slow
+
+CLS_ITERS, CLS_INTERVAL = 4, 2
+CLS_ENV = "DYREP_FASHION_CLS"
+CKPT_ENV = "DYREP_CLS_CKPT"
+
+
+def backbone_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``backbone.`` entries of a state dict, without the prefix (what ``prefix='backbone.'`` loads)."""
+    return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+
+
+@pytest.fixture(scope="module")
+def classifier(fashion_cls_root, tmp_path_factory):
+    """Step (a): ``dyrep-fx train resnet18_fashion_cls_dyrep.py`` (tiny: 4 iterations of 8 images, a DyRep step
+    every 2), through the command's own code path; returns the runner and its work dir."""
+    work_dir = tmp_path_factory.mktemp("chain_cls")
+    root = str(fashion_cls_root)
+    options = {
+        "train_dataloader.dataset.data_root": root, "val_dataloader.dataset.data_root": root,
+        "test_dataloader.dataset.data_root": root, "train_dataloader.batch_size": 8,
+        "val_dataloader.batch_size": 16, "train_cfg.max_iters": CLS_ITERS, "train_cfg.val_interval": CLS_ITERS,
+        "default_hooks.checkpoint.interval": CLS_ITERS, "log_level": "WARNING",
+        "custom_hooks.0.interval": CLS_INTERVAL, "custom_hooks.0.until": None,
+        "experiment_name": f"chain_cls_{uuid.uuid4().hex[:8]}"}
+    runner = train_from_config(str(CONFIG_DIR / "cpu/resnet18_fashion_cls_dyrep.py"), work_dir=str(work_dir),
+                               cfg_options=options)
+    assert any(e["grown"] for e in find_hook(runner, "DyRepHook").controller.history)
+    assert api.blocks(runner.model.backbone)
+    return runner, work_dir
+
+
+@pytest.fixture(scope="module")
+def folded(classifier, tmp_path_factory) -> Path:
+    """Step (b): ``dyrep-fx fold resnet18_fashion_cls_dyrep.py iter_4.pth -o cls_deploy.pth``."""
+    _, work_dir = classifier
+    out = tmp_path_factory.mktemp("chain_fold") / "cls_deploy.pth"
+    config = str(CONFIG_DIR / "cpu/resnet18_fashion_cls_dyrep.py")
+    assert cli.main(["fold", config, str(work_dir / f"iter_{CLS_ITERS}.pth"), "-o", str(out)]) == 0
+    return out
+
+
+def test_b_fold_gives_the_plain_classifier(classifier, folded, fashion_cls_root):
+    runner, work_dir = classifier
+    deploy = load_deploy(folded)
+    hook_deploy = load_deploy(work_dir / "dyrep_deploy.pth")
+    assert list(deploy) == list(hook_deploy)
+    for key, value in hook_deploy.items():
+        torch.testing.assert_close(deploy[key], value, rtol=0, atol=0, msg=key)
+    plain = build_model_from_config(load_config("cpu/resnet18_fashion_cls.py", **{CLS_ENV: str(fashion_cls_root)}))
+    plain.load_state_dict(deploy, strict=True)
+    batch = next(iter(runner.val_dataloader))
+    (ref,), (got,) = tensor_outputs(runner.model, batch), tensor_outputs(plain, batch)
+    assert ref.shape == (16, 10)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+def train_downstream(rel: str, work_dir: Path, folded: Path, scale: tuple[int, int] | None = None, **env: str):
+    """Step (c): the fine-tuning config on the folded classifier, 2 iterations; the recorder keeps the model's
+    state at ``before_train`` (after the Runner initialised the weights, i.e. loaded the backbone)."""
+    from mmengine.runner import Runner
+
+    cfg = small_run(load_config(rel, **{CKPT_ENV: str(folded), **env}), work_dir, 2, batch_size=1, validate=False)
+    if scale is not None:
+        set_image_scale(cfg, scale)
+    assert cfg.model.backbone.init_cfg == dict(type="Pretrained", checkpoint=str(folded), prefix="backbone.")
+    runner = Runner.from_cfg(cfg)
+    recorder = make_recorder()
+    runner.register_hook(recorder, "LOWEST")
+    runner.train()
+    return runner, recorder
+
+
+def assert_backbone_starts_from(recorder, runner, folded: Path) -> None:
+    """The backbone's state when training starts is the folded classifier's backbone: the same keys (none
+    missing, none unexpected) and the same values, bit for bit."""
+    expected = backbone_weights(load_deploy(folded))
+    started = backbone_weights(recorder.before_train_state)
+    assert sorted(started) == sorted(expected)
+    assert sorted(runner.model.backbone.state_dict()) == sorted(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(started[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_c_detector_backbone_starts_from_the_folded_classifier(folded, deepforest_root, tmp_path):
+    runner, recorder = train_downstream("cpu/retinanet_r18_fpn_deepforest_cls_finetune.py", tmp_path, folded,
+                                        scale=(160, 160), **{DEEPFOREST_ENV: str(deepforest_root)})
+    assert type(runner.model).__name__ == "RetinaNet"
+    assert_backbone_starts_from(recorder, runner, folded)
+    # frozen_stages=1: the stem and stage 1 are still the classifier's after training
+    expected = backbone_weights(load_deploy(folded))
+    for key, value in runner.model.backbone.state_dict().items():
+        if key.startswith(("conv1.", "bn1.", "layer1.")) and not key.endswith("num_batches_tracked"):
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+    assert all(torch.isfinite(torch.tensor(it["loss"])) for it in recorder.iters)
+
+
+def test_c_segmentor_backbone_starts_from_the_folded_classifier(folded, fashion_seg_root, tmp_path):
+    runner, recorder = train_downstream("cpu/fcn_r18_fashion_seg_cls_finetune.py", tmp_path, folded,
+                                        **{FASHION_SEG_ENV: str(fashion_seg_root)})
+    assert type(runner.model).__name__ == "EncoderDecoder" and type(runner.model.backbone).__name__ == "ResNet"
+    assert_backbone_starts_from(recorder, runner, folded)
+    assert all(torch.isfinite(torch.tensor(it["loss"])) for it in recorder.iters)

@@ -1,0 +1,257 @@
+"""DyRep in mmpretrain: ``ImageClassifier`` models from mmpretrain's shipped configs, trained by mmengine's
+Runner through ``dyrep-fx train``'s code path on real Fashion-MNIST items read by mmpretrain's
+``CustomDataset``.
+
+One short run of ``mm_configs/cpu/resnet18_fashion_cls_dyrep.py`` with mmengine's ``EMAHook`` (a DyRep step
+every 2 iterations) is shared by most tests: its deploy files load strictly into the unmodified config with
+the same outputs, ``dyrep-fx fold`` gives the same file, ``resume`` and ``load_from`` (with mmpretrain's own
+LARS optimizer) start from its checkpoints. Targets without convolutions are refused before training;
+RepVGG's own re-parameterization composes with DyRep's.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.mm_data import (
+    CONFIG_DIR,
+    assert_fold_command_equals_deploy,
+    evaluate,
+    find_hook,
+    flat_tensors,
+    load_config,
+    load_deploy,
+    optimizer_params,
+    tensor_outputs,
+)
+
+from dyrep_fx import api, cli
+from dyrep_fx.mm.fold_checkpoint import build_model_from_config, fold_targets
+from dyrep_fx.mm.train import train_from_config
+
+pytest.importorskip("mmpretrain")
+pytestmark = pytest.mark.slow
+
+CONFIG = "cpu/resnet18_fashion_cls_dyrep.py"
+PLAIN = "cpu/resnet18_fashion_cls.py"
+ITERS, INTERVAL, BATCH = 6, 2, 8
+#: Deploy vs grown model, float32: |got - ref| <= RTOL * |ref| + ATOL_FRACTION * max|ref| per output tensor.
+RTOL, ATOL_FRACTION = 1e-4, 1e-5
+EMA = dict(type="EMAHook", momentum=0.1, priority="ABOVE_NORMAL")  # as mmpretrain's configs list it
+
+
+def tiny_options(root: Path, work_dir: Path, iters: int = ITERS, interval: int = INTERVAL, *,
+                 hooks: list | None = None, **more) -> dict:
+    """``cfg_options`` that make the CPU config a short quiet run on ``root``, a checkpoint every 3 iterations
+    (the last one kept too), validated at the end, its DyRepHook stepping every ``interval`` iterations."""
+    dyrep = dict(type="DyRepHook", targets=["backbone"], interval=interval, until=None, topk=1, mode="online")
+    return {
+        "data_root": str(root), "train_dataloader.dataset.data_root": str(root),
+        "val_dataloader.dataset.data_root": str(root), "test_dataloader.dataset.data_root": str(root),
+        "train_dataloader.batch_size": BATCH, "val_dataloader.batch_size": 16,
+        "train_cfg.max_iters": iters, "train_cfg.val_interval": iters,
+        "default_hooks.checkpoint.interval": 3, "default_hooks.checkpoint.max_keep_ckpts": 4,
+        "default_hooks.logger.interval": 1, "log_level": "WARNING",
+        "experiment_name": f"{work_dir.name}_{uuid.uuid4().hex[:8]}",  # a fresh MessageHub per run
+        "custom_hooks": [dyrep, *(hooks or [])], **more}
+
+
+def train(root: Path, work_dir: Path, config: str = CONFIG, **options):
+    """``dyrep-fx train CONFIG --work-dir WORK_DIR --cfg-options ...`` in this process; returns the runner."""
+    return train_from_config(str(CONFIG_DIR / config), work_dir=str(work_dir),
+                             cfg_options=tiny_options(root, work_dir, **options), resume=options.get("resume"))
+
+
+def plain_model(root: Path) -> torch.nn.Module:
+    """The unmodified config's classifier (no hook), built as ``dyrep-fx fold`` builds it."""
+    return build_model_from_config(load_config(PLAIN, DYREP_FASHION_CLS=str(root)))
+
+
+def assert_same_outputs(model, reference, batch) -> None:
+    ref, got = tensor_outputs(reference, batch), tensor_outputs(model, batch)
+    assert len(ref) == len(got) == 1 and ref[0].shape == (16, 10)
+    torch.testing.assert_close(got[0], ref[0], rtol=RTOL, atol=ATOL_FRACTION * ref[0].abs().max().item())
+
+
+def test_fashion_classification_folder_reads_in_mmpretrain_custom_dataset(fashion_cls_root):
+    """The folder written by dyrep_fx.datasets gives the same samples through its annotation list and through
+    its class folders alone (mmpretrain's CustomDataset, both ways); every class is in both splits."""
+    from mmpretrain.datasets import CustomDataset
+
+    from dyrep_fx.datasets import FASHION_CLS_FOLDERS
+
+    listed = CustomDataset(data_root=str(fashion_cls_root), ann_file="meta/train.txt", data_prefix="train")
+    folders = CustomDataset(data_root=str(fashion_cls_root), data_prefix="train")
+    assert folders.metainfo["classes"] == FASHION_CLS_FOLDERS
+    pairs = sorted((d["img_path"], d["gt_label"]) for d in listed.load_data_list())
+    assert pairs == sorted((d["img_path"], d["gt_label"]) for d in folders.load_data_list())
+    assert len(pairs) == 96 and {label for _, label in pairs} == set(range(10))
+    val = CustomDataset(data_root=str(fashion_cls_root), ann_file="meta/val.txt", data_prefix="val")
+    assert len(val) == 30 and {val.get_data_info(i)["gt_label"] for i in range(30)} == set(range(10))
+
+
+@pytest.fixture(scope="module")
+def run(fashion_cls_root, tmp_path_factory):
+    work_dir = tmp_path_factory.mktemp("cls_dyrep")
+    return train(fashion_cls_root, work_dir, hooks=[EMA]), work_dir
+
+
+def test_classifier_grows_its_backbone_with_ema(run):
+    runner, _ = run
+    ctl = find_hook(runner, "DyRepHook").controller
+    assert [e["unit"] for e in ctl.history] == list(range(INTERVAL, ITERS + 1, INTERVAL))
+    assert any(e["grown"] for e in ctl.history), ctl.history
+    blocks = api.blocks(runner.model)
+    assert blocks and all(name.startswith("backbone.") for name in blocks)
+    # 20 sites in mmpretrain's ResNet-18 (stem, 16 block convs, 3 downsample convs), none frozen; grown
+    # blocks add their branches' convs as nested sites.
+    top = [s for s in ctl.sites() if ".branches." not in s.name]
+    assert len(top) == 20 and all(s.eligible for s in top)
+    # The EMA model follows the structure; every trainable parameter is in the optimizer.
+    ema = find_hook(runner, "EMAHook").ema_model.module
+    assert set(api.blocks(ema)) == set(blocks)
+    groups = optimizer_params(runner.optim_wrapper.optimizer)
+    assert {id(p) for p in runner.model.parameters() if p.requires_grad} <= set(groups)
+    losses = runner.message_hub.get_scalar("train/loss").data[0].tolist()
+    assert len(losses) == ITERS and all(math.isfinite(v) for v in losses), losses
+    # mmpretrain's Accuracy on the held-out items, through the config's val loop (end of training)
+    assert 0.0 <= evaluate(runner, runner.model)["accuracy/top1"] <= 100.0
+
+
+@pytest.mark.parametrize("ema", [False, True], ids=["live", "ema"])
+def test_deploy_loads_strictly_into_the_unmodified_config(run, fashion_cls_root, ema):
+    runner, work_dir = run
+    deploy = load_deploy(work_dir / ("ema_dyrep_deploy.pth" if ema else "dyrep_deploy.pth"))
+    assert not [k for k in deploy if ".branches." in k or k.endswith("scale")]
+    plain = plain_model(fashion_cls_root)
+    plain.load_state_dict(deploy, strict=True)
+    grown = find_hook(runner, "EMAHook").ema_model.module if ema else runner.model
+    batch = next(iter(runner.val_dataloader))
+    assert_same_outputs(plain, grown, batch)
+
+
+def test_fold_command_gives_the_deploy_file(run, tmp_path):
+    _, work_dir = run
+    assert_fold_command_equals_deploy(CONFIG, work_dir, ITERS, tmp_path / "folded.pth")
+
+
+def test_resume_goes_on_with_the_grown_structure(run, fashion_cls_root, tmp_path):
+    """``dyrep-fx train --resume iter_3.pth``: the structure and DyRep's counters of iteration 3 come back
+    before the weights load, and the run continues to the end with the steps due after it."""
+    runner, work_dir = run
+    ckpt = torch.load(work_dir / "iter_3.pth", map_location="cpu", weights_only=False)
+    resumed = train(fashion_cls_root, tmp_path, hooks=[EMA], resume=str(work_dir / "iter_3.pth"))
+    ctl = find_hook(resumed, "DyRepHook").controller
+    first = find_hook(runner, "DyRepHook").controller
+    assert ctl.history[:1] == first.history[:1]  # the step of iteration 2, restored, not taken again
+    assert [e["unit"] for e in ctl.history] == [2, 4, 6]
+    saved = {f"backbone.{name}" for name in ckpt["dyrep_fx"]["structures"]["backbone"]["sites"]}
+    assert saved and saved <= set(api.blocks(resumed.model))
+    plain = plain_model(fashion_cls_root)
+    plain.load_state_dict(load_deploy(tmp_path / "dyrep_deploy.pth"), strict=True)
+
+
+def test_load_from_with_mmpretrain_lars_restarts_the_schedule(run, fashion_cls_root, tmp_path):
+    """``load_from`` a grown checkpoint without resume, training with mmpretrain's LARS optimizer: the grown
+    structure is rebuilt so its weights load, DyRep's schedule starts over, and what grows next joins LARS."""
+    runner, work_dir = run
+    grown = set(api.blocks(runner.model))
+    lars = dict(_delete_=True, type="LARS", lr=0.1, momentum=0.9, weight_decay=1e-4)
+    tuned = train(fashion_cls_root, tmp_path, iters=4, interval=2, load_from=str(work_dir / f"iter_{ITERS}.pth"),
+                  **{"optim_wrapper.optimizer": lars})
+    optimizer = tuned.optim_wrapper.optimizer
+    assert type(optimizer).__name__ == "LARS" and type(optimizer).__module__.startswith("mmpretrain")
+    ctl = find_hook(tuned, "DyRepHook").controller
+    assert [e["unit"] for e in ctl.history] == [2, 4]
+    assert grown <= set(api.blocks(tuned.model))
+    groups = optimizer_params(optimizer)
+    assert {id(p) for p in tuned.model.parameters() if p.requires_grad} <= set(groups)
+    assert all(torch.isfinite(p).all() for p in tuned.model.parameters())
+
+
+@pytest.mark.parametrize("target", ["neck", "head"])
+def test_a_target_without_convolutions_is_refused_before_training(fashion_cls_root, tmp_path, target):
+    """The GlobalAveragePooling neck and the LinearClsHead hold no conv: listing one stops the run before
+    its first iteration, naming it (DyRep silently missing where the config asks for it would be worse)."""
+    options = tiny_options(fashion_cls_root, tmp_path)
+    options["custom_hooks"][0]["targets"] = ["backbone", target]
+    with pytest.raises(ValueError, match=rf"hold no convolution.*{target} \((GlobalAveragePooling|LinearClsHead)\)"):
+        train_from_config(str(CONFIG_DIR / CONFIG), work_dir=str(tmp_path), cfg_options=options)
+    assert not list(tmp_path.glob("iter_*.pth"))
+
+
+def test_inspect_mmpretrain_configs(capsys):
+    """``dyrep-fx inspect`` on the CPU config (its test image size) and on mmpretrain's shipped R-50 config."""
+    assert cli.main(["inspect", f"mm_configs/{CONFIG}"]) == 0
+    out = capsys.readouterr().out
+    assert "ImageClassifier, DyRep targets backbone (online mode), dummy input 1x3x64x64" in out
+    assert "[backbone] 20 conv sites, 20 eligible" in out
+    assert cli.main(["inspect", "mmpretrain::resnet/resnet50_8xb32_in1k.py", "--targets", "backbone,head"]) == 0
+    out = capsys.readouterr().out
+    assert "dummy input 1x3x224x224" in out and "[backbone] 53 conv sites, 53 eligible" in out
+    assert "holds no convolution" in out.split("[head]")[1]
+
+
+# -- RepVGG: DyRep composed with mmpretrain's own re-parameterization ------------------------------------
+
+
+def _randomize_norms(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+@torch.no_grad()
+def test_repvgg_composes_dyrep_then_its_own_deploy_fusion(fashion_cls_root):
+    """DyRep grows branches onto the convs inside RepVGG-A0's blocks; the fold gives back RepVGG's training
+    form (strict load into mmpretrain's shipped config), and mmpretrain's switch_to_deploy then fuses each
+    block into one 3x3 conv: the same function at every step, on real images."""
+    from mmengine.dataset import pseudo_collate
+
+    shipped = "mmpretrain::repvgg/repvgg-A0_8xb32_in1k.py"
+    cfg = load_config("mmpretrain/repvgg-A0_8xb32_in1k_dyrep.py")
+    model = build_model_from_config(cfg).eval()
+    _randomize_norms(model, 0)
+    images = sorted((fashion_cls_root / "val").glob("*/*.png"))[:4]
+    from PIL import Image
+
+    inputs = [torch.from_numpy(__import__("numpy").asarray(Image.open(p).resize((64, 64)))).permute(2, 0, 1)
+              .flip(0).contiguous() for p in images]
+    from mmpretrain.structures import DataSample
+
+    batch = pseudo_collate([{"inputs": x, "data_samples": DataSample()} for x in inputs])
+    data = model.data_preprocessor(batch, False)
+    api.transform(model.backbone, (data["inputs"],))
+    names = [s.name for s in api.sites(model.backbone) if s.eligible and "branch_3x3" in s.name][:6]
+    assert len(names) == 6
+    api.grow(model.backbone, names)
+    g = torch.Generator().manual_seed(1)
+    for name, p in model.backbone.named_parameters():
+        if ".branches." in name or name.endswith("scale"):
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)  # trained branches, not the neutral start
+    grown = flat_tensors(model(**data, mode="tensor"))[0]
+
+    deploy = fold_targets(model, ["backbone"])
+    plain = build_model_from_config(load_config_path(shipped)).eval()
+    plain.load_state_dict(deploy.state_dict(), strict=True)
+    folded = flat_tensors(plain(**data, mode="tensor"))[0]
+    plain.backbone.switch_to_deploy()
+    assert not any(hasattr(m, "branch_1x1") and m.branch_1x1 is not None for m in plain.backbone.modules())
+    fused = flat_tensors(plain(**data, mode="tensor"))[0]
+    for out in (folded, fused):
+        torch.testing.assert_close(out, grown, rtol=1e-4, atol=1e-5 * grown.abs().max().item())
+
+
+def load_config_path(config: str):
+    """A shipped config (``package::path``) as mmengine's Config."""
+    from mmengine.config import Config
+
+    from dyrep_fx.mm.train import resolve_config_path
+
+    return Config.fromfile(str(resolve_config_path(config)))
