@@ -4,8 +4,9 @@ RetinaNet, FCOS and ATSS heads run ``multi_apply`` over the pyramid levels (torc
 it) and call every conv once per level. With DyRep on backbone, neck and bbox_head, the head's convs
 are sites (calls counted at run time on the example inputs), grow in online mode (and in dbb mode
 where the conv has a bias to carry the branches' BatchNorm shifts: RetinaNet's tower, every head's
-prediction convs), keep the detector's function at growth (online: train and eval; dbb: eval), and
-the folded detector loads strictly into a model built from the unmodified config and computes the same.
+prediction convs), keep the detector's function at growth (online: train and eval; dbb: eval), and,
+once every BatchNorm's statistics and every branch scale are moved off their growth-time values, the
+folded detector loads strictly into a model built from the unmodified config and computes the same.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 
 import pytest
 import torch
+from helpers.numerics import randomise_bns, randomise_scales
 
 import dyrep_fx
 from dyrep_fx.controller import DYREP_KINDS
@@ -80,6 +82,13 @@ def perturb_head(model) -> None:
             p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
+def move_off_growth_values(model) -> None:
+    """Random running statistics and affine values in every BatchNorm (the branches' included) and random
+    branch scales of online blocks, as a few training steps would leave them."""
+    randomise_bns(model, seed=4)
+    randomise_scales(model, seed=5, branch_bound=0.2)
+
+
 @pytest.mark.parametrize("mode", ["online", "dbb"])
 @pytest.mark.parametrize("key", list(CONFIGS))
 def test_head_convs_grow_and_fold_exactly(key, mode):
@@ -111,10 +120,17 @@ def test_head_convs_grow_and_fold_exactly(key, mode):
             assert local in dyrep_fx.grow(head, [local], [k for k in DYREP_KINDS if k in site.kinds]).changed
     assert all(isinstance(model.get_submodule(n), dyrep_fx.RepConv2d) for n in grow)
     assert close(outputs(model, images), before_eval)
-    deploy = fold_targets(model, TARGETS)
-    fresh = build()
-    fresh.load_state_dict(deploy.state_dict(), strict=True)
-    assert close(outputs(fresh.eval(), images), before_eval)
     if mode == "online":  # online blocks keep the function in train mode too
         model.train()
         assert close(outputs(model, images), before_train)
+        model.eval()
+    # Fold what training would have made of the blocks, not the growth-time state (fresh branch
+    # BatchNorms at mean 0 / var 1, equal branch scales), which a fold ignoring either would match.
+    move_off_growth_values(model)
+    grown_eval = outputs(model, images)
+    assert not close(grown_eval, before_eval)  # the function did move
+    deploy = fold_targets(model, TARGETS)
+    assert close(outputs(deploy.eval(), images), grown_eval)
+    fresh = build()
+    fresh.load_state_dict(deploy.state_dict(), strict=True)
+    assert close(outputs(fresh.eval(), images), grown_eval)
