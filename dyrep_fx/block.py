@@ -18,16 +18,14 @@ Modes (see :mod:`dyrep_fx.branches`):
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
-import weakref
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import conv_classes, kernels
+from . import conv_classes, forward_scope, kernels
 from .assembly import assemble_kernel
 from .branches import Branch, make_branch
 from .dbb_ops import pads_with_zeros
@@ -42,7 +40,7 @@ MODES = ("online", "dbb")
 # Names a block uses for its own state: a wrapped conv's extra parameters, buffers or children cannot
 # take them (see RepConv2d.why_not_wrap).
 _BLOCK_NAMES = frozenset({"weight", "bias", "geometry", "mode", "init_scale", "branches", "execution", "recompute",
-                          "main_scale", "main_bn", "_template", "_kernel_cache"})
+                          "main_scale", "main_bn", "_template"})
 
 
 class RepConv2d(nn.Module):
@@ -116,12 +114,6 @@ class RepConv2d(nn.Module):
                     "its own")
         return None
 
-    def __getstate__(self) -> dict[str, Any]:
-        # The kept online kernel is a non-leaf tensor of one forward pass: never copied or pickled.
-        state = dict(self.__dict__)
-        state.pop("_kernel_cache", None)
-        return state
-
     # -- structure -------------------------------------------------------------------------------
     @property
     def template(self) -> nn.Conv2d:
@@ -174,31 +166,29 @@ class RepConv2d(nn.Module):
         return assemble_kernel(self.weight, self.main_scale, terms)
 
     def _call_kernel(self, skip: str | None = None) -> Tensor:
-        """The online kernel for this call, assembled once per training forward pass however often the
-        conv is called.
+        """The online kernel for this call, assembled once per forward call of the transformed model
+        however often the conv is called in it.
 
-        With gradients, the kernel is kept under a key of every parameter's and buffer's version and
-        storage, the autocast mode and ``skip``: a conv called several times in one forward pass (a head
-        conv shared by the pyramid levels) reuses the same kernel tensor, so its autograd node runs once
-        and receives the summed gradient of all calls. The kept kernel is dropped as soon as backward
-        has passed through it (a second forward before any optimizer step, as in gradient accumulation,
-        builds a fresh graph), and an optimizer step, ``load_state_dict`` or ``.to()`` changes a version
-        or a storage. Without gradients (evaluation) nothing is kept: code such as EMA updates writes
-        ``param.data`` in place, which no version counter sees.
+        Inside a :class:`~dyrep_fx.forward_scope.ForwardScope` (one forward call of a transformed
+        model) and with gradients, the kernel is kept under a key of ``skip``, the autocast mode and
+        every parameter's and buffer's version and storage: a conv called several times in the call (a
+        head conv shared by the pyramid levels) reuses the same kernel tensor, so its autograd node runs
+        once and receives the summed gradient of all calls. The scope ends with the call, so no write
+        made between two forward calls of the model (through ``.data`` or not) can be missed. Without
+        gradients nothing is kept.
         """
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        scope = forward_scope.active_scope()
+        if scope is None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
             # (a compiled graph computes the kernel once per graph anyway: its calls share the inputs)
             return self._online_kernel(skip)
         key = (skip, torch.is_autocast_enabled(),
                tuple((t._version, t.data_ptr()) for t in itertools.chain(self.parameters(), self.buffers())))
-        kept = self.__dict__.get("_kernel_cache")
-        if kept is not None and kept[0] == key:
-            return kept[1]
+        kept = scope.get(self, key)
+        if kept is not None:
+            return kept
         kernel = self._online_kernel(skip)
-        if not kernel.requires_grad:  # frozen block: nothing to share, nothing would drop it
-            return kernel
-        kernel.register_hook(functools.partial(_forget_kernel, weakref.ref(self)))
-        self.__dict__["_kernel_cache"] = (key, kernel)
+        if kernel.requires_grad:  # (a frozen block has nothing to share)
+            scope.keep(self, key, kernel)
         return kernel
 
     def _online_forward(self, x: Tensor) -> Tensor:
@@ -411,13 +401,6 @@ class RepConv2d(nn.Module):
         return (f"{g.in_channels}, {g.out_channels}, kernel_size={g.kernel_size}, stride={g.stride}, "
                 f"padding={g.padding}, dilation={g.dilation}, groups={g.groups}, mode={self.mode!r}, "
                 f"kinds={self.kinds}")
-
-
-def _forget_kernel(owner: weakref.ref, grad: Tensor) -> None:
-    """Backward passed through a kept online kernel: the next forward assembles a new one."""
-    block = owner()
-    if block is not None:
-        block.__dict__.pop("_kernel_cache", None)
 
 
 def _copy_parameter(param: nn.Parameter | None) -> nn.Parameter | None:

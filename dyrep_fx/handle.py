@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from . import passes, structure_spec
+from . import forward_scope, passes, structure_spec
 from .block import MODES, RepConv2d, find_blocks
 from .defaults import INIT_SCALE
 from .passes.analysis import Site
@@ -100,8 +100,10 @@ class Handle:
 
     @classmethod
     def attach(cls, module: nn.Module, state: DyRepState) -> Handle:
-        """Keep ``state`` on ``module`` and return the handle."""
+        """Keep ``state`` on ``module`` and return the handle; each forward call of ``module`` is then the
+        span its online blocks may reuse an assembled kernel in (:mod:`dyrep_fx.forward_scope`)."""
         module.__dict__[STATE_ATTR] = state
+        forward_scope.install(module)
         return cls(module, state)
 
     def share_with(self, twin: nn.Module) -> Handle:
@@ -167,6 +169,7 @@ class Handle:
         target = self.module if inplace else copy.deepcopy(self.module)
         report = passes.fold.run(self.traced, target)
         target.__dict__.pop(STATE_ATTR, None)
+        forward_scope.uninstall(target)
         log.info("fold %s: %d blocks folded", type(self.module).__name__, len(report.changed))
         return target
 
