@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from helpers.profiles import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,25 +14,26 @@ from dyrep_fx import kernels
 from dyrep_fx.assembly import ComposedTerm, FilterTerm, WindowTerm, assemble_kernel
 
 
-def rand(*shape: int, grad: bool = True) -> torch.Tensor:
-    return torch.randn(*shape, dtype=torch.float64, requires_grad=grad)
+def rand(*shape: int, grad: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.randn(*shape, dtype=torch.float64, device=device, requires_grad=grad)
 
 
-def build_terms(out_c: int, in_c: int, groups: int, k: tuple[int, int]):
+def build_terms(out_c: int, in_c: int, groups: int, k: tuple[int, int], device: torch.device | str = "cpu"):
     """One term of every shape: 1x1, 1xk, kx1 windows, a constant window, two filters (summed in one
     product) and a composed term."""
     kh, kw = k
     ig, cm = in_c // groups, in_c
+    r = functools.partial(rand, device=device)
     terms = [
-        WindowTerm(rand(out_c, ig, 1, 1), rand(out_c), (kh // 2, kw // 2)),
-        WindowTerm(rand(out_c, ig, 1, kw), rand(out_c), (kh // 2, 0)),
-        WindowTerm(rand(out_c, ig, kh, 1), rand(out_c), (0, kw // 2)),
-        WindowTerm(rand(out_c, ig, 1, 1, grad=False), rand(out_c), (0, kw - 1)),
-        FilterTerm(rand(out_c, ig, 1, 1), rand(out_c), torch.rand(out_c, kh, kw, dtype=torch.float64)),
-        FilterTerm(rand(out_c, ig, 1, 1), rand(out_c), torch.randn(out_c, kh, kw, dtype=torch.float64)),
-        ComposedTerm(rand(cm, ig, 1, 1), rand(out_c, cm // groups, kh, kw), rand(out_c), groups),
+        WindowTerm(r(out_c, ig, 1, 1), r(out_c), (kh // 2, kw // 2)),
+        WindowTerm(r(out_c, ig, 1, kw), r(out_c), (kh // 2, 0)),
+        WindowTerm(r(out_c, ig, kh, 1), r(out_c), (0, kw // 2)),
+        WindowTerm(r(out_c, ig, 1, 1, grad=False), r(out_c), (0, kw - 1)),
+        FilterTerm(r(out_c, ig, 1, 1), r(out_c), torch.rand(out_c, kh, kw, dtype=torch.float64, device=device)),
+        FilterTerm(r(out_c, ig, 1, 1), r(out_c), torch.randn(out_c, kh, kw, dtype=torch.float64, device=device)),
+        ComposedTerm(r(cm, ig, 1, 1), r(out_c, cm // groups, kh, kw), r(out_c), groups),
     ]
-    return rand(out_c, ig, kh, kw), rand(out_c), terms
+    return r(out_c, ig, kh, kw), r(out_c), terms
 
 
 def reference(weight, main_scale, terms):
@@ -54,12 +58,12 @@ def leaves(weight, main_scale, terms):
     return tensors
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(groups=st.sampled_from([1, 2]), mult=st.integers(1, 2), k=st.sampled_from([(3, 3), (1, 3), (5, 3), (2, 2)]),
        seed=st.integers(0, 2**31 - 1))
-def test_kernel_and_gradients_equal_the_autograd_sum(groups, mult, k, seed):
+def test_kernel_and_gradients_equal_the_autograd_sum(groups, mult, k, seed, device):
     torch.manual_seed(seed)
-    weight, main_scale, terms = build_terms(2 * mult, 2 * groups, groups, k)
+    weight, main_scale, terms = build_terms(2 * mult, 2 * groups, groups, k, device)
     out = assemble_kernel(weight, main_scale, terms)
     ref = reference(weight, main_scale, terms)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
@@ -72,9 +76,9 @@ def test_kernel_and_gradients_equal_the_autograd_sum(groups, mult, k, seed):
 
 
 @pytest.mark.parametrize("groups", [1, 2])
-def test_gradcheck(groups):
+def test_gradcheck(groups, device):
     torch.manual_seed(groups)
-    weight, main_scale, terms = build_terms(4, 4, groups, (3, 3))
+    weight, main_scale, terms = build_terms(4, 4, groups, (3, 3), device)
     params = leaves(weight, main_scale, terms)
 
     def fn(*tensors):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from helpers.numerics import rel_err
+from helpers.profiles import examples
 from helpers.strategies import conv_cfgs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,7 +18,7 @@ SLOW_OK = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 seeds = st.integers(0, 2**31 - 1)
 
 
-@settings(max_examples=60, **SLOW_OK)
+@settings(max_examples=examples(60), **SLOW_OK)
 @given(cfg=conv_cfgs(map_sizes=(1, 6)), seed=seeds)
 def test_conv_equals_the_original_on_any_map_size(cfg, seed):
     """Output, input gradient and kernel gradient equal the module's (zeros for the taps that read padding)."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers.numerics import rel_err
+from helpers.profiles import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -27,7 +28,7 @@ from dyrep_fx.kernels import (
 
 D = torch.float64
 TOL = 1e-12
-FAST = settings(max_examples=60, deadline=None)
+FAST = settings(max_examples=examples(60), deadline=None)
 
 
 def _pad(x, pads):
@@ -63,18 +64,18 @@ def grouped_channels(draw, max_per_group: int = 4):
 @FAST
 @given(ch=grouped_channels(), k=st.integers(1, 5), bias=st.booleans(), affine=st.booleans(),
        stride=st.integers(1, 2), seed=st.integers(0, 2**31 - 1))
-def test_fuse_bn_matches_conv_then_eval_bn(ch, k, bias, affine, stride, seed):
+def test_fuse_bn_matches_conv_then_eval_bn(ch, k, bias, affine, stride, seed, device):
     torch.manual_seed(seed)
     g, cin, cout = ch
-    conv = nn.Conv2d(cin, cout, k, stride, k // 2, groups=g, bias=bias, dtype=D)
-    bn = nn.BatchNorm2d(cout, eps=1e-3, affine=affine, dtype=D).eval()
+    conv = nn.Conv2d(cin, cout, k, stride, k // 2, groups=g, bias=bias, dtype=D, device=device)
+    bn = nn.BatchNorm2d(cout, eps=1e-3, affine=affine, dtype=D, device=device).eval()
     with torch.no_grad():
         bn.running_mean.uniform_(-2, 2)
         bn.running_var.uniform_(0.1, 3)
         if affine:
             bn.weight.uniform_(-2, 2)
             bn.bias.uniform_(-1, 1)
-    x = torch.randn(2, cin, 9, 8, dtype=D)
+    x = torch.randn(2, cin, 9, 8, dtype=D, device=device)
     check = _unchanged(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
     w, b = fuse_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
     check()
@@ -142,16 +143,17 @@ def test_embed_offset_centres():
     pad=st.tuples(st.integers(0, 2), st.integers(0, 2)), stride=st.integers(1, 2), dil=st.integers(1, 2),
     b1=st.booleans(), b2=st.booleans(), seed=st.integers(0, 2**31 - 1),
 )
-def test_merge_1x1_kxk_equals_the_sequence_on_the_padded_input(ch, mid_mult, k, pad, stride, dil, b1, b2, seed):
+def test_merge_1x1_kxk_equals_the_sequence_on_the_padded_input(ch, mid_mult, k, pad, stride, dil, b1, b2, seed,
+                                                              device):
     """1x1 (bias b1) on the zero-padded input, then a valid kxk (bias b2) == one conv on the padded input."""
     torch.manual_seed(seed)
     g, cin, cout = ch
     mid = cin * mid_mult if g != cin else cin  # depthwise keeps T == C == g
-    w1 = torch.randn(mid, cin // g, 1, 1, dtype=D)
-    w2 = torch.randn(cout, mid // g, *k, dtype=D)
-    bias1 = torch.randn(mid, dtype=D) if b1 else None
-    bias2 = torch.randn(cout, dtype=D) if b2 else None
-    x = torch.randn(2, cin, 9, 10, dtype=D)
+    w1 = torch.randn(mid, cin // g, 1, 1, dtype=D, device=device)
+    w2 = torch.randn(cout, mid // g, *k, dtype=D, device=device)
+    bias1 = torch.randn(mid, dtype=D, device=device) if b1 else None
+    bias2 = torch.randn(cout, dtype=D, device=device) if b2 else None
+    x = torch.randn(2, cin, 9, 10, dtype=D, device=device)
     xp = _pad(x, ((pad[0], pad[0]), (pad[1], pad[1])))
     check = _unchanged(w1, bias1, w2, bias2)
     w, b = merge_1x1_kxk(w1, bias1, w2, bias2, g)
@@ -208,7 +210,7 @@ def _onehot_is_identity(size, dilation, pads, t, n=24):
     return y.shape == x.shape and torch.equal(y, x)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(size=st.integers(1, 6), dilation=st.integers(1, 3), before=st.integers(0, 8), after=st.integers(0, 8))
 def test_identity_offset_brute_force(size, dilation, before, after):
     t = identity_offset(size, dilation, before, after)

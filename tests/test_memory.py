@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from helpers.memory import ReferenceDBB, saved_bytes, saved_tensors
 from helpers.numerics import randomise_bns, rel_err
+from helpers.profiles import examples
 from helpers.strategies import conv_cfgs, perturb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -81,24 +82,24 @@ def test_pointwise_norm_is_the_batchnorm_of_the_padded_conv_output(pads, stride,
         torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=1e-12, atol=1e-12)
 
 
-def test_padded_map_batchnorm_and_fixed_filter_gradcheck():
+def test_padded_map_batchnorm_and_fixed_filter_gradcheck(device):
     torch.manual_seed(0)
-    z = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(2, 3, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda *t: dbb_ops._PaddedMapBatchNorm.apply(*t, ((1, 2), (2, 1)), 1e-5)[0], (z, w, b))
-    filt = torch.rand(3, 1, 2, 3, dtype=torch.float64)
+    filt = torch.rand(3, 1, 2, 3, dtype=torch.float64, device=device)
     assert torch.autograd.gradcheck(lambda t: dbb_ops._FixedFilter.apply(t, filt, (2, 1), (1, 1)), (z,))
     saved = saved_tensors(lambda t: dbb_ops._FixedFilter.apply(t, filt, (1, 1), (1, 1)), z)
     assert saved == [("leaf", tuple(filt.shape), filt.numel() * 8)], saved  # the filter, nothing of z
 
 
-def test_pointwise_norm_gradcheck():
+def test_pointwise_norm_gradcheck(device):
     torch.manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        return torch.randn(*shape, dtype=torch.float64, device=device, requires_grad=True)
 
     x = rand(2, 4, 3, 4)
     assert torch.autograd.gradcheck(  # padded on every side differently
@@ -170,14 +171,14 @@ def padded_input_forward(blk: RepConv2d, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(cfg=conv_cfgs(padding_modes=("zeros", "reflect", "replicate", "circular")), seed=st.integers(0, 2**31 - 1),
        recompute=st.booleans())
-def test_dbb_training_forward_equals_the_padded_input_formulation(cfg, seed, recompute):
+def test_dbb_training_forward_equals_the_padded_input_formulation(cfg, seed, recompute, device):
     """Train mode: outputs, every parameter's gradient and every running statistic, nested blocks included,
     with and without ``recompute``."""
     torch.manual_seed(seed)
-    blk = RepConv2d(cfg.build(), "dbb").train()
+    blk = RepConv2d(cfg.build().to(device), "dbb").train()
     blk.grow()
     blk.recompute = recompute
     if "1x1_kxk" in blk.branches:
@@ -188,7 +189,7 @@ def test_dbb_training_forward_equals_the_padded_input_formulation(cfg, seed, rec
     randomise_bns(blk, seed=None, signed=True)
     perturb(blk)
     ref = copy.deepcopy(blk)
-    x = cfg.input(batch=3)
+    x = cfg.input(batch=3).to(device)
     out, want = blk(x), padded_input_forward(ref, x)
     assert rel_err(out, want) <= F64_TOL
     g = torch.randn_like(want)

@@ -1,7 +1,8 @@
-"""One rank of a DDP training run with DyRep on gloo (CPU); launched by tests/test_distributed.py.
+"""One rank of a DDP training run with DyRep on gloo (CPU) or nccl (one GPU per rank); launched by
+tests/test_distributed.py.
 
     python -m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 --master_port PORT \\
-        tests/scripts/ddp_worker.py --out DIR --mode online
+        tests/scripts/ddp_worker.py --out DIR --mode online [--backend nccl]
 
 Every rank sees different data and has a different torch seed and DyRep seed, so any branch
 initialisation that is not broadcast differs between ranks. After each structural change the DDP
@@ -42,9 +43,13 @@ def Net() -> SmallNet:  # noqa: N802 - keeps the tests' call sites short
     return SmallNet()
 
 
+DEVICE = torch.device("cpu")  # cuda:<local rank> under nccl
+
+
 def batch(rank: int, i: int):
     g = torch.Generator().manual_seed(10_000 * (rank + 1) + i)  # different data on every rank
-    return torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
+    x, y = torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
+    return x.to(DEVICE), y.to(DEVICE)
 
 
 class Counter:
@@ -80,21 +85,27 @@ COUNTER: Counter
 
 
 def main() -> None:
-    global COUNTER
+    global COUNTER, DEVICE
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--mode", default="online")
     parser.add_argument("--metric", default="snip")
+    parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    device_ids = None
+    if args.backend == "nccl":
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        DEVICE, device_ids = torch.device("cuda", local_rank), [local_rank]
+    dist.init_process_group(args.backend)
     rank = dist.get_rank()
     COUNTER = Counter()
     torch.manual_seed(100 + rank)
 
-    model = Net().double()
-    ddp = DDP(model)  # rank 0's initial weights everywhere
+    model = Net().double().to(DEVICE)
+    ddp = DDP(model, device_ids=device_ids)  # rank 0's initial weights everywhere
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     calib = [batch(rank, 900 + i) for i in range(3)]
     # nested="open": three sites and five steps; the growth mechanics under DDP are what is tested here.
@@ -142,7 +153,7 @@ def main() -> None:
     torch.save({
         "rank": rank,
         "structure": dyrep_fx.structure(model),
-        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "params": {n: p.detach().cpu().clone() for n, p in model.named_parameters()},
         "history": ctl.history,
         "steps": steps,
         "counts": COUNTER.counts,
