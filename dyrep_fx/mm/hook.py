@@ -1,4 +1,4 @@
-"""``DyRepHook``: DyRep for mmdet / mmseg training through one entry in ``custom_hooks``.
+"""``DyRepHook``: DyRep for mmpretrain / mmdet / mmseg training through one entry in ``custom_hooks``.
 
     custom_imports = dict(imports=["dyrep_fx.mm"], allow_failed_imports=False)
     custom_hooks = [dict(type="DyRepHook", targets=["backbone"], interval=1000)]

@@ -139,3 +139,21 @@ def test_c_segmentor_backbone_starts_from_the_folded_classifier(folded, fashion_
     assert type(runner.model).__name__ == "EncoderDecoder" and type(runner.model.backbone).__name__ == "ResNet"
     assert_backbone_starts_from(recorder, runner, folded)
     assert all(torch.isfinite(torch.tensor(it["loss"])) for it in recorder.iters)
+
+
+def test_resnet50_chain_names_line_up():
+    """The GPU chain: the backbone of mmpretrain's ResNet-50 classifier (what resnet50_8xb32_in1k_dyrep.py
+    folds to) loads strictly into the backbone of mmdet's shipped RetinaNet R-50 config."""
+    from mmengine.config import Config
+
+    from dyrep_fx.mm.train import resolve_config_path
+
+    def build(config: str) -> torch.nn.Module:
+        return build_model_from_config(Config.fromfile(str(resolve_config_path(config))))
+
+    classifier = build(str(CONFIG_DIR / "mmpretrain/resnet50_8xb32_in1k_dyrep.py"))
+    detector = build("mmdet::retinanet/retinanet_r50_fpn_1x_coco.py")
+    weights = backbone_weights(classifier.state_dict())
+    detector.backbone.load_state_dict(weights, strict=True)
+    for key, value in detector.backbone.state_dict().items():
+        torch.testing.assert_close(value, weights[key], rtol=0, atol=0, msg=key)

@@ -207,29 +207,34 @@ def _randomize_norms(model: torch.nn.Module, seed: int) -> None:
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 
-@torch.no_grad()
-def test_repvgg_composes_dyrep_then_its_own_deploy_fusion(fashion_cls_root):
-    """DyRep grows branches onto the convs inside RepVGG-A0's blocks; the fold gives back RepVGG's training
-    form (strict load into mmpretrain's shipped config), and mmpretrain's switch_to_deploy then fuses each
-    block into one 3x3 conv: the same function at every step, on real images."""
+def _real_batch(root: Path, count: int = 4, size: int = 64) -> dict:
+    """``count`` validation items as a dataloader batch (BGR uint8, as LoadImageFromFile gives them)."""
+    import numpy as np
     from mmengine.dataset import pseudo_collate
-
-    shipped = "mmpretrain::repvgg/repvgg-A0_8xb32_in1k.py"
-    cfg = load_config("mmpretrain/repvgg-A0_8xb32_in1k_dyrep.py")
-    model = build_model_from_config(cfg).eval()
-    _randomize_norms(model, 0)
-    images = sorted((fashion_cls_root / "val").glob("*/*.png"))[:4]
+    from mmpretrain.structures import DataSample
     from PIL import Image
 
-    inputs = [torch.from_numpy(__import__("numpy").asarray(Image.open(p).resize((64, 64)))).permute(2, 0, 1)
-              .flip(0).contiguous() for p in images]
-    from mmpretrain.structures import DataSample
+    paths = sorted((root / "val").glob("*/*.png"))[:count]
+    images = [np.ascontiguousarray(np.asarray(Image.open(p).resize((size, size)))[:, :, ::-1]) for p in paths]
+    return pseudo_collate([{"inputs": torch.from_numpy(im).permute(2, 0, 1).contiguous(),
+                            "data_samples": DataSample()} for im in images])
 
-    batch = pseudo_collate([{"inputs": x, "data_samples": DataSample()} for x in inputs])
-    data = model.data_preprocessor(batch, False)
+
+@pytest.mark.parametrize("config, shipped", [
+    (str(CONFIG_DIR / "mmpretrain/repvgg-A0_8xb32_in1k_dyrep.py"), "mmpretrain::repvgg/repvgg-A0_8xb32_in1k.py"),
+    ("mmpretrain::mobileone/mobileone-s0_8xb32_in1k.py", "mmpretrain::mobileone/mobileone-s0_8xb32_in1k.py"),
+], ids=["repvgg-A0", "mobileone-s0"])
+@torch.no_grad()
+def test_dyrep_composes_with_mmpretrain_reparameterization(fashion_cls_root, config, shipped):
+    """DyRep grows branches onto convs inside RepVGG's / MobileOne's multi-branch blocks; the fold gives back
+    the block's training form (strict load into mmpretrain's shipped config), and mmpretrain's
+    switch_to_deploy() then fuses each block into one conv: the same function at every step, on real images."""
+    model = build_model_from_config(load_config_path(config)).eval()
+    _randomize_norms(model, 0)
+    data = model.data_preprocessor(_real_batch(fashion_cls_root), False)
     api.transform(model.backbone, (data["inputs"],))
-    names = [s.name for s in api.sites(model.backbone) if s.eligible and "branch_3x3" in s.name][:6]
-    assert len(names) == 6
+    names = [s.name for s in api.sites(model.backbone) if s.eligible][2:8]
+    assert all(".branch" in n for n in names), names  # convs inside the blocks' own branches
     api.grow(model.backbone, names)
     g = torch.Generator().manual_seed(1)
     for name, p in model.backbone.named_parameters():
@@ -237,19 +242,19 @@ def test_repvgg_composes_dyrep_then_its_own_deploy_fusion(fashion_cls_root):
             p.add_(torch.randn(p.shape, generator=g) * 0.05)  # trained branches, not the neutral start
     grown = flat_tensors(model(**data, mode="tensor"))[0]
 
-    deploy = fold_targets(model, ["backbone"])
     plain = build_model_from_config(load_config_path(shipped)).eval()
-    plain.load_state_dict(deploy.state_dict(), strict=True)
+    plain.load_state_dict(fold_targets(model, ["backbone"]).state_dict(), strict=True)
     folded = flat_tensors(plain(**data, mode="tensor"))[0]
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in plain.modules())
     plain.backbone.switch_to_deploy()
-    assert not any(hasattr(m, "branch_1x1") and m.branch_1x1 is not None for m in plain.backbone.modules())
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in plain.modules()) < convs  # the blocks were fused
     fused = flat_tensors(plain(**data, mode="tensor"))[0]
     for out in (folded, fused):
         torch.testing.assert_close(out, grown, rtol=1e-4, atol=1e-5 * grown.abs().max().item())
 
 
 def load_config_path(config: str):
-    """A shipped config (``package::path``) as mmengine's Config."""
+    """A config file, or a shipped one (``package::path``), as mmengine's Config."""
     from mmengine.config import Config
 
     from dyrep_fx.mm.train import resolve_config_path
