@@ -28,6 +28,8 @@ CONFIG = "mm_configs/cpu/retinanet_r18_fpn_deepforest_dyrep.py"
 SMALL = ["val_cfg=None", "val_dataloader=None", "val_evaluator=None", "train_dataloader.batch_size=1",
          "train_dataloader.dataset.pipeline.2.scale=(256,256)", "default_hooks.checkpoint.interval=2",
          "custom_hooks.0.interval=2", "log_level=WARNING"]
+#: A BatchNorm bias the resume test shifts in the checkpoint (outside what DyRep rebuilds).
+PLANTED = "backbone.layer4.1.bn2.bias"
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +66,12 @@ def test_train_writes_checkpoints_and_deploy_file_and_resumes(deepforest_root, t
     assert first["meta"]["iter"] == 2 and first["dyrep_fx"]["units"] == 2
     grown = first["dyrep_fx"]["history"]
     assert [e["unit"] for e in grown] == [2] and grown[0]["grown"]
+    # A fresh 4-iteration run makes the same step at unit 2 (same seed) and reaches the same counters: mark
+    # the checkpoint's history and shift one of its weights, which only a run that loaded it can show.
+    grown[0]["mark"] = "written into iter_2.pth by the test"
+    saved = first["state_dict"][PLANTED].clone()
+    first["state_dict"][PLANTED] += 1.0
+    torch.save(first, work / "iter_2.pth")
 
     # --resume without a value: the latest checkpoint in the work dir; the iteration counter goes on
     proc = run_cli("train", CONFIG, "--work-dir", str(work), "--resume", "--cfg-options", "train_cfg.max_iters=4",
@@ -74,14 +82,24 @@ def test_train_writes_checkpoints_and_deploy_file_and_resumes(deepforest_root, t
     assert again["meta"]["iter"] == 4
     state = again["dyrep_fx"]
     assert state["units"] == 4 and [e["unit"] for e in state["history"]] == [2, 4]
-    assert state["history"][0] == grown[0]  # the first run's step, carried over by the resume
+    assert state["history"][0] == grown[0]  # the checkpoint's step, mark included, carried over
+    assert_planted_shift(again, saved)
 
     # --resume CHECKPOINT: that checkpoint, into another work dir
     other = tmp_path / "other"
     proc = run_cli("train", CONFIG, "--work-dir", str(other), "--resume", str(work / "iter_2.pth"),
                    "--cfg-options", "train_cfg.max_iters=4", *SMALL, data=deepforest_root)
     assert proc.returncode == 0, output(proc)
-    assert load_mmengine_checkpoint(str(other / "iter_4.pth"))["dyrep_fx"]["units"] == 4
+    resumed = load_mmengine_checkpoint(str(other / "iter_4.pth"))
+    assert resumed["dyrep_fx"]["units"] == 4 and resumed["dyrep_fx"]["history"][0] == grown[0]
+    assert_planted_shift(resumed, saved)
+
+
+def assert_planted_shift(final: dict, saved: torch.Tensor) -> None:
+    """The weight shifted by 1 in the checkpoint is still ~1 away from its saved value two warm-up
+    iterations later (learning rate below 1e-3, gradients clipped); a run that started over is not."""
+    shift = final["state_dict"][PLANTED] - saved
+    assert torch.allclose(shift, torch.ones_like(shift), atol=0.1), shift
 
 
 @pytest.mark.slow
