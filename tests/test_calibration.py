@@ -1,0 +1,73 @@
+"""dbb-mode calibration of a shared conv (a detection head's conv called once per pyramid level): the new
+branches' BatchNorms end with the average of the per-call statistics over every call of every batch
+(mm_configs/README.md: "calibration averages over calls"), computed here from the maps themselves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dyrep_fx
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIZES = (12, 6, 3)  # three "pyramid levels" per forward, of different sizes (so different statistics)
+CALIB_BATCHES = 3
+
+
+class SharedHead(nn.Module):
+    """One 3x3 conv (with bias, as a head's prediction conv) applied to every level, then a 1x1 classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, dtype=torch.float64)
+        self.cls = nn.Conv2d(4, 2, 1, dtype=torch.float64)
+
+    def forward(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.cls(torch.relu(self.conv(x))) for x in levels]
+
+
+def levels(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # each level its own mean and spread, so that averaging over calls differs from pooling all pixels
+    return [torch.randn(2, 4, s, s, generator=g, dtype=torch.float64) * (1 + i) + i for i, s in enumerate(SIZES)]
+
+
+def call_average(maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean over calls of each call's batch mean and unbiased batch variance, per channel."""
+    means = torch.stack([m.mean((0, 2, 3)) for m in maps])
+    variances = torch.stack([m.var((0, 2, 3), unbiased=True) for m in maps])
+    return means.mean(0), variances.mean(0)
+
+
+def test_new_branch_batchnorms_average_the_statistics_of_every_call():
+    torch.manual_seed(0)
+    model = SharedHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    calib = [levels(100 + i) for i in range(CALIB_BATCHES)]
+    ctl = dyrep_fx.DyRep(model, opt, interval=1, mode="dbb", kinds=["1x1", "identity"], calib_loader=calib,
+                         calib_batches=CALIB_BATCHES, forward_fn=lambda m, batch: m(batch),
+                         example_inputs=(levels(0),))
+    assert next(s for s in ctl.sites() if s.name == "conv").calls == len(SIZES)
+    loss = sum(out.square().mean() for out in model(levels(1)))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    result = ctl.step()
+    assert result.grown == {"conv": ["1x1", "identity"]} and result.calibrated_batches == CALIB_BATCHES
+
+    block = model.conv
+    inputs = [x for batch in calib for x in batch]  # every call: batches x levels
+    identity, pointwise = block.branches["identity"], block.branches["1x1"]
+    # what each branch's BatchNorm saw: the conv's input itself, and the 1x1 conv at the window's centre
+    # (a 3x3 conv with padding 1: the centre tap reads the unpadded map)
+    seen = {identity: inputs, pointwise: [F.conv2d(x, pointwise.conv.weight) for x in inputs]}
+    for branch, maps in seen.items():
+        mean, var = call_average(maps)
+        torch.testing.assert_close(branch.bn.running_mean, mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(branch.bn.running_var, var, rtol=1e-10, atol=1e-12)
+        assert int(branch.bn.num_batches_tracked) == len(inputs)
+        pooled = torch.cat([m.permute(1, 0, 2, 3).reshape(4, -1) for m in maps], 1).mean(1)
+        assert (pooled - mean).abs().max() > 0.1  # the levels differ: pooling every pixel would not pass
