@@ -9,6 +9,7 @@ and the schedulers' view of groups added after they were built (:func:`follow_sc
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
@@ -36,7 +37,7 @@ class ParamwiseChooser:
         owner_name = name.rpartition(".")[0]
         owner = model.get_submodule(owner_name) if owner_name else model
         groups: list[dict] = []
-        self.constructor.add_params(groups, owner, prefix=owner_name)
+        self._add_params(groups, model, owner, owner_name)
         group = next(g for g in groups if g["params"][0] is param)
         norm_mult = self.paramwise_cfg.get("norm_decay_mult")
         if name.rpartition(".")[2] in ("scale", "main_scale") and norm_mult is not None \
@@ -48,6 +49,19 @@ class ParamwiseChooser:
                    optimizer.param_groups[0])
         follow_schedules(optimizer.param_groups[-1], ref)
         return len(optimizer.param_groups) - 1
+
+    def _add_params(self, groups: list[dict], model, owner, owner_name: str) -> None:
+        """The constructor's groups for ``owner``'s own Parameters, named as in the whole model.
+
+        mmpretrain's ``LearningRateDecayOptimWrapperConstructor`` names Parameters ``prefix + name`` (its
+        prefixes end with a dot) and asks the model, not the module it is given, for each one's layer depth:
+        a new branch then gets the learning-rate scale of the layer of the conv it grew from.
+        """
+        if "get_layer_depth" in inspect.signature(self.constructor.add_params).parameters:
+            self.constructor.add_params(groups, owner, prefix=f"{owner_name}." if owner_name else "",
+                                        get_layer_depth=getattr(model, "get_layer_depth", None))
+        else:
+            self.constructor.add_params(groups, owner, prefix=owner_name)
 
 
 def paramwise_chooser(optim_wrapper_cfg: dict | None) -> ParamwiseChooser | None:

@@ -60,10 +60,11 @@ def tiny_options(root: Path, work_dir: Path, iters: int = ITERS, interval: int =
         "custom_hooks": [dyrep, *(hooks or [])], **more}
 
 
-def train(root: Path, work_dir: Path, config: str = CONFIG, **options):
-    """``dyrep-fx train CONFIG --work-dir WORK_DIR --cfg-options ...`` in this process; returns the runner."""
+def train(root: Path, work_dir: Path, config: str = CONFIG, resume: str | None = None, **options):
+    """``dyrep-fx train CONFIG --work-dir WORK_DIR [--resume CKPT] --cfg-options ...`` in this process;
+    returns the runner."""
     return train_from_config(str(CONFIG_DIR / config), work_dir=str(work_dir),
-                             cfg_options=tiny_options(root, work_dir, **options), resume=options.get("resume"))
+                             cfg_options=tiny_options(root, work_dir, **options), resume=resume)
 
 
 def plain_model(root: Path) -> torch.nn.Module:
@@ -171,6 +172,26 @@ def test_load_from_with_mmpretrain_lars_restarts_the_schedule(run, fashion_cls_r
     groups = optimizer_params(optimizer)
     assert {id(p) for p in tuned.model.parameters() if p.requires_grad} <= set(groups)
     assert all(torch.isfinite(p).all() for p in tuned.model.parameters())
+
+
+def test_layer_decay_constructor_gives_new_branches_their_layers_lr(fashion_cls_root, tmp_path):
+    """mmpretrain's LearningRateDecayOptimWrapperConstructor (layer-wise lr decay; its ResNet depths start at
+    50): each new branch Parameter gets the layer id, lr scale and current lr of the conv it grew from."""
+    decay = dict(_delete_=True, layer_decay_rate=0.8, norm_decay_mult=0.0)
+    runner = train(fashion_cls_root, tmp_path, iters=2, interval=2, **{
+        "model.backbone.depth": 50, "model.head.in_channels": 2048, "train_dataloader.batch_size": 4,
+        "optim_wrapper.constructor": "LearningRateDecayOptimWrapperConstructor",
+        "optim_wrapper.paramwise_cfg": decay, "param_scheduler.0.end": 100})
+    groups = runner.optim_wrapper.optimizer.param_groups
+    by_name = {g["param_name"]: g for g in groups}
+    new = [g for g in groups if ".branches." in g["param_name"]]
+    assert new and {g["layer_id"] for g in groups} == set(range(8))  # the stem, 6 layers, the head
+    for group in new:
+        source = by_name[group["param_name"].split(".branches.")[0] + ".weight"]
+        assert (group["layer_id"], group["lr_scale"]) == (source["layer_id"], source["lr_scale"])
+        assert group["lr"] == pytest.approx(source["lr"]) and group["lr"] < runner.optim_wrapper.optimizer.defaults["lr"]
+        is_scale = group["param_name"].endswith("scale")
+        assert group["weight_decay"] == (0.0 if is_scale else source["weight_decay"])
 
 
 @pytest.mark.parametrize("target", ["neck", "head"])
