@@ -27,6 +27,7 @@ import os
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from torch import nn
 from . import api
 from .controller import DyRep
 from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist_loaders, random_crop_flip
-from .geometry import DBB_KINDS, OREPA_KINDS
+from .geometry import DBB_KINDS, DYREP_KINDS, OREPA_KINDS
 
 __all__ = ["DemoConfig", "make_net", "multiply_adds", "NET_LAYOUTS", "dyrep_schedule", "epoch_timing", "run_variant", "run_demo", "plot_report", "VARIANTS", "VARIANT_RECIPES"]
 
@@ -45,7 +46,9 @@ log = logging.getLogger(__name__)
 
 #: What ``dyrep-fx demo`` trains by default. Variant names are the same in the demo, the study and the
 #: benchmarks: ``plain``, ``dyrep`` (the block mode of the config), ``dyrep_online`` / ``dyrep_dbb``,
-#: ``dbb_all`` / ``orepa_all`` (every 3x3 conv grown once with DBB's / OREPA's branches, no DyRep).
+#: ``dbb_all`` / ``orepa_all`` (every 3x3 conv grown once with DBB's / OREPA's branches, no DyRep),
+#: ``rep_all_online`` / ``rep_all_dbb`` (every 3x3 conv grown once with every DyRep kind that applies to
+#: it, identity included where input and output match: RepVGG's recipe, in either mode).
 VARIANTS = ("plain", "dyrep", "dbb_all")
 #: Every variant :func:`run_variant` trains: ``(mode, static branch kinds)``; ``None`` kinds = DyRep.
 VARIANT_RECIPES: dict[str, tuple[str | None, tuple[str, ...] | None]] = {
@@ -55,6 +58,8 @@ VARIANT_RECIPES: dict[str, tuple[str | None, tuple[str, ...] | None]] = {
     "dyrep_dbb": ("dbb", None),
     "dbb_all": ("dbb", DBB_KINDS),
     "orepa_all": ("online", OREPA_KINDS),
+    "rep_all_online": ("online", DYREP_KINDS),
+    "rep_all_dbb": ("dbb", DYREP_KINDS),
 }
 
 
@@ -94,6 +99,12 @@ class DemoConfig:
 NET_LAYOUTS: dict[str, tuple[int, ...]] = {
     "demo": (2, 2, 1),        # 5 convs: the demo's network
     "study": (2, 3, 3, 2),    # 10 convs: the reproduction study's (more sites than DyRep steps)
+    # Deeper shortcut-free layouts for the depth sweep (benchmarks/depth_sweep.py), where plain training
+    # degrades with depth: the regime re-parameterization is meant for.
+    "depth10": (2, 3, 3, 2),
+    "depth20": (5, 5, 5, 5),
+    "depth30": (8, 8, 8, 6),
+    "depth40": (10, 10, 10, 10),
 }
 
 
@@ -168,8 +179,11 @@ def _build(variant: str, config: DemoConfig) -> tuple[nn.Module, str | None, tup
     model = make_net(config.width, net=config.net)
     if static_kinds:
         api.transform(model, mode=mode)
-        api.grow(model, [s.name for s in api.sites(model) if s.eligible and s.kernel_size == (3, 3)],
-                 list(static_kinds))
+        for site in api.sites(model):
+            # each 3x3 conv takes the kinds of the set that apply to it (identity only where shapes match)
+            kinds = [k for k in static_kinds if k in site.kinds]
+            if site.eligible and site.kernel_size == (3, 3) and kinds:
+                api.grow(model, [site.name], kinds)
     return model, mode or config.mode, static_kinds
 
 
@@ -179,8 +193,13 @@ def dyrep_schedule(config: DemoConfig, steps_per_epoch: int) -> tuple[int, int]:
     return max(1, round(total * config.step_fraction)), int(total * config.until_fraction)
 
 
-def run_variant(variant: str, config: DemoConfig) -> dict[str, Any]:
-    """Train one variant and return its measurements (runs in the calling process)."""
+def run_variant(variant: str, config: DemoConfig,
+                observer: Callable[[nn.Module, int, float], None] | None = None) -> dict[str, Any]:
+    """Train one variant and return its measurements (runs in the calling process).
+
+    ``observer(model, iteration, loss)``, when given, is called after every optimizer step (the
+    stability probe of ``benchmarks/stability.py`` records kernels and scales through it).
+    """
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     train_loader, test_loader = fashion_mnist_loaders(config.batch_size, config.train_limit, config.test_limit,
@@ -215,6 +234,8 @@ def run_variant(variant: str, config: DemoConfig) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
             running += float(loss.detach())
+            if observer is not None:
+                observer(model, scheduler.last_epoch, float(loss.detach()))
             if ctl is not None:
                 result = ctl.step()
                 if result.changed:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from dyrep_fx import DBB_KINDS, OREPA_KINDS, cli
+from dyrep_fx import DBB_KINDS, DYREP_KINDS, OREPA_KINDS, cli
 from dyrep_fx.demo import (
     VARIANT_RECIPES,
     DemoConfig,
@@ -61,6 +61,17 @@ def test_static_variants_grow_every_3x3_conv(runs: dict[str, dict], variant: str
         assert "1x1" in site["kinds"], name
 
 
+@pytest.mark.parametrize("variant", ["rep_all_online", "rep_all_dbb"])
+def test_rep_all_variants_take_every_dyrep_kind_identity_where_shapes_match(runs: dict[str, dict],
+                                                                            variant: str) -> None:
+    structure = runs[variant]["final_structure"]
+    assert sorted(structure) == sorted(THREE_BY_THREE)
+    same_shape = {"3", "10"}  # 8 -> 8 and 16 -> 16; the others change the channel count
+    for name, site in structure.items():
+        expected = [k for k in DYREP_KINDS if k != "identity" or name in same_shape]
+        assert site["kinds"] == expected, name
+
+
 @pytest.mark.parametrize("variant", ["dyrep", "dyrep_online", "dyrep_dbb"])
 def test_dyrep_variants_grow_during_training(runs: dict[str, dict], variant: str) -> None:
     run = runs[variant]
@@ -87,6 +98,10 @@ def test_make_net_shapes() -> None:
     study = make_net(8, net="study")
     assert study(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     assert sum(isinstance(m, torch.nn.Conv2d) for m in study.modules()) == 10
+    for depth in (10, 20, 30, 40):  # the depth sweep's shortcut-free layouts
+        net = make_net(8, net=f"depth{depth}")
+        assert sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) == depth
+        assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     assert multiply_adds(make_net(8)) == (28 * 28 * 9 * (1 * 8 + 8 * 8) + 14 * 14 * 9 * (8 * 16 + 16 * 16)
                                           + 7 * 7 * 9 * 16 * 32 + 32 * 10)
 

@@ -1,0 +1,223 @@
+"""The depth sweep: where does static re-parameterization pay on shortcut-free nets?
+
+The study (``accuracy_study.py``) found every variant within noise of plain training on its ten-conv
+network. Re-parameterization is adopted where optimisation is hard: deep plain (shortcut-free) nets,
+RepVGG's whole argument. This sweep trains the same VGG-style family at 10, 20, 30 (and 40) convs
+(:data:`dyrep_fx.demo.NET_LAYOUTS` ``depthN``) with every static variant, paired by seed (same data
+order and augmentation draws per seed):
+
+* ``plain``; ``orepa_all`` (OREPA's kinds, online); ``dbb_all`` (DBB's kinds, dbb mode);
+* ``rep_all_online`` / ``rep_all_dbb``: every DyRep kind that applies to each 3x3 conv (identity
+  included where input and output match: RepVGG's recipe), in online and in dbb mode.
+
+Recipe (the pilot of issue 23, sized for a 2-core machine): 30k Fashion-MNIST training images with
+random crop and flip, the full 10k test set, width 8, 6 epochs, SGD momentum 0.9, lr 0.1 cosine,
+weight decay 1e-4 on every parameter, one torch thread per run. Each (depth, variant, seed) trains in
+a fresh process and writes its JSON under ``results/sweep/depthN/variant/seedS.json``; a re-run skips
+finished runs, so the sweep spans sessions. Same decision rule as the study: a gain is claimed only
+when the mean paired difference exceeds two standard errors (3 seeds or more).
+
+    .venv/bin/python benchmarks/depth_sweep.py --depths 30 --variants plain rep_all_dbb --seeds 0 1 2
+    .venv/bin/python benchmarks/depth_sweep.py --report     # tables, plot and summary.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from accuracy_study import paired, recipe_record  # noqa: E402
+from common import machine, write_json  # noqa: E402
+
+from dyrep_fx.demo import DemoConfig, run_variant  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "sweep"
+DEPTHS = (10, 20, 30, 40)
+VARIANTS = ("plain", "orepa_all", "rep_all_online", "dbb_all", "rep_all_dbb")
+#: The pilot's recipe; ``net`` is set per depth.
+RECIPE = DemoConfig(epochs=6, train_limit=30000, test_limit=None, batch_size=128, lr=0.1, weight_decay=1e-4,
+                    width=8, net="depth10", augment=True, threads=1, progress=False)
+#: An online run "collapses" when an epoch's test accuracy falls this far below plain's same epoch.
+COLLAPSE_POINTS = 10.0
+
+
+def recipe_for(depth: int, base: DemoConfig = RECIPE) -> DemoConfig:
+    """The sweep's recipe at ``depth`` convs."""
+    return replace(base, net=f"depth{depth}")
+
+
+def run_path(results: Path, depth: int, variant: str, seed: int) -> Path:
+    """Where the JSON of one run lives."""
+    return results / f"depth{depth}" / variant / f"seed{seed}.json"
+
+
+def run_one(depth: int, variant: str, seed: int, results: Path, base: DemoConfig = RECIPE) -> dict[str, Any]:
+    """Train one (depth, variant, seed) in this process and write its JSON."""
+    recipe = recipe_for(depth, base)
+    started = time.time()
+    run = run_variant(variant, replace(recipe, seed=seed))
+    run.update(depth=depth, seed=seed, recipe=recipe_record(recipe), machine=machine(),
+               started=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)))
+    write_json(run_path(results, depth, variant, seed), run)
+    return run
+
+
+def pending(depths: list[int], variants: list[str], seeds: list[int], results: Path,
+            base: DemoConfig = RECIPE) -> list[tuple[int, str, int]]:
+    """The runs without a result, in the order given (depths outer, then seeds, then variants)."""
+    todo = []
+    for depth in depths:
+        want = recipe_record(recipe_for(depth, base))
+        for seed in seeds:
+            for variant in variants:
+                path = run_path(results, depth, variant, seed)
+                if not path.exists():
+                    todo.append((depth, variant, seed))
+                elif recipe_record(json.loads(path.read_text())["recipe"]) != want:
+                    raise SystemExit(f"{path} was trained with another recipe; use another --results folder")
+    return todo
+
+
+def run_all(todo: list[tuple[int, str, int]], results: Path, jobs: int, base: DemoConfig = RECIPE) -> None:
+    """Train every pending run, ``jobs`` fresh processes at a time."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
+        futures = {pool.submit(run_one, d, v, s, results, base): (d, v, s) for d, v, s in todo}
+        for future in concurrent.futures.as_completed(futures):
+            depth, variant, seed = futures[future]
+            run = future.result()
+            print(f"depth {depth} {variant} seed {seed}: test acc {100 * run['test_acc']:.2f}%, "
+                  f"{run['cpu_seconds_per_epoch']:.0f} CPU s/epoch", flush=True)
+
+
+# -- statistics --------------------------------------------------------------------------------------
+def load_runs(results: Path) -> dict[int, dict[str, dict[int, dict[str, Any]]]]:
+    """``{depth: {variant: {seed: run}}}`` of every finished run."""
+    runs: dict[int, dict[str, dict[int, dict[str, Any]]]] = {}
+    for path in sorted(results.glob("depth*/*/seed*.json")):
+        run = json.loads(path.read_text())
+        runs.setdefault(run["depth"], {}).setdefault(run["variant"], {})[run["seed"]] = run
+    return runs
+
+
+def collapses(run: dict[str, Any], plain: dict[str, Any] | None) -> list[int]:
+    """Epochs where ``run``'s test accuracy is :data:`COLLAPSE_POINTS` or more below plain's same epoch."""
+    if plain is None:
+        return []
+    return [e["epoch"] for e, p in zip(run["epochs"], plain["epochs"])
+            if 100 * (p["test_acc"] - e["test_acc"]) >= COLLAPSE_POINTS]
+
+
+def summarise(runs: dict[int, dict[str, dict[int, dict[str, Any]]]]) -> dict[str, Any]:
+    """Per depth and variant: accuracy, the paired difference to plain, cost and collapsed epochs."""
+    rows = []
+    for depth in sorted(runs):
+        plain = runs[depth].get("plain", {})
+        for variant in VARIANTS:
+            mine = runs[depth].get(variant)
+            if not mine:
+                continue
+            accs = [100 * r["test_acc"] for r in mine.values()]
+            rows.append({
+                "depth": depth, "variant": variant, "seeds": sorted(mine),
+                "acc_mean": statistics.fmean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "vs_plain": paired(mine, plain) if variant != "plain" else None,
+                "cpu_seconds_per_epoch": statistics.median(r["cpu_seconds_per_epoch"] for r in mine.values()),
+                "folded_equal": all(r["folded_test_acc"] == r["test_acc"] for r in mine.values()),
+                "collapsed_epochs": {s: collapses(r, plain.get(s)) for s, r in sorted(mine.items())
+                                     if variant != "plain"},
+                "first_epoch_acc": {s: r["epochs"][0]["test_acc"] for s, r in sorted(mine.items())},
+            })
+    return {"rows": rows, "recipe": recipe_record(RECIPE), "collapse_points": COLLAPSE_POINTS}
+
+
+def _fmt_pair(p: dict[str, Any] | None) -> str:
+    return "" if p is None else f"{p['mean']:+.2f} ± {p['se']:.2f} ({p['verdict']})"
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The sweep's table for the benchmarks README."""
+    lines = ["| convs | variant | seeds | test acc % (mean ± std) | Δ vs plain (paired, ± SE) | CPU s/epoch "
+             "| first-epoch acc per seed | epochs collapsed (≥ 10 points below plain) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        first = ", ".join(f"{100 * a:.0f}" for a in r["first_epoch_acc"].values())
+        collapsed = "" if r["variant"] == "plain" else \
+            "; ".join(f"s{s}: {e}" for s, e in r["collapsed_epochs"].items() if e) or "none"
+        lines.append(f"| {r['depth']} | {r['variant']} | {len(r['seeds'])} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} "
+                     f"| {_fmt_pair(r['vs_plain'])} | {r['cpu_seconds_per_epoch']:.0f} | {first} | {collapsed} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """Paired gain over plain (± 2 SE) against depth, one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, variant in enumerate(v for v in VARIANTS if v != "plain"):
+        pts = [r for r in summary["rows"] if r["variant"] == variant and r["vs_plain"]]
+        if pts:
+            ax.errorbar([r["depth"] + 0.4 * (i - 2) for r in pts], [r["vs_plain"]["mean"] for r in pts],
+                        yerr=[2 * r["vs_plain"]["se"] for r in pts], marker="o", capsize=3, label=variant)
+    ax.axhline(0.0, color="grey", lw=1)
+    ax.set(xlabel="convs (shortcut-free, VGG style)", ylabel="test accuracy − plain (points, ± 2 SE)",
+           title="Depth sweep: static re-parameterization gain over plain")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(results: Path) -> dict[str, Any]:
+    """Write ``summary.json``, ``tables.md`` and ``sweep.png`` next to the runs; return the summary."""
+    summary = summarise(load_runs(results))
+    write_json(results / "summary.json", summary)
+    (results / "tables.md").write_text(markdown(summary) + "\n")
+    if summary["rows"]:
+        plot(summary, results / "sweep.png")
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--depths", nargs="+", type=int, choices=DEPTHS, default=[10, 20, 30])
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one torch thread each")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--report", action="store_true", help="only summarise the finished runs")
+    p.add_argument("--smoke", action="store_true", help="a tiny recipe, results under out/sweep_smoke")
+    return p.parse_args(argv)
+
+
+SMOKE = replace(RECIPE, epochs=1, train_limit=500, test_limit=250)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    base = SMOKE if args.smoke else RECIPE
+    results = Path("out/sweep_smoke") if args.smoke else args.results
+    if not args.report:
+        todo = pending(args.depths, args.variants, args.seeds, results, base)
+        print(f"{len(todo)} runs to train", flush=True)
+        run_all(todo, results, args.jobs, base)
+    summary = report(results)
+    print(markdown(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

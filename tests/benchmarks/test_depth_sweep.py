@@ -1,0 +1,54 @@
+"""The depth sweep's bookkeeping: runs per depth are skipped once finished, collapses are found by epoch,
+and the gain over plain is paired by seed within one depth."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("depth_sweep", BENCHMARKS / "depth_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(sweep, results: Path, depth: int, variant: str, seed: int, accs: list[float]) -> None:
+    run = {"depth": depth, "variant": variant, "seed": seed, "recipe": sweep.recipe_record(sweep.recipe_for(depth)),
+           "test_acc": accs[-1], "folded_test_acc": accs[-1], "cpu_seconds_per_epoch": 10.0,
+           "epochs": [{"epoch": i + 1, "test_acc": a} for i, a in enumerate(accs)]}
+    sweep.write_json(sweep.run_path(results, depth, variant, seed), run)
+
+
+def test_finished_runs_are_skipped_per_depth(sweep, tmp_path):
+    write_run(sweep, tmp_path, 30, "plain", 0, [0.8])
+    todo = sweep.pending([10, 30], ["plain"], [0], tmp_path)
+    assert todo == [(10, "plain", 0)]  # depth 10 is another recipe (another net), not a finished run
+
+
+def test_a_run_of_another_recipe_stops_the_sweep(sweep, tmp_path):
+    write_run(sweep, tmp_path, 30, "plain", 0, [0.8])
+    with pytest.raises(SystemExit, match="another recipe"):
+        sweep.pending([30], ["plain"], [0], tmp_path, replace(sweep.RECIPE, lr=0.05))
+
+
+def test_collapses_and_paired_gain_within_a_depth(sweep, tmp_path):
+    for seed, (plain, online) in enumerate([(0.80, 0.82), (0.78, 0.81), (0.79, 0.80)]):
+        write_run(sweep, tmp_path, 30, "plain", seed, [0.5, 0.6, plain])
+        write_run(sweep, tmp_path, 30, "orepa_all", seed, [0.5, 0.45 if seed == 1 else 0.6, online])
+        write_run(sweep, tmp_path, 10, "plain", seed, [0.5, 0.6, 0.99])  # another depth: never paired with 30
+    summary = sweep.summarise(sweep.load_runs(tmp_path))
+    row = next(r for r in summary["rows"] if r["depth"] == 30 and r["variant"] == "orepa_all")
+    assert row["collapsed_epochs"] == {0: [], 1: [2], 2: []}  # 15 points below plain at epoch 2 of seed 1
+    assert row["vs_plain"]["diffs"] == pytest.approx([2.0, 3.0, 1.0])
+    assert row["vs_plain"]["verdict"] == "higher"
+    assert "s1: [2]" in sweep.markdown(summary)
