@@ -13,7 +13,6 @@ training starts (the same names, none missing or unexpected).
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ from helpers.mm_data import (
     CONFIG_DIR,
     DEEPFOREST_ENV,
     FASHION_SEG_ENV,
-    find_hook,
     load_config,
     load_deploy,
     make_recorder,
@@ -33,12 +31,12 @@ from helpers.mm_data import (
 
 from dyrep_fx import api, cli
 from dyrep_fx.mm.fold_checkpoint import build_model_from_config
-from dyrep_fx.mm.train import train_from_config
 
 pytest.importorskip("mmpretrain")
 pytestmark = pytest.mark.slow
 
 CLS_ITERS, CLS_INTERVAL = 4, 2
+CLS_CONFIG = str(CONFIG_DIR / "cpu/resnet18_fashion_cls_dyrep.py")
 CLS_ENV = "DYREP_FASHION_CLS"
 CKPT_ENV = "DYREP_CLS_CKPT"
 
@@ -49,46 +47,64 @@ def backbone_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def classifier(fashion_cls_root, tmp_path_factory):
-    """Step (a): ``dyrep-fx train resnet18_fashion_cls_dyrep.py`` (tiny: 4 iterations of 8 images, a DyRep step
-    every 2), through the command's own code path; returns the runner and its work dir."""
+def classifier(fashion_cls_root, tmp_path_factory) -> Path:
+    """Step (a): ``dyrep-fx train resnet18_fashion_cls_dyrep.py`` in a fresh process (tiny: 4 iterations of 8
+    images, a DyRep step every 2); returns its work dir."""
+    import subprocess
+    import sys
+
+    from helpers.launch import ROOT, clean_env
+
     work_dir = tmp_path_factory.mktemp("chain_cls")
-    root = str(fashion_cls_root)
-    options = {
-        "train_dataloader.dataset.data_root": root, "val_dataloader.dataset.data_root": root,
-        "test_dataloader.dataset.data_root": root, "train_dataloader.batch_size": 8,
-        "val_dataloader.batch_size": 16, "train_cfg.max_iters": CLS_ITERS, "train_cfg.val_interval": CLS_ITERS,
-        "default_hooks.checkpoint.interval": CLS_ITERS, "log_level": "WARNING",
-        "custom_hooks.0.interval": CLS_INTERVAL, "custom_hooks.0.until": None,
-        "experiment_name": f"chain_cls_{uuid.uuid4().hex[:8]}"}
-    runner = train_from_config(str(CONFIG_DIR / "cpu/resnet18_fashion_cls_dyrep.py"), work_dir=str(work_dir),
-                               cfg_options=options)
-    assert any(e["grown"] for e in find_hook(runner, "DyRepHook").controller.history)
-    assert api.blocks(runner.model.backbone)
-    return runner, work_dir
+    options = ["train_dataloader.batch_size=8", f"train_cfg.max_iters={CLS_ITERS}",
+               f"train_cfg.val_interval={CLS_ITERS}", f"default_hooks.checkpoint.interval={CLS_ITERS}",
+               f"custom_hooks.0.interval={CLS_INTERVAL}", "custom_hooks.0.until=None", "log_level=WARNING"]
+    proc = subprocess.run([sys.executable, "-m", "dyrep_fx.cli", "train", CLS_CONFIG, "--work-dir", str(work_dir),
+                           "--cfg-options", *options], cwd=ROOT, env={**clean_env(), CLS_ENV: str(fashion_cls_root)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"finished at iteration {CLS_ITERS}" in proc.stdout
+    return work_dir
 
 
 @pytest.fixture(scope="module")
 def folded(classifier, tmp_path_factory) -> Path:
     """Step (b): ``dyrep-fx fold resnet18_fashion_cls_dyrep.py iter_4.pth -o cls_deploy.pth``."""
-    _, work_dir = classifier
     out = tmp_path_factory.mktemp("chain_fold") / "cls_deploy.pth"
-    config = str(CONFIG_DIR / "cpu/resnet18_fashion_cls_dyrep.py")
-    assert cli.main(["fold", config, str(work_dir / f"iter_{CLS_ITERS}.pth"), "-o", str(out)]) == 0
+    assert cli.main(["fold", CLS_CONFIG, str(classifier / f"iter_{CLS_ITERS}.pth"), "-o", str(out)]) == 0
     return out
 
 
+def val_batch(cfg, count: int = 16) -> dict:
+    """``count`` validation items through the config's own test pipeline (mmpretrain's CustomDataset)."""
+    from mmengine.dataset import pseudo_collate
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import DATASETS
+
+    init_default_scope("mmpretrain")
+    dataset = DATASETS.build(cfg.val_dataloader.dataset)
+    return pseudo_collate([dataset[i] for i in range(count)])
+
+
 def test_b_fold_gives_the_plain_classifier(classifier, folded, fashion_cls_root):
-    runner, work_dir = classifier
+    """The command's file is the hook's deploy file bit for bit; it loads strictly into the config without the
+    hook and computes what the grown classifier of the checkpoint computes (its structure restored)."""
     deploy = load_deploy(folded)
-    hook_deploy = load_deploy(work_dir / "dyrep_deploy.pth")
+    hook_deploy = load_deploy(classifier / "dyrep_deploy.pth")
     assert list(deploy) == list(hook_deploy)
     for key, value in hook_deploy.items():
         torch.testing.assert_close(deploy[key], value, rtol=0, atol=0, msg=key)
-    plain = build_model_from_config(load_config("cpu/resnet18_fashion_cls.py", **{CLS_ENV: str(fashion_cls_root)}))
+    env = {CLS_ENV: str(fashion_cls_root)}
+    plain = build_model_from_config(load_config("cpu/resnet18_fashion_cls.py", **env))
     plain.load_state_dict(deploy, strict=True)
-    batch = next(iter(runner.val_dataloader))
-    (ref,), (got,) = tensor_outputs(runner.model, batch), tensor_outputs(plain, batch)
+    cfg = load_config("cpu/resnet18_fashion_cls_dyrep.py", **env)
+    ckpt = torch.load(classifier / f"iter_{CLS_ITERS}.pth", map_location="cpu", weights_only=False)
+    assert ckpt["dyrep_fx"]["structures"]["backbone"]["sites"], "nothing grew in step (a)"
+    grown = build_model_from_config(cfg)
+    api.restore(grown.backbone, ckpt["dyrep_fx"]["structures"]["backbone"])
+    grown.load_state_dict(ckpt["state_dict"], strict=True)
+    batch = val_batch(cfg)
+    (ref,), (got,) = tensor_outputs(grown, batch), tensor_outputs(plain, batch)
     assert ref.shape == (16, 10)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
 
