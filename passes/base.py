@@ -1,7 +1,8 @@
-"""The contract shared by every pass: a report out, and module surgery that can be undone."""
+"""The contract shared by every pass: a report out, and module surgery that can be undone (:class:`Transaction`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,48 +62,85 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 class Transaction:
-    """Records module replacements and parameter values so that a failed pass can undo them."""
+    """Undo records for module surgery: module replacements, module trees and tensor values, and any
+    other state a caller registers (an optimizer's groups, a policy's records).
+
+    Use it as a context manager: leaving the block with an exception rolls every recorded change back, in
+    reverse order, and re-raises; leaving it normally keeps the changes.
+
+        with Transaction(model) as txn:
+            txn.save(block)
+            block.cut(kinds)
+
+    Changes of another model (an EMA copy) join the same all-or-nothing unit through :meth:`child`.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._modules: list[tuple[str, nn.Module]] = []
-        self._tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._dicts: list[tuple[nn.Module, dict, dict, dict]] = []
+        # One stack, undone last-first: a replacement and the saves around it undo in the right order.
+        self._undo: list[Callable[[], None]] = []
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        if exc_type is not None:
+            self.rollback()  # a rollback failure is raised with the original error as its context
+        return False
 
     def replace(self, name: str, module: nn.Module) -> None:
         """Replace the module at ``name``, remembering the old one (only once the replacement took)."""
         old = get_module(self.model, name)
         set_module(self.model, name, module)
-        self._modules.append((name, old))
+        self.record_replacement(name, old)
 
     def record_replacement(self, name: str, old: nn.Module) -> None:
         """Note that the module at ``name`` was replaced by other code; rollback puts ``old`` back."""
-        self._modules.append((name, old))
+        self._undo.append(lambda: set_module(self.model, name, old))
 
     def save(self, module: nn.Module) -> None:
         """Remember ``module``'s tree (which parameters, buffers, children) and every tensor's value."""
-        for m in module.modules():
-            self._dicts.append((m, dict(m._parameters), dict(m._buffers), dict(m._modules)))
-        for t in list(module.parameters()) + list(module.buffers()):
-            self._tensors.append((t, t.detach().clone()))
+        trees = [(m, dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in module.modules()]
+        values = [(t, t.detach().clone()) for t in list(module.parameters()) + list(module.buffers())]
+        self._undo.append(lambda: _put_back(trees, values))
+
+    def on_rollback(self, undo: Callable[[], None]) -> None:
+        """Run ``undo`` if the transaction rolls back (in reverse order with every other record)."""
+        self._undo.append(undo)
+
+    def child(self, model: nn.Module) -> Transaction:
+        """A transaction over another model that rolls back with this one (e.g. an EMA copy's changes)."""
+        child = Transaction(model)
+        self.on_rollback(child.rollback)
+        return child
 
     @torch.no_grad()
     def rollback(self) -> None:
-        """Undo: old values back into saved tensors, old modules back at their names."""
-        for m, params, buffers, children in reversed(self._dicts):
-            m._parameters.clear()
-            m._parameters.update(params)
-            m._buffers.clear()
-            m._buffers.update(buffers)
-            m._modules.clear()
-            m._modules.update(children)
-        for t, value in reversed(self._tensors):
-            t.copy_(value)
+        """Undo every record, last first; the records are then spent (a second rollback does nothing).
+
+        Every record is undone even when one fails; the failures are then raised together.
+        """
         errors = []
-        for name, module in reversed(self._modules):
+        while self._undo:
+            undo = self._undo.pop()
             try:
-                set_module(self.model, name, module)
+                undo()
             except Exception as exc:  # keep restoring the others, then report
-                errors.append(f"{name}: {exc}")
+                errors.append(str(exc))
         if errors:
-            raise PassError("could not put back every module: " + "; ".join(errors))
+            raise PassError("could not undo every change: " + "; ".join(errors))
+
+
+@torch.no_grad()
+def _put_back(trees: list[tuple[nn.Module, dict, dict, dict]],
+              values: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Each module's saved parameters, buffers and children, then each tensor's saved value."""
+    for m, params, buffers, children in trees:
+        m._parameters.clear()
+        m._parameters.update(params)
+        m._buffers.clear()
+        m._buffers.update(buffers)
+        m._modules.clear()
+        m._modules.update(children)
+    for t, value in values:
+        t.copy_(value)
