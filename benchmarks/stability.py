@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import copy
 import json
 import logging
 import multiprocessing
@@ -37,6 +38,7 @@ from common import write_json  # noqa: E402
 from depth_sweep import RECIPE, recipe_for  # noqa: E402
 
 from dyrep_fx.block import RepConv2d  # noqa: E402
+from dyrep_fx.data import fashion_mnist_loaders  # noqa: E402
 from dyrep_fx.demo import run_variant  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stability"
@@ -63,12 +65,21 @@ def top_sites(model: nn.Module) -> dict[str, nn.Module]:
 
 
 class Probe:
-    """The observer :func:`dyrep_fx.demo.run_variant` calls after every optimizer step."""
+    """The observer :func:`dyrep_fx.demo.run_variant` calls after every optimizer step.
 
-    def __init__(self, stop_after: int | None) -> None:
+    Every ``eval_every`` steps it also measures the eval-mode gap: test accuracy with the BatchNorms'
+    running statistics against the same weights with statistics recomputed on training batches
+    (``recalibrated``). A gap means the running averages lag behind the weights, not that the weights
+    are bad.
+    """
+
+    def __init__(self, stop_after: int | None, eval_every: int = 50, loaders: tuple | None = None) -> None:
         self.stop_after = stop_after
+        self.eval_every = eval_every
+        self.loaders = loaders
         self.previous: dict[str, torch.Tensor] = {}
         self.steps: list[dict[str, Any]] = []
+        self.evals: list[dict[str, Any]] = []
 
     def __call__(self, model: nn.Module, iteration: int, loss: float) -> None:
         with torch.no_grad():
@@ -84,8 +95,38 @@ class Probe:
                     record.setdefault("main_scale", {})[name] = _sig(m.main_scale.abs().mean())
                     record.setdefault("share", {})[name] = {k: _sig(v) for k, v in m.importance().items()}
         self.steps.append(record)
+        if self.loaders is not None and iteration % self.eval_every == 0:
+            self.evals.append({"it": iteration, **eval_gap(model, *self.loaders)})
         if self.stop_after is not None and iteration >= self.stop_after:
             raise _Enough
+
+
+@torch.no_grad()
+def eval_gap(model: nn.Module, train_loader, test_loader, batches: int = 10, calib: int = 20) -> dict[str, float]:
+    """Test accuracy on ``batches`` test batches with the running BatchNorm statistics and with statistics
+    recomputed (plain averages) over ``calib`` training batches; ``model`` is left as it was."""
+    def accuracy(m: nn.Module) -> float:
+        m.eval()
+        hits = seen = 0
+        for i, (x, y) in enumerate(test_loader):
+            if i >= batches:
+                break
+            hits += int((m(x).argmax(1) == y).sum())
+            seen += len(y)
+        return hits / seen
+
+    running = accuracy(copy.deepcopy(model))
+    recal = copy.deepcopy(model)
+    for m in recal.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the calibration batches
+    recal.train()
+    for i, (x, _) in enumerate(train_loader):
+        if i >= calib:
+            break
+        recal(x)
+    return {"running": running, "recalibrated": accuracy(recal)}
 
 
 class _EpochAccuracies(logging.Handler):
@@ -109,7 +150,9 @@ def probe_one(depth: int, variant: str, seed: int, epochs_run: int, out: Path) -
     recipe = replace(recipe_for(depth), seed=seed)
     steps_per_epoch = -(-recipe.train_limit // recipe.batch_size)
     # (stop at the first step after the last epoch wanted: that epoch's test accuracy is then logged)
-    probe = Probe(stop_after=epochs_run * steps_per_epoch + 1 if epochs_run < recipe.epochs else None)
+    loaders = fashion_mnist_loaders(recipe.batch_size, recipe.train_limit, None, seed=seed + 1)
+    probe = Probe(stop_after=epochs_run * steps_per_epoch + 1 if epochs_run < recipe.epochs else None,
+                  loaders=loaders)
     accs = _EpochAccuracies()
     logging.getLogger("dyrep_fx.demo").addHandler(accs)
     logging.getLogger("dyrep_fx.demo").setLevel(logging.INFO)
@@ -119,7 +162,7 @@ def probe_one(depth: int, variant: str, seed: int, epochs_run: int, out: Path) -
         pass
     path = out / f"depth{depth}_{variant}_seed{seed}.json"
     write_json(path, {"depth": depth, "variant": variant, "seed": seed, "epochs_run": epochs_run,
-                      "test_acc_per_epoch": accs.values, "steps": probe.steps})
+                      "test_acc_per_epoch": accs.values, "evals": probe.evals, "steps": probe.steps})
     return path
 
 
@@ -151,7 +194,7 @@ def paired_ratio(mine: list[dict[str, Any]], plain: list[dict[str, Any]], start:
 def report(root: Path) -> str:
     """A table per tag: effective step size against plain's, loss spikes, accuracy per epoch."""
     lines = ["| tag | run | rel. kernel change / plain's (steps 0-100, 100-500, 500+) | loss spikes (>2x) "
-             "| test acc per epoch |", "|---|---|---|---|---|"]
+             "| eval gap: recalibrated - running acc, mean (max) | test acc per epoch |", "|---|---|---|---|---|---|"]
     for tag_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         probes = {p.stem: json.loads(p.read_text()) for p in sorted(tag_dir.glob("*.json"))}
         for stem, run in probes.items():
@@ -160,7 +203,9 @@ def report(root: Path) -> str:
                 f"{paired_ratio(run['steps'], plain['steps'], a, b):.2f}" for a, b in ((0, 100), (100, 500), (500, 10**9)))
             spikes = loss_spikes(run["steps"])
             accs = ", ".join(f"{100 * a:.0f}" for a in run["test_acc_per_epoch"])
-            lines.append(f"| {tag_dir.name} | {stem} | {ratios} | {len(spikes)} {spikes[:5]} | {accs} |")
+            gaps = [100 * (e["recalibrated"] - e["running"]) for e in run.get("evals", [])]
+            gap = f"{statistics.fmean(gaps):.1f} ({max(gaps):.1f})" if gaps else ""
+            lines.append(f"| {tag_dir.name} | {stem} | {ratios} | {len(spikes)} {spikes[:5]} | {gap} | {accs} |")
     return "\n".join(lines)
 
 

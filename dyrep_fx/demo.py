@@ -20,6 +20,7 @@ branches, online, from the start).
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import json
 import logging
 import multiprocessing
@@ -164,6 +165,37 @@ def _accuracy(model: nn.Module, loader) -> float:
     return correct / total
 
 
+@torch.no_grad()
+def eval_gap(model: nn.Module, train_loader, test_loader, calib_batches: int = 20,
+             test_batches: int = 16) -> dict[str, float]:
+    """Accuracy on the first ``test_batches`` test batches with the BatchNorms' running statistics
+    (``running``) and with statistics recomputed as plain averages over ``calib_batches`` training batches
+    (``recalibrated``), on a copy. The difference is how far the running averages lag behind the weights:
+    an eval-mode effect, not a worse trained function."""
+    def accuracy(m: nn.Module) -> float:
+        m.eval()
+        hits = seen = 0
+        for i, (x, y) in enumerate(test_loader):
+            if i >= test_batches:
+                break
+            hits += int((m(x).argmax(1) == y).sum())
+            seen += len(y)
+        return hits / seen
+
+    twin = copy.deepcopy(model)
+    running = accuracy(twin)
+    for m in twin.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    twin.train()
+    for i, (x, _) in enumerate(train_loader):
+        if i >= calib_batches:
+            break
+        twin(x)
+    return {"running": running, "recalibrated": accuracy(twin)}
+
+
 def _progress(iterable, enabled: bool, desc: str, total: int):
     if not enabled:
         return iterable
@@ -247,7 +279,8 @@ def run_variant(variant: str, config: DemoConfig,
         foreign = None if busy is None or busy_start is None else max(0.0, busy - busy_start - cpu_seconds)
         epochs.append({"epoch": epoch + 1, "train_loss": running / steps_per_epoch, "seconds": seconds,
                        "cpu_seconds": cpu_seconds, "foreign_cpu_seconds": foreign,
-                       "test_acc": _accuracy(model, test_loader)})
+                       "test_acc": _accuracy(model, test_loader),
+                       "eval_gap": eval_gap(model, train_loader, test_loader)})
         log.info("%s epoch %d: loss %.4f, test acc %.4f, %.1f s (CPU %.1f s)", variant, epoch + 1,
                  epochs[-1]["train_loss"], epochs[-1]["test_acc"], seconds, cpu_seconds)
     trained_params = _param_count(model)
