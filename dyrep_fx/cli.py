@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     fold = sub.add_parser("fold", help="fold a DyRepHook training checkpoint into the config's plain model")
-    fold.add_argument("config", help="the mmdet/mmseg config the checkpoint was trained with")
+    fold.add_argument("config", help="the mmdet / mmseg / mmpretrain config the checkpoint was trained with")
     fold.add_argument("checkpoint")
     fold.add_argument("-o", "--out", required=True, help="where to write the folded checkpoint")
     fold.add_argument("--ema", action="store_true", help="fold the EMA weights of the checkpoint")
