@@ -1,23 +1,18 @@
 """``DyRep``: the training controller that grows and prunes a transformed model during training.
 
 Per interval (epochs or iterations, the caller's unit) it scores the growth candidates from the
-optimizer's gradients (:mod:`dyrep_fx.saliency`); when a step is due it grows the most salient candidates
-(Rep), cuts unimportant branches everywhere (Dep), calibrates new BatchNorms in dbb mode, keeps the
-optimizer (and any attached EMA copies) consistent, and records every decision with its numbers
-(``history``: candidate scores, branch importances and their spread, why a block kept its branches).
+optimizer's gradients (:mod:`dyrep_fx.saliency`). When a step is due it first *decides*
+(:meth:`DyRep.decide`: a frozen :class:`~dyrep_fx.step_plan.StepPlan` of what grows with which kinds and
+what is cut, with the scores and verdicts behind it), then *applies* the plan (:meth:`DyRep.apply`: the
+model, its EMA copies and the optimizer, once each, as one transaction) and records it in ``history``.
 
-Which convs are candidates (each a stated choice with a parity setting):
-
-* kernel size: convs with a kernel larger than 1x1 (the reference's rule); ``pointwise=True`` adds 1x1 convs.
-* nesting: the inner kxk conv of a grown ``1x1_kxk`` branch can grow in turn. By default
-  (``nested="gated"``) it is a candidate only once its branch has trained a whole interval and its
-  importance rose above the value it had when grown: a fresh branch's inner conv has a tiny share of its
-  block's kernel, and growing it spends a step on structure that stays inert. ``"open"`` offers it at once
-  (the reference), ``"off"`` never.
-* the main kernel of a grown block is not a candidate (the reference offers it, nesting a second block
-  there): in online mode that second block's branches are linear in the same window as the first
-  block's, so they add no function the block cannot already express; re-growing a block's own
-  branches after a cut would undo the cut.
+What is decided comes from three policies (:mod:`dyrep_fx.policies`), each replaceable: the scorer
+(``metric``), the candidate rule (``candidates``; by default :class:`~dyrep_fx.policies.DyRepCandidates`:
+kernels larger than 1x1 and the nesting gate) and the cut criterion (``criterion``; by default
+:class:`~dyrep_fx.passes.dep.DepCriterion`). The main kernel of a grown block is never a candidate (the
+reference offers it, nesting a second block there): in online mode that second block's branches are
+linear in the same window as the first block's, so they add no function the block cannot already
+express; re-growing a block's own branches after a cut would undo the cut.
 
     ctl = dyrep_fx.DyRep(model, optimizer, interval=5, until=100, calib_loader=train_loader)
     for epoch in range(epochs):
@@ -28,9 +23,11 @@ Which convs are candidates (each a stated choice with a parity setting):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,17 +41,18 @@ from .defaults import INIT_SCALE, STD_GATE, THRESHOLD
 from .distributed import broadcast_module, check_same_on_all_ranks
 from .geometry import DYREP_KINDS
 from .handle import Handle
-from .optim_sync import GroupChooser, apply_layout, default_group, layout, sync_optimizer
+from .optim_sync import GroupChooser, apply_layout, default_group, layout, restore_point, sync_optimizer
+from .passes.analysis import Site
 from .passes.base import PassError, Transaction
-from .passes.dep import DepCriterion
+from .passes.dep import CutCriterion, DepCriterion
 from .passes.rep import check_kind_names
+from .policies import NESTED_POLICIES, CandidateRule, DyRepCandidates, as_candidate_rule, check_cut_criterion
 from .saliency import DEFAULT_METRIC, SaliencyCollector, Scorer, metric_name
+from .step_plan import StepPlan
 
-__all__ = ["DyRep", "StepResult", "DYREP_KINDS", "NESTED_POLICIES"]
+__all__ = ["DyRep", "StepResult", "StepPlan", "DYREP_KINDS", "NESTED_POLICIES"]
 
 
-#: How inner kxk convs of grown branches become candidates (see the module docstring).
-NESTED_POLICIES: tuple[str, ...] = ("gated", "open", "off")
 #: Candidate scores kept per step in ``history`` (the best first).
 TOP_SCORES = 5
 
@@ -63,7 +61,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StepResult:
-    """What one call of :meth:`DyRep.step` did."""
+    """What one call of :meth:`DyRep.step` (or :meth:`DyRep.apply`) did.
+
+    ``grown`` and ``cut`` are what changed (``{site: kinds}``); ``saliency`` and ``verdicts`` are the
+    plan's scores and verdicts; ``plan`` is the plan itself (``None`` when no step was due).
+    """
 
     unit: int
     due: bool
@@ -72,6 +74,7 @@ class StepResult:
     saliency: dict[str, float] = field(default_factory=dict)
     verdicts: dict[str, dict[str, Any]] = field(default_factory=dict)
     calibrated_batches: int = 0
+    plan: StepPlan | None = None
 
     @property
     def changed(self) -> bool:
@@ -101,6 +104,26 @@ def _refuse_foreign_optimizer(optimizer: torch.optim.Optimizer, roots: dict[str,
             "torch.optim.SGD(model.parameters(), ...)), not from another instance or a copy")
 
 
+def _candidate_rule(candidates: CandidateRule | Callable | None, nested: str, pointwise: bool) -> CandidateRule:
+    """The user's rule, or DyRep's with ``nested`` and ``pointwise`` (which a user rule replaces)."""
+    if candidates is None:
+        return DyRepCandidates(pointwise=pointwise, nested=nested)
+    if nested != "gated" or pointwise:
+        raise ValueError("nested and pointwise configure the default candidate rule; with candidates=... "
+                         "the rule you pass decides (give it those settings instead)")
+    return as_candidate_rule(candidates)
+
+
+def _cut_criterion(criterion: CutCriterion | None, std_gate: float, threshold: float) -> CutCriterion:
+    """The user's criterion, or DyRep's Dep criterion with ``std_gate`` and ``threshold``."""
+    if criterion is None:
+        return DepCriterion(std_gate, threshold)
+    if std_gate != STD_GATE or threshold != THRESHOLD:
+        raise ValueError("std_gate and threshold configure the default cut criterion; with criterion=... "
+                         "the criterion you pass decides (give it those settings instead)")
+    return check_cut_criterion(criterion)
+
+
 class DyRep:
     """Dynamic re-parameterization during training (DyRep, CVPR 2022) for a transformed model.
 
@@ -113,12 +136,16 @@ class DyRep:
         until: no growth or cut after this many calls (paper: 100 of 120 epochs); ``None`` = never stop.
         topk: sites grown per step (paper: 1).
         kinds: branch kinds to grow where they apply (default: DyRep's set; ``None``: every kind).
-        metric: how candidates are scored: ``"snip"`` (default), ``"synflow"`` (the reference's default),
-            ``"grad_norm"``, ``"random"``, or a callable ``(weight, grad) -> tensor``
-            (see :mod:`dyrep_fx.saliency`).
+        metric: the scorer: ``"snip"`` (default), ``"synflow"`` (the reference's default), ``"grad_norm"``,
+            ``"random"``, or a callable ``(weight, grad) -> tensor`` (see :mod:`dyrep_fx.saliency`).
+        candidates: the candidate rule, a :class:`~dyrep_fx.policies.CandidateRule` or a function
+            ``(site, model) -> bool`` (see :mod:`dyrep_fx.policies`); default DyRep's, set by ``nested``
+            and ``pointwise``.
         nested: ``"gated"``, ``"open"`` or ``"off"``: when inner kxk convs of grown branches are candidates.
         pointwise: whether 1x1 convs are candidates (the reference: no).
-        std_gate, threshold: the Dep criterion (see :class:`dyrep_fx.passes.dep.DepCriterion`).
+        criterion: the cut criterion, any object with ``judge(importance) -> Verdict``
+            (:class:`~dyrep_fx.passes.dep.CutCriterion`); default the Dep criterion set by ``std_gate``
+            and ``threshold`` (see :class:`~dyrep_fx.passes.dep.DepCriterion`).
         calib_loader, calib_batches, forward_fn: dbb-mode BatchNorm calibration data (paper: 20 batches).
         group_chooser: which optimizer group a new Parameter joins (see :mod:`dyrep_fx.optim_sync`).
         seed: seeds branch initialisation per step, so runs and resumes are reproducible.
@@ -139,8 +166,10 @@ class DyRep:
         topk: int = 1,
         kinds: Iterable[str] | None = DYREP_KINDS,
         metric: str | Scorer = DEFAULT_METRIC,
+        candidates: CandidateRule | Callable[[Site, nn.Module], bool] | None = None,
         nested: str = "gated",
         pointwise: bool = False,
+        criterion: CutCriterion | None = None,
         std_gate: float = STD_GATE,
         threshold: float = THRESHOLD,
         calib_loader: Iterable | None = None,
@@ -156,9 +185,11 @@ class DyRep:
     ) -> None:
         if interval < 1:
             raise ValueError("interval must be >= 1")
-        if nested not in NESTED_POLICIES:
-            raise ValueError(f"nested must be one of {NESTED_POLICIES}, got {nested!r}")
         kinds = None if kinds is None else check_kind_names(kinds)
+        #: Which growable sites are offered (:mod:`dyrep_fx.policies`).
+        self.candidate_rule = _candidate_rule(candidates, nested, pointwise)
+        #: Which branches of a block are cut.
+        self.criterion = _cut_criterion(criterion, std_gate, threshold)
         self.model = _unwrap(model)
         roots = {prefix: self.model.get_submodule(prefix) if prefix else self.model
                  for prefix in ([""] if targets is None else list(targets))}
@@ -176,25 +207,23 @@ class DyRep:
         if len(modes) != 1:
             raise ValueError(f"targets were transformed in different modes: {sorted(modes)}")
         self.mode = modes.pop()
-        self._warn_missing_weights(optimizer)
+        sites = self.sites()
+        self._warn_missing_weights(optimizer, sites)
         self.optimizer = optimizer
         self.interval, self.until, self.topk = interval, until, topk
         self.kinds = kinds
-        self.nested, self.pointwise = nested, pointwise
-        self.criterion = DepCriterion(std_gate, threshold)
         self.calib_loader, self.calib_batches, self.forward_fn = calib_loader, calib_batches, forward_fn
         self.group_chooser = group_chooser
         self.seed = seed
         self.units = 0
         self.steps_done = 0
+        #: One entry per applied plan: its unit, step, what grew and was cut, the top scores and verdicts.
         self.history: list[dict[str, Any]] = []
-        #: ``{block: {"step": n, "importance": {kind: value}}}`` at growth, for the nesting gate.
-        self.births: dict[str, dict[str, Any]] = {}
         self._emas: list[nn.Module] = []
         self.saliency = SaliencyCollector(optimizer, metric, seed=seed)
-        self._watch()
+        self._watch(self._candidates(sites))
 
-    def _warn_missing_weights(self, optimizer: torch.optim.Optimizer) -> None:
+    def _warn_missing_weights(self, optimizer: torch.optim.Optimizer, sites: list[Site]) -> None:
         """Warn when the optimizer lacks some growable convs' weights.
 
         Only a warning: training part of a network with this optimizer is legitimate, but such a conv's
@@ -202,7 +231,7 @@ class DyRep:
         train while its own kernel does not.
         """
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [s.name for s in self.sites()
+        missing = [s.name for s in sites
                    if s.eligible and id(self.model.get_submodule(s.name).weight) not in held]
         if missing:
             log.warning("DyRep: the optimizer lacks the weights of %d growable conv(s) %s; they are still "
@@ -210,7 +239,12 @@ class DyRep:
                         "or freeze them (requires_grad=False) to keep them out of DyRep",
                         len(missing), missing[:5])
 
-    # -- what can grow -------------------------------------------------------------------------
+    @property
+    def births(self) -> dict[str, dict[str, Any]]:
+        """The default candidate rule's birth records (``{}`` for a rule that keeps none)."""
+        return getattr(self.candidate_rule, "births", {})
+
+    # -- the analysis: what can grow ---------------------------------------------------------------
     @staticmethod
     def _join(prefix: str, name: str) -> str:
         return f"{prefix}.{name}" if prefix else name
@@ -224,8 +258,8 @@ class DyRep:
                 return prefix, self.targets[prefix], name[len(prefix) + 1:]
         raise KeyError(f"{name!r} is in none of the targets {list(self.targets)}")
 
-    def sites(self) -> list[Any]:
-        """Every site of every target, with names relative to the model."""
+    def sites(self) -> list[Site]:
+        """Every site of every target, with names relative to the model (one analysis of each target)."""
         found = []
         for prefix, target in self.targets.items():
             for site in target.sites():
@@ -234,42 +268,23 @@ class DyRep:
         return found
 
     def candidates(self) -> list[str]:
-        """Sites offered for growth now (see the module docstring for the rules).
+        """Sites offered for growth now: growable ones the candidate rule offers.
 
         As in DyRep, a grown block does not regrow branches it lost (they were cut for a reason); it
         grows further through its inner kxk conv. A block whose branches were all cut is a conv again.
         """
-        return [s.name for s in self.sites() if self._growable(s) and self._offered(s)]
+        return self._candidates(self.sites())
 
-    def _growable(self, site) -> bool:
-        """Structurally able to grow one of the controller's kinds."""
+    def _candidates(self, sites: list[Site]) -> list[str]:
+        return [s.name for s in sites if self._growable(s) and self.candidate_rule.offers(s, self.model)]
+
+    def _growable(self, site: Site) -> bool:
+        """Structurally able to grow one of the controller's kinds (no policy: the rule narrows this)."""
         return (site.eligible and bool(site.kinds) and not site.grown and
                 (self.kinds is None or any(k in site.kinds for k in self.kinds)))
 
-    def _offered(self, site) -> bool:
-        """The candidate policy: kernel size and the nesting gate."""
-        if not self.pointwise and all(k == 1 for k in site.kernel_size):
-            return False
-        if site.depth == 0 or self.nested == "open":
-            return True
-        return self.nested == "gated" and self._parent_branch_grew(site.name)
-
-    def _parent_branch_grew(self, name: str) -> bool:
-        """Whether the branch holding inner conv ``name`` gained importance since its block grew.
-
-        Blocks grown outside this controller (no birth record) are not gated.
-        """
-        parent, _, rest = name.rpartition(".branches.")
-        kind = rest.split(".")[0]
-        birth = self.births.get(parent)
-        if birth is None or kind not in birth["importance"]:
-            return True
-        now = self.model.get_submodule(parent).importance().get(kind, 0.0)
-        return now > birth["importance"][kind]
-
-    def _watch(self, names: list[str] | None = None) -> None:
-        """Score ``names`` (default: the current candidates) over the next interval."""
-        names = self.candidates() if names is None else names
+    def _watch(self, names: list[str]) -> None:
+        """Score ``names`` over the next interval."""
         self.saliency.watch([(name, self.model.get_submodule(name).weight) for name in names])
 
     def is_due(self) -> bool:
@@ -277,96 +292,149 @@ class DyRep:
         unit = self.units + 1
         return unit % self.interval == 0 and (self.until is None or unit <= self.until)
 
-    # -- the step --------------------------------------------------------------------------------
+    # -- the step: decide, then apply ------------------------------------------------------------------
     def step(self) -> StepResult:
-        """Call once per unit (epoch or N iterations). When due: grow, cut, calibrate, sync.
+        """Call once per unit (epoch or N iterations). When due: :meth:`decide`, then :meth:`apply`.
 
-        Both decisions (what grows, what is cut) are taken first and checked to be the same on every
-        rank; if they differ, it raises on every rank before anything changes (the unit count included).
+        The plan is checked to be the same on every rank before anything changes; if it differs, or if
+        applying it fails, every rank raises and the model, its EMA copies, the optimizer and the unit
+        count are as they were.
         """
-        due = self.is_due()
-        result = StepResult(unit=self.units + 1, due=due)
-        if not due:
+        if not self.is_due():
             self.units += 1
-            return result
-        result.saliency = self.saliency.mean(self.steps_done)
-        targets = self._choose(result.saliency)
-        cuts = self._plan_cuts(result)
-        check_same_on_all_ranks({"grow": targets, "cut": {self._join(prefix, local): kinds
-                                                          for prefix, plan in cuts.items()
-                                                          for local, kinds in plan.items()}},
-                                "the DyRep step decision")
+            return StepResult(unit=self.units, due=False)
+        result = self.apply(self.decide())
         self.units += 1
-        before = {id(p) for p in self.model.parameters()}
-        source_weights: dict[str, nn.Parameter] = {}
-        grown_blocks: dict[str, RepConv2d] = {}
-        new_branches: dict[str, list[nn.Module]] = {}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._step_seed())
-            for name in targets:
-                source_weights[name] = self.model.get_submodule(name).weight
-                _, target, local = self._split(name)
-                report = target.grow([local], self._kinds_for(name))
-                if report.changed:
-                    result.grown[name] = list(report.changed[local])
-                    grown_blocks[name] = self.model.get_submodule(name)
-                    new_branches[name] = report.details["new_modules"][local]
-        for block in grown_blocks.values():
-            broadcast_module(block)
-        result.calibrated_batches = self._calibrate(grown_blocks, new_branches)
-        for name, block in grown_blocks.items():
-            self.births[name] = {"step": self.steps_done, "importance": block.importance()}
-        self._sync_ema_growth(result.grown)
-        for prefix, target in self.targets.items():
-            cut_report = target.cut(cuts[prefix])
-            for local, what in cut_report.changed.items():
-                result.cut[self._join(prefix, local)] = list(what)
-        for name in result.cut:
-            if not self.model.get_submodule(name).grown:
-                self.births.pop(name, None)
-        for name in result.cut:
-            # A cut folds each rank's own BatchNorm statistics into the kernel: make the ranks agree.
-            broadcast_module(self.model.get_submodule(name))
-        self._sync_ema_cuts(result.cut)
-        self._sync_optimizer(before, source_weights)
-        self.steps_done += 1
-        self._record(result)
-        self._watch()
         return result
 
-    def _plan_cuts(self, result: StepResult) -> dict[str, dict[str, list[str]]]:
-        """``{target: {block: kinds}}`` the Dep criterion cuts, chosen before this step's growth.
+    def decide(self) -> StepPlan:
+        """The plan for the next step: the ``topk`` best-scored candidates to grow, and what the cut
+        criterion cuts from the blocks as they are now; changes nothing (one analysis of the model).
 
-        Every block's verdict (cuts, importance spread, reason) goes into ``result.verdicts``. Blocks
-        grown in this step are not blocks yet, so they are judged next time (their branches start
-        with equal scales); growing a block's inner kxk conv leaves the importances of the block's
-        branches as they are.
+        Blocks grown by the plan are judged at the next step (their branches start with equal scales);
+        growing a block's inner kxk conv leaves the importances of the block's branches as they are.
         """
-        cuts: dict[str, dict[str, list[str]]] = {}
+        scores = self.saliency.mean(self.steps_done)
+        verdicts = self._judge_blocks()
+        return StepPlan(unit=self.units + 1, step=self.steps_done, seed=self._step_seed(),
+                        grow=self._choose_growth(scores, self.sites()),
+                        cut={name: v["cut"] for name, v in verdicts.items() if v["cut"]},
+                        scores=scores, verdicts=verdicts)
+
+    def _choose_growth(self, scores: dict[str, float], sites: list[Site]) -> dict[str, list[str]]:
+        """``{site: kinds}`` for the ``topk`` highest scores among the scored sites that can still grow
+        (ties: by name); the kinds are the controller's that the site takes."""
+        growable = {s.name: s for s in sites if self._growable(s)}
+        ranked = sorted(((v, n) for n, v in scores.items() if n in growable), key=lambda t: (-t[0], t[1]))
+        chosen = [n for _, n in ranked][: self.topk]
+        return {name: [k for k in (self.kinds or growable[name].kinds) if k in growable[name].kinds]
+                for name in chosen}
+
+    def _judge_blocks(self) -> dict[str, dict[str, Any]]:
+        """Every block's importances and the cut criterion's verdict on them, as plain data."""
+        verdicts = {}
         for prefix, target in self.targets.items():
-            verdicts = target.judge(self.criterion)
-            cuts[prefix] = {local: v.cut for local, v in verdicts.items() if v.cut}
-            for local, verdict in verdicts.items():
-                block = target.module.get_submodule(local)
-                result.verdicts[self._join(prefix, local)] = {"importance": block.importance(),
-                                                              **verdict.as_dict()}
-        return cuts
-
-    def _choose(self, saliency: dict[str, float]) -> list[str]:
-        """The ``topk`` highest scores among the watched sites that can still grow (ties: by name)."""
-        growable = {s.name for s in self.sites() if self._growable(s)}
-        ranked = sorted(((v, n) for n, v in saliency.items() if n in growable), key=lambda t: (-t[0], t[1]))
-        return [n for _, n in ranked][: self.topk]
-
-    def _kinds_for(self, name: str) -> list[str] | None:
-        if self.kinds is None:
-            return None
-        available = next(s.kinds for s in self.sites() if s.name == name)
-        return [k for k in self.kinds if k in available]
+            for local, block in target.blocks().items():
+                importance = block.importance()
+                verdict = self.criterion.judge(importance)
+                verdicts[self._join(prefix, local)] = {"importance": importance, "cut": list(verdict.cut),
+                                                       "std": float(verdict.std), "reason": str(verdict.reason)}
+        return verdicts
 
     def _step_seed(self) -> int:
         digest = hashlib.sha256(f"{self.seed}:{self.steps_done}".encode()).digest()
         return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+    def apply(self, plan: StepPlan) -> StepResult:
+        """Carry ``plan`` out on the model, its EMA copies and the optimizer, as one transaction.
+
+        Grows (seeded by the plan), calibrates new BatchNorms (dbb mode), cuts, makes every rank hold
+        rank 0's values of what changed, and syncs the optimizer; then records the plan in ``history``
+        and watches the new candidates. A plan of another step, or one the ranks disagree on, is refused
+        before anything changes; a failure midway puts everything back and re-raises. The unit count is
+        :meth:`step`'s: a plan applied by hand does not advance it.
+        """
+        if plan.step != self.steps_done:
+            raise ValueError(f"the plan was decided at step {plan.step}, this controller is at step "
+                             f"{self.steps_done}; decide again")
+        check_same_on_all_ranks(plan.decision(), "the DyRep step decision")
+        plain = plan.to_dict()
+        result = StepResult(unit=plan.unit, due=True, saliency=plain["scores"], verdicts=plain["verdicts"],
+                            plan=plan)
+        before = {id(p) for p in self.model.parameters()}
+        with self._transaction() as txn:
+            grown = self._grow(plan, txn, result)
+            self._grow_emas(result.grown, txn)
+            self._cut(plan, txn, result)
+            self._cut_emas(result.cut, txn)
+            self._sync_optimizer(before, {name: weight for name, (_, weight) in grown.items()})
+        self.steps_done += 1
+        self._record(plan, result)
+        self._watch(self.candidates())
+        return result
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Transaction]:
+        """One all-or-nothing unit over the model, the optimizer, the candidate rule's records and the
+        saliency interval; EMA copies join it through ``txn.child``."""
+        watched, interval = list(self.saliency.names), self.saliency.state_dict()
+        rule_state = copy.deepcopy(self.candidate_rule.state_dict())
+        with Transaction(self.model) as txn:
+            # Registered first, undone last: the watched weights are the restored model's.
+            txn.on_rollback(lambda: self._rewatch(watched, interval))
+            txn.on_rollback(lambda: self.candidate_rule.load_state_dict(rule_state))
+            txn.on_rollback(restore_point(self.optimizer))
+            yield txn
+
+    def _rewatch(self, names: list[str], interval: dict[str, Any]) -> None:
+        """Watch ``names`` again with the interval's saved sums (after a rollback)."""
+        self._watch(names)
+        self.saliency.load_state_dict(interval)
+
+    def _grow(self, plan: StepPlan, txn: Transaction,
+              result: StepResult) -> dict[str, tuple[RepConv2d, nn.Parameter]]:
+        """Grow ``plan.grow`` with the plan's seed, give every rank rank 0's values, calibrate, and tell
+        the candidate rule; ``{site: (block, the conv's weight it grew from)}``."""
+        grown: dict[str, tuple[RepConv2d, nn.Parameter]] = {}
+        new_branches: dict[str, list[nn.Module]] = {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(plan.seed)
+            for name, kinds in plan.grow.items():
+                original = self.model.get_submodule(name)
+                txn.save(original)
+                txn.record_replacement(name, original)  # before growing: a failure midway puts it back
+                _, target, local = self._split(name)
+                report = target.grow([local], list(kinds))
+                block = self.model.get_submodule(name)
+                if report.changed:
+                    result.grown[name] = list(report.changed[local])
+                    grown[name] = (block, original.weight)
+                    new_branches[name] = report.details["new_modules"][local]
+        for block, _ in grown.values():
+            broadcast_module(block)
+        result.calibrated_batches = self._calibrate({name: block for name, (block, _) in grown.items()},
+                                                    new_branches)
+        for name, (block, _) in grown.items():
+            self.candidate_rule.on_grown(name, block, plan.step)
+        return grown
+
+    def _cut(self, plan: StepPlan, txn: Transaction, result: StepResult) -> None:
+        """Cut ``plan.cut`` target by target (inner blocks first, in the pass), give every rank rank 0's
+        values of the cut blocks, and tell the candidate rule."""
+        by_target: dict[str, dict[str, list[str]]] = {}
+        for name, kinds in plan.cut.items():
+            prefix, _, local = self._split(name)
+            by_target.setdefault(prefix, {})[local] = list(kinds)
+            txn.save(self.model.get_submodule(name))
+        for prefix, cuts in by_target.items():
+            report = self.targets[prefix].cut(cuts)
+            for local, kinds in report.changed.items():
+                result.cut[self._join(prefix, local)] = list(kinds)
+        for name in result.cut:
+            block = self.model.get_submodule(name)
+            self.candidate_rule.on_cut(name, block)
+            # A cut folds each rank's own BatchNorm statistics into the kernel: make the ranks agree.
+            broadcast_module(block)
 
     def _calibrate(self, grown: dict[str, RepConv2d], new_branches: dict[str, list[nn.Module]]) -> int:
         """dbb mode: fit the new branches' BatchNorms on data, then re-balance so the function is unchanged.
@@ -375,41 +443,51 @@ class DyRep:
         """
         if self.mode != "dbb" or not grown or self.calib_loader is None:
             return 0
-        targets = {name: tuple(t.detach().clone() if t is not None else None for t in block.equivalent())
-                   for name, block in grown.items()}
+        functions = {name: tuple(t.detach().clone() if t is not None else None for t in block.equivalent())
+                     for name, block in grown.items()}
         bns = [m for branches in new_branches.values() for b in branches for m in b.modules()
                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         used = calibrate_batchnorms(self.model, bns, self.calib_loader, self.calib_batches, self.forward_fn)
         for name, block in grown.items():
-            block.rebalance(*targets[name])
+            block.rebalance(*functions[name])
         return used
 
-    def _sync_optimizer(self, before: set[int], source_weights: dict[str, nn.Parameter]) -> None:
-        new = []
-        for name, p in self.model.named_parameters():
-            if id(p) in before:
+    def _sync_optimizer(self, before: set[int], sources: dict[str, nn.Parameter]) -> None:
+        """Drop the optimizer's dead Parameters and add the new ones of the blocks at ``sources``
+        (``{site: the conv weight it grew from}``, which picks each new Parameter's group)."""
+        order = {id(p): i for i, p in enumerate(self.model.parameters())}
+        new: dict[int, tuple[str, nn.Parameter, nn.Parameter]] = {}
+        for site, weight in sources.items():
+            try:
+                block = self.model.get_submodule(site)
+            except AttributeError:  # inside a branch cut in the same step: its Parameters are gone
                 continue
-            site = max((s for s in source_weights if name.startswith(s + ".")), key=len, default=None)
-            new.append((name, p, source_weights.get(site) if site else None))
-        sync_optimizer(self.optimizer, self.model, new, self.group_chooser)
+            for name, p in block.named_parameters(prefix=site):
+                if id(p) in order and id(p) not in before:
+                    new.setdefault(id(p), (name, p, weight))
+        # In the model's order, as a fresh optimizer would hold them.
+        sync_optimizer(self.optimizer, self.model, sorted(new.values(), key=lambda t: order[id(t[1])]),
+                       self.group_chooser)
 
-    def _record(self, result: StepResult) -> None:
+    def _record(self, plan: StepPlan, result: StepResult) -> None:
+        """Append the plan and what it changed to ``history``, and log it."""
         counts = {name: len(b.kinds) for name, b in find_blocks(self.model).items()}
+        done = plan.step + 1  # history and log count the steps taken, this one included
         ranked = sorted(result.saliency.items(), key=lambda t: (-t[1], t[0]))[:TOP_SCORES]
-        event = {"unit": result.unit, "step": self.steps_done, "grown": result.grown, "cut": result.cut,
+        event = {"unit": plan.unit, "step": done, "grown": result.grown, "cut": result.cut,
                  "branches": counts, "scores": [[name, value] for name, value in ranked],
                  "candidates": len(result.saliency), "verdicts": result.verdicts}
         self.history.append(event)
-        log.info("DyRep step %d (unit %d): %s; %s; top %s scores: %s", self.steps_done, result.unit,
+        log.info("DyRep step %d (unit %d): %s; %s; top %s scores: %s", done, plan.unit,
                  _describe_changes(result.grown, "grew") or "grew nothing",
                  _describe_changes(result.cut, "cut") or "cut nothing", metric_name(self.saliency.metric),
                  ", ".join(f"{n} {v:.4g}" for n, v in ranked) or "no candidates")
         for name, verdict in result.verdicts.items():
             importance = ", ".join(f"{k} {v:.3g}" for k, v in verdict["importance"].items())
-            log.info("DyRep step %d: block %s importance {%s}, std %.3g: %s%s", self.steps_done, name,
+            log.info("DyRep step %d: block %s importance {%s}, std %.3g: %s%s", done, name,
                      importance, verdict["std"], "cut " if verdict["cut"] else "kept: ", verdict["reason"])
 
-    # -- EMA -------------------------------------------------------------------------------------
+    # -- EMA copies ------------------------------------------------------------------------------
     def attach_ema(self, ema_module: nn.Module) -> None:
         """Keep ``ema_module`` (e.g. ``AveragedModel(model).module``) in step with every change.
 
@@ -420,7 +498,8 @@ class DyRep:
         structures = {prefix: target.structure() for prefix, target in self.targets.items()}
         for prefix, twin in self._ema_targets(ema_module).items():
             twin.check_structure(structures[prefix])
-        self._restore_on(ema_module, structures)
+        with Transaction(ema_module) as txn:
+            self._restore_model(ema_module, structures, txn)
         self._emas.append(ema_module)
 
     def _ema_targets(self, ema: nn.Module) -> dict[str, Handle]:
@@ -433,17 +512,20 @@ class DyRep:
         return self._ema_targets(ema)[prefix], local
 
     @torch.no_grad()
-    def _sync_ema_growth(self, grown: dict[str, list[str]]) -> None:
+    def _grow_emas(self, grown: dict[str, list[str]], txn: Transaction) -> None:
         """Grow the same kinds in every EMA copy, starting from the live values; EMA function kept."""
         for ema in self._emas:
+            ema_txn = txn.child(ema)
             for name, kinds in grown.items():
                 live = self.model.get_submodule(name)
                 twin, local = self._ema_target(ema, name)
                 old = ema.get_submodule(name)
+                ema_txn.save(old)
+                ema_txn.record_replacement(name, old)
                 before = old.equivalent() if isinstance(old, RepConv2d) else (old.weight, old.bias)
                 before = tuple(None if t is None else t.detach().clone() for t in before)
                 # EMA copies are often frozen (mmengine's): grow them without the eligibility check.
-                twin.grow_entry(local, {"kinds": kinds})
+                twin.restore_block(local, {"kinds": kinds})
                 block = ema.get_submodule(name)
                 block.requires_grad_(old.weight.requires_grad)
                 for kind in kinds:
@@ -453,26 +535,37 @@ class DyRep:
                 block.rebalance(*before)
 
     @torch.no_grad()
-    def _sync_ema_cuts(self, cut: dict[str, list[str]]) -> None:
+    def _cut_emas(self, cut: dict[str, list[str]], txn: Transaction) -> None:
         """Cut the same branches in every EMA copy, absorbing the EMA's own averaged values."""
         for ema in self._emas:
+            ema_txn = txn.child(ema)
             for name in sorted(cut, key=lambda n: -n.count(".")):
                 twin, local = self._ema_target(ema, name)
+                ema_txn.save(ema.get_submodule(name))
                 twin.cut({local: cut[name]})
                 broadcast_module(ema.get_submodule(name))
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Plain data: the structure, counters, history, interval saliency and optimizer layout."""
+        """Plain data: the structure, counters, history (the applied plans), the candidate rule's records,
+        the interval saliency and the optimizer layout."""
         return {
             "structures": {prefix: target.structure() for prefix, target in self.targets.items()},
             "units": self.units,
             "steps_done": self.steps_done,
             "history": self.history,
-            "births": self.births,
+            "candidate_rule": self.candidate_rule.state_dict(),
             "saliency": self.saliency.state_dict(),
             "optimizer_layout": layout(self.optimizer, self.model),
         }
+
+    @staticmethod
+    def _candidate_rule_state(state: dict[str, Any]) -> dict[str, Any]:
+        """The candidate rule's saved records; a state saved before rules were pluggable kept the default
+        rule's birth records under ``"births"``."""
+        if "candidate_rule" in state:
+            return state["candidate_rule"]
+        return {"births": state.get("births", {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Rebuild the saved structure on this (fresh) model and restore counters and optimizer layout.
@@ -484,22 +577,14 @@ class DyRep:
         """
         structures = state["structures"]
         self._check_structures(structures)
-        undo = [self._restore_on(self.model, structures)]
-        groups = [(group, list(group["params"])) for group in self.optimizer.param_groups]
-        births = self.births
-        try:
+        with self._transaction() as txn:
+            self._restore_everywhere(structures, txn)
             apply_layout(self.optimizer, self.model, state["optimizer_layout"])
-            self._restore_on_emas(structures, undo)
-            self.births = dict(state.get("births", {}))
+            self.candidate_rule.load_state_dict(self._candidate_rule_state(state))
             # The watched set as saved: the nesting gate reads branch values not loaded yet.
             growable = {s.name for s in self.sites() if self._growable(s)}
             self._watch([n for n in state["saliency"]["names"] if n in growable])
             self.saliency.load_state_dict(state["saliency"])
-        except Exception:
-            self._undo(groups, undo)
-            self.births = births
-            self._watch()
-            raise
         self.units = state["units"]
         self.steps_done = state["steps_done"]
         self.history = list(state["history"])
@@ -511,7 +596,7 @@ class DyRep:
         The blocks are rebuilt on this (fresh) model and its EMA copies, so the checkpoint's grown weights
         load afterwards. What belonged to the run that saved the state is dropped: ``units`` and
         ``steps_done`` are 0 (the first step is due after ``interval`` units again), ``history`` and the
-        nesting gate's birth records are empty (the loaded blocks count as grown outside this controller),
+        candidate rule's records are empty (the loaded blocks count as grown outside this controller),
         and the interval saliency starts empty over the current candidates. The saved optimizer layout is
         ignored: the new Parameters join this optimizer's groups as grown ones do (``group_chooser``), so
         do not load the saved optimizer state after this call. A state that does not fit (other targets,
@@ -522,30 +607,26 @@ class DyRep:
         sources = {self._join(prefix, name): self.model.get_submodule(self._join(prefix, name)).weight
                    for prefix, spec in structures.items() for name in spec["sites"]}
         before = {id(p) for p in self.model.parameters()}
-        undo = [self._restore_on(self.model, structures)]
-        groups = [(group, list(group["params"])) for group in self.optimizer.param_groups]
-        try:
-            self._restore_on_emas(structures, undo)
+        with self._transaction() as txn:
+            self._restore_everywhere(structures, txn)
             self._sync_optimizer(before, sources)
-        except Exception:
-            self._undo(groups, undo)
-            raise
+            self.candidate_rule.reset()
+            self._watch(self.candidates())
         self.units = self.steps_done = 0
-        self.history, self.births = [], {}
-        self._watch()
+        self.history = []
 
-    def _restore_on_emas(self, structures: dict[str, dict[str, Any]], undo: list[Transaction]) -> None:
-        """Rebuild ``structures`` on every attached EMA copy too, each recorded in ``undo``."""
+    def _restore_everywhere(self, structures: dict[str, dict[str, Any]], txn: Transaction) -> None:
+        """Rebuild the checked ``structures`` on the live model and every attached EMA copy, in ``txn``."""
+        self._restore_model(self.model, structures, txn)
         for ema in self._emas:
-            undo.append(self._restore_on(ema, structures))  # (it shares the live traces with the copy)
+            self._restore_model(ema, structures, txn.child(ema))  # (it shares the live traces)
 
-    def _undo(self, groups: list[tuple[dict, list]], undo: list[Transaction]) -> None:
-        """Put the optimizer's groups and every restored model back as they were."""
-        del self.optimizer.param_groups[len(groups):]
-        for group, params in groups:
-            group["params"] = params
-        for txn in reversed(undo):
-            txn.rollback()
+    def _restore_model(self, model: nn.Module, structures: dict[str, dict[str, Any]], txn: Transaction) -> None:
+        """Rebuild the checked ``structures`` on each (transformed) target of ``model``, the live model or
+        an EMA copy, recording every replaced conv in ``txn`` (a transaction over ``model``)."""
+        handles = self.targets if model is self.model else self._ema_targets(model)
+        for prefix, spec in structures.items():
+            handles[prefix].restore(spec, txn, prefix)
 
     def _check_structures(self, structures: dict[str, dict[str, Any]]) -> None:
         """Everything :func:`dyrep_fx.restore` would refuse, for every target, before any target changes."""
@@ -567,19 +648,6 @@ class DyRep:
                 target.check_structure(spec)
             except PassError as exc:
                 raise PassError(f"checkpoint structure of {where}: {exc}") from exc
-
-    def _restore_on(self, model: nn.Module, structures: dict[str, dict[str, Any]]) -> Transaction:
-        """Grow the checked ``structures`` on each (transformed) target of ``model``, the live model or
-        an EMA copy; the returned transaction puts every replaced conv back (all targets, or none)."""
-        txn = Transaction(model)
-        handles = self.targets if model is self.model else self._ema_targets(model)
-        try:
-            for prefix, spec in structures.items():
-                handles[prefix].apply_structure(spec, txn, prefix)
-        except Exception:
-            txn.rollback()
-            raise
-        return txn
 
     def close(self) -> None:
         """Remove the optimizer hook."""

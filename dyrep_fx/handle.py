@@ -14,6 +14,7 @@ through a handle, so the state has one reader and one writer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,7 +28,7 @@ from .block import MODES, RepConv2d, find_blocks
 from .defaults import INIT_SCALE
 from .passes.analysis import Site
 from .passes.base import PassError, PassReport, Transaction
-from .passes.dep import DepCriterion, Verdict
+from .passes.dep import CutCriterion, DepCriterion, Verdict
 from .tracing import TracedModel, trace_model
 
 __all__ = ["Handle", "DyRepState", "STATE_ATTR"]
@@ -143,7 +144,7 @@ class Handle:
         """Every block by qualified name (nested ones included)."""
         return find_blocks(self.module)
 
-    def judge(self, criterion: DepCriterion, protect: Sequence[str] = ()) -> dict[str, Verdict]:
+    def judge(self, criterion: CutCriterion, protect: Sequence[str] = ()) -> dict[str, Verdict]:
         """The Dep criterion's verdict on every block except those in ``protect``."""
         return passes.dep.judge_blocks(self.module, criterion, protect)
 
@@ -157,7 +158,7 @@ class Handle:
         return report
 
     def cut(self, cuts: Mapping[str, Sequence[str]] | None = None,
-            criterion: DepCriterion | None = None) -> PassReport:
+            criterion: CutCriterion | None = None) -> PassReport:
         """Cut ``{block: kinds}``, or what ``criterion`` selects when ``cuts`` is None; exact in eval mode."""
         report = passes.dep.run(self.traced, self.module, cuts=cuts, criterion=criterion or DepCriterion())
         for name in report.changed:
@@ -186,12 +187,21 @@ class Handle:
         """Raise :class:`PassError` naming what this module cannot take from ``spec``; changes nothing."""
         structure_spec.check(self.module, spec, self.mode)
 
-    def apply_structure(self, spec: dict[str, Any], txn: Transaction, prefix: str = "") -> None:
-        """Grow the checked ``spec``, recording changes in ``txn`` (which may be a parent model's, the
-        module being its submodule ``prefix``)."""
-        structure_spec.apply(self.module, spec, txn, self.init_scale, prefix, self.recompute)
+    def restore(self, spec: dict[str, Any], txn: Transaction | None = None, prefix: str = "") -> None:
+        """Rebuild the checked ``spec`` (branch values fresh until a state_dict loads).
 
-    def grow_entry(self, name: str, entry: dict[str, Any]) -> None:
-        """Grow the block a spec entry describes at ``name`` without the eligibility check (e.g. on a
+        The changes are recorded in ``txn``, which may be a parent model's (this module being its submodule
+        ``prefix``) so that one rollback undoes several targets; without one, all or nothing on its own.
+        """
+        # A caller's transaction stays open (nullcontext): its owner decides about the rollback.
+        with Transaction(self.module) if txn is None else contextlib.nullcontext(txn) as active:
+            structure_spec.restore(self.module, spec, active, self.init_scale, prefix, self.recompute)
+
+    def apply_structure(self, spec: dict[str, Any], txn: Transaction, prefix: str = "") -> None:
+        """The former name of :meth:`restore`, kept for existing callers."""
+        self.restore(spec, txn, prefix)
+
+    def restore_block(self, name: str, entry: dict[str, Any]) -> None:
+        """Rebuild the block a spec entry describes at ``name`` without the eligibility check (e.g. on a
         frozen EMA copy); branch values are fresh."""
-        structure_spec.grow_entry(self.module, name, entry, self.mode, self.init_scale, self.recompute)
+        structure_spec.restore_block(self.module, name, entry, self.mode, self.init_scale, self.recompute)

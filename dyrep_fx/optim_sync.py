@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["GroupChooser", "default_group", "sync_optimizer", "layout", "apply_layout"]
+__all__ = ["GroupChooser", "default_group", "sync_optimizer", "layout", "apply_layout", "restore_point"]
 
 #: ``chooser(optimizer, model, param_name, param, source_weight) -> group index``.
 GroupChooser = Callable[[torch.optim.Optimizer, nn.Module, str, nn.Parameter, nn.Parameter | None], int]
@@ -105,3 +105,23 @@ def apply_layout(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict
         group["params"] = [params[n] for n in names]
     for names, options in list(zip(groups, saved["options"]))[len(optimizer.param_groups):]:
         optimizer.add_param_group({**options, "params": [params[n] for n in names]})
+
+
+def restore_point(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """A function that puts ``optimizer`` back as it is now: how many groups, each group's Parameters, and
+    which Parameters have state (what :func:`sync_optimizer` and :func:`apply_layout` change).
+
+    For a :class:`~dyrep_fx.passes.base.Transaction`'s ``on_rollback``: the state values themselves are
+    not copied, since these functions only drop or keep them.
+    """
+    groups = [(group, list(group["params"])) for group in optimizer.param_groups]
+    state = dict(optimizer.state)
+
+    def put_back() -> None:
+        del optimizer.param_groups[len(groups):]
+        for group, params in groups:
+            group["params"] = params
+        optimizer.state.clear()
+        optimizer.state.update(state)
+
+    return put_back

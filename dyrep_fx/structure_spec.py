@@ -2,8 +2,9 @@
 
 A spec is ``{"format", "mode", "init_scale", "sites": {name: entry}}``, one entry per outermost block:
 ``{"kinds": [...], "bias": bool, "nested": {inner path: entry}}``. :func:`describe` writes it,
-:func:`check` refuses anything a model cannot take (before any change), :func:`apply` grows it with
-fresh branch values, ready for the grown model's ``state_dict``. Nothing here needs a trace: the spec
+:func:`check` refuses anything a model cannot take (before any change), :func:`restore` rebuilds it
+with fresh branch values, ready for the grown model's ``state_dict`` (:func:`restore_block` rebuilds one
+entry). Nothing here needs a trace: the spec
 names the convs, and eligibility was checked when the structure grew.
 """
 
@@ -18,7 +19,7 @@ from .block import RepConv2d, find_blocks
 from .geometry import ConvGeometry
 from .passes.base import PassError, Transaction, get_module, set_module
 
-__all__ = ["FORMAT", "describe", "check", "check_format", "check_entry", "apply", "grow_entry"]
+__all__ = ["FORMAT", "describe", "check", "check_format", "check_entry", "restore", "restore_block"]
 
 FORMAT = "dyrep_fx.structure/1"
 #: The only inner conv of a block that can be a block itself (the kxk conv of ``1x1_kxk``).
@@ -88,9 +89,9 @@ def _inner_geometry(outer: ConvGeometry) -> ConvGeometry:
         outer.groups, bias=False, device="meta"))
 
 
-def grow_entry(model: nn.Module, name: str, entry: dict[str, Any], mode: str, init_scale: float,
-               recompute: bool = False) -> None:
-    """Grow the block ``entry`` describes at ``name``, nested blocks included; no eligibility check
+def restore_block(model: nn.Module, name: str, entry: dict[str, Any], mode: str, init_scale: float,
+                  recompute: bool = False) -> None:
+    """Rebuild the block ``entry`` describes at ``name``, nested blocks included; no eligibility check
     (e.g. on a frozen EMA copy). Branch values are fresh until a state_dict loads."""
     module = get_module(model, name)
     if not isinstance(module, RepConv2d):
@@ -103,12 +104,12 @@ def grow_entry(model: nn.Module, name: str, entry: dict[str, Any], mode: str, in
     if entry.get("bias") and module.bias is None:
         module.ensure_bias()
     for rel, inner in entry.get("nested", {}).items():
-        grow_entry(module, rel, inner, mode, init_scale, recompute)
+        restore_block(module, rel, inner, mode, init_scale, recompute)
 
 
-def apply(model: nn.Module, spec: dict[str, Any], txn: Transaction, init_scale: float, prefix: str = "",
-          recompute: bool = False) -> None:
-    """Grow the checked ``spec`` on ``model`` (new branches start at ``init_scale``), recording every
+def restore(model: nn.Module, spec: dict[str, Any], txn: Transaction, init_scale: float, prefix: str = "",
+            recompute: bool = False) -> None:
+    """Rebuild the checked ``spec`` on ``model`` (new branches start at ``init_scale``), recording every
     change in ``txn``.
 
     ``txn`` may belong to a larger model of which ``model`` is the submodule ``prefix``, so that one
@@ -119,7 +120,8 @@ def apply(model: nn.Module, spec: dict[str, Any], txn: Transaction, init_scale: 
         for name, entry in spec["sites"].items():
             original = get_module(model, name)
             txn.save(original)
-            grow_entry(model, name, entry, spec["mode"], init_scale, recompute)
-            if get_module(model, name) is not original:
-                txn.record_replacement(f"{prefix}.{name}" if prefix else name, original)
+            # Recorded before the rebuild: one failing midway (after the block took the conv's place) is
+            # undone too; putting back a conv that is still in place changes nothing.
+            txn.record_replacement(f"{prefix}.{name}" if prefix else name, original)
+            restore_block(model, name, entry, spec["mode"], init_scale, recompute)
 

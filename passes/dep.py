@@ -4,13 +4,14 @@ Cuts are given by name, or chosen by DyRep's criterion on each block's branch im
 :meth:`dyrep_fx.block.RepConv2d.importance`: the branch's share of the block's kernel in online mode, its
 last BatchNorm's |gamma| relative to the main branch's in dbb mode): when the importances of a block's
 branches are spread out (std > ``std_gate``), a branch below both their mean and ``threshold`` goes
-(:class:`DepCriterion`).
+(:class:`DepCriterion`). Any object with the same ``judge`` method (:class:`CutCriterion`) can take its place.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from ..defaults import STD_GATE, THRESHOLD
 from ..tracing import TracedModel
 from .base import PassError, PassReport, Transaction, get_module
 
-__all__ = ["Verdict", "DepCriterion", "judge", "select_cuts", "judge_blocks", "plan", "run"]
+__all__ = ["Verdict", "CutCriterion", "DepCriterion", "judge", "select_cuts", "judge_blocks", "plan", "run"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,20 @@ class Verdict:
     def as_dict(self) -> dict[str, object]:
         """Plain data for histories and logs."""
         return {"cut": list(self.cut), "std": self.std, "reason": self.reason}
+
+
+@runtime_checkable
+class CutCriterion(Protocol):
+    """What a cut criterion is: one method from a block's ``{kind: importance}`` to its :class:`Verdict`.
+
+    :class:`DepCriterion` is DyRep's; ``DyRep(criterion=...)`` and :func:`run` take any object with this
+    method. The verdict's ``cut`` must name branches of the block; ``std`` and ``reason`` are what the
+    history and the log show (a criterion without a spread may report ``0.0``).
+    """
+
+    def judge(self, importance: Mapping[str, float]) -> Verdict:
+        """The verdict on one block's ``{kind: importance}``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -62,17 +77,17 @@ class DepCriterion:
         return Verdict(cut, std, below if cut else f"no branch {below}")
 
 
-def judge(importance: Mapping[str, float], criterion: DepCriterion = DepCriterion()) -> Verdict:
+def judge(importance: Mapping[str, float], criterion: CutCriterion = DepCriterion()) -> Verdict:
     """``criterion.judge(importance)``: DyRep's verdict on one block."""
     return criterion.judge(importance)
 
 
-def select_cuts(importance: Mapping[str, float], criterion: DepCriterion = DepCriterion()) -> list[str]:
+def select_cuts(importance: Mapping[str, float], criterion: CutCriterion = DepCriterion()) -> list[str]:
     """The kinds ``criterion`` cuts from one block."""
     return criterion.judge(importance).cut
 
 
-def judge_blocks(model: nn.Module, criterion: DepCriterion = DepCriterion(),
+def judge_blocks(model: nn.Module, criterion: CutCriterion = DepCriterion(),
                  protect: Sequence[str] = ()) -> dict[str, Verdict]:
     """The verdict on every block of ``model`` except those in ``protect``."""
     return {name: criterion.judge(b.importance()) for name, b in find_blocks(model).items()
@@ -80,7 +95,7 @@ def judge_blocks(model: nn.Module, criterion: DepCriterion = DepCriterion(),
 
 
 def plan(model: nn.Module, cuts: Mapping[str, Sequence[str]] | None = None,
-         criterion: DepCriterion = DepCriterion(), protect: Sequence[str] = ()) -> dict[str, list[str]]:
+         criterion: CutCriterion = DepCriterion(), protect: Sequence[str] = ()) -> dict[str, list[str]]:
     """Which kinds to cut where: ``cuts`` checked against the model, or the criterion's choice.
 
     The criterion skips the blocks named in ``protect`` (e.g. those grown a moment ago).
@@ -105,7 +120,7 @@ def run(
     model: nn.Module,
     *,
     cuts: Mapping[str, Sequence[str]] | None = None,
-    criterion: DepCriterion = DepCriterion(),
+    criterion: CutCriterion = DepCriterion(),
     protect: Sequence[str] = (),
 ) -> PassReport:
     """Cut ``cuts`` (``{site: kinds}``), or what the criterion selects; exact in eval mode, all or nothing.

@@ -115,9 +115,9 @@ def snapshot(model: nn.Module, opt: torch.optim.Optimizer, ema: nn.Module) -> di
 
 
 def count_grow_calls(state: dict, monkeypatch) -> int:
-    """How often restoring ``state`` on one fresh model calls ``structure_spec.grow_entry`` (nested
+    """How often restoring ``state`` on one fresh model calls ``structure_spec.restore_block`` (nested
     entries count: the function recurses through the patched module attribute)."""
-    real, calls = structure_spec.grow_entry, []
+    real, calls = structure_spec.restore_block, []
 
     def counting(*args, **kwargs):
         calls.append(args[1])
@@ -125,7 +125,7 @@ def count_grow_calls(state: dict, monkeypatch) -> int:
 
     model, _, ctl = make(seed=2)
     with monkeypatch.context() as m:
-        m.setattr(structure_spec, "grow_entry", counting)
+        m.setattr(structure_spec, "restore_block", counting)
         ctl.load_structure(state)
     return len(calls)
 
@@ -154,7 +154,7 @@ def test_load_structure_failing_midway_puts_values_back(grown, where, monkeypatc
 
         monkeypatch.setattr(controller, "sync_optimizer", sync_then_fail)
     else:
-        real_grow, calls = structure_spec.grow_entry, []
+        real_grow, calls = structure_spec.restore_block, []
         fail_at = per_model if where == "live model" else 2 * per_model
 
         def grow_then_fail(*args, **kwargs):
@@ -163,7 +163,7 @@ def test_load_structure_failing_midway_puts_values_back(grown, where, monkeypatc
                 raise RuntimeError("injected failure")
             return real_grow(*args, **kwargs)
 
-        monkeypatch.setattr(structure_spec, "grow_entry", grow_then_fail)
+        monkeypatch.setattr(structure_spec, "restore_block", grow_then_fail)
     with pytest.raises(RuntimeError, match="injected failure"):
         ctl.load_structure(state)
     monkeypatch.undo()
