@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +239,19 @@ def test_a_state_saved_before_candidate_rules_were_pluggable_still_loads():
     assert fresh.births == ctl.births and fresh.saliency.names == ctl.saliency.names
     assert fresh.candidates() == ctl.candidates()
     assert fresh.state_dict()["candidate_rule"] == {"births": ctl.births}
+
+
+# -- the documented example --------------------------------------------------------------------------------
+def test_the_readme_example_of_your_own_policies_runs():
+    """The code block under "Your own policies" in dyrep_fx/README.md, run as written."""
+    text = (Path(__file__).resolve().parents[1] / "dyrep_fx" / "README.md").read_text()
+    section = text[text.index("**Your own policies**"):]
+    code = section[section.index("```python") + len("```python"):section.index("```", section.index("```python") + 3)]
+    torch.manual_seed(0)
+    model = SmallNet().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scope = {"dyrep_fx": dyrep_fx, "model": model, "optimizer": optimizer}
+    exec(compile(code, "dyrep_fx/README.md", "exec"), scope)  # noqa: S102 - the README's own example
+    ctl, plan = scope["ctl"], scope["plan"]
+    assert ctl.candidates() == ["conv2"] and isinstance(plan, StepPlan)
+    assert scope["CutTheWeakest"]().judge({"a": 0.1, "b": 0.3}).cut == ["a"]
