@@ -39,6 +39,7 @@ from .block import RepConv2d, find_blocks
 from .calibration import calibrate_batchnorms, default_forward
 from .defaults import INIT_SCALE, STD_GATE, THRESHOLD
 from .distributed import broadcast_module, check_same_on_all_ranks
+from .ema_copies import EmaCopies, join_name, restore_targets, split_name
 from .geometry import DYREP_KINDS
 from .handle import Handle
 from .optim_sync import GroupChooser, apply_layout, default_group, layout, restore_point, sync_optimizer
@@ -219,7 +220,8 @@ class DyRep:
         self.steps_done = 0
         #: One entry per applied plan: its unit, step, what grew and was cut, the top scores and verdicts.
         self.history: list[dict[str, Any]] = []
-        self._emas: list[nn.Module] = []
+        #: The attached EMA copies, kept in step with every change.
+        self.emas = EmaCopies(self.targets)
         self.saliency = SaliencyCollector(optimizer, metric, seed=seed)
         self._watch(self._candidates(sites))
 
@@ -245,25 +247,17 @@ class DyRep:
         return getattr(self.candidate_rule, "births", {})
 
     # -- the analysis: what can grow ---------------------------------------------------------------
-    @staticmethod
-    def _join(prefix: str, name: str) -> str:
-        return f"{prefix}.{name}" if prefix else name
-
     def _split(self, name: str) -> tuple[str, Handle, str]:
         """``(prefix, target, local name)`` of a site name."""
-        for prefix in sorted(self.targets, key=len, reverse=True):
-            if not prefix:
-                return "", self.targets[""], name
-            if name.startswith(prefix + "."):
-                return prefix, self.targets[prefix], name[len(prefix) + 1:]
-        raise KeyError(f"{name!r} is in none of the targets {list(self.targets)}")
+        prefix, local = split_name(list(self.targets), name)
+        return prefix, self.targets[prefix], local
 
     def sites(self) -> list[Site]:
         """Every site of every target, with names relative to the model (one analysis of each target)."""
         found = []
         for prefix, target in self.targets.items():
             for site in target.sites():
-                site.name = self._join(prefix, site.name)
+                site.name = join_name(prefix, site.name)
                 found.append(site)
         return found
 
@@ -337,7 +331,7 @@ class DyRep:
             for local, block in target.blocks().items():
                 importance = block.importance()
                 verdict = self.criterion.judge(importance)
-                verdicts[self._join(prefix, local)] = {"importance": importance, "cut": list(verdict.cut),
+                verdicts[join_name(prefix, local)] = {"importance": importance, "cut": list(verdict.cut),
                                                        "std": float(verdict.std), "reason": str(verdict.reason)}
         return verdicts
 
@@ -364,9 +358,9 @@ class DyRep:
         before = {id(p) for p in self.model.parameters()}
         with self._transaction() as txn:
             grown = self._grow(plan, txn, result)
-            self._grow_emas(result.grown, txn)
+            self.emas.grow(self.model, result.grown, txn)
             self._cut(plan, txn, result)
-            self._cut_emas(result.cut, txn)
+            self.emas.cut(result.cut, txn)
             self._sync_optimizer(before, {name: weight for name, (_, weight) in grown.items()})
         self.steps_done += 1
         self._record(plan, result)
@@ -429,7 +423,7 @@ class DyRep:
         for prefix, cuts in by_target.items():
             report = self.targets[prefix].cut(cuts)
             for local, kinds in report.changed.items():
-                result.cut[self._join(prefix, local)] = list(kinds)
+                result.cut[join_name(prefix, local)] = list(kinds)
         for name in result.cut:
             block = self.model.get_submodule(name)
             self.candidate_rule.on_cut(name, block)
@@ -492,58 +486,10 @@ class DyRep:
         """Keep ``ema_module`` (e.g. ``AveragedModel(model).module``) in step with every change.
 
         New branches in the EMA copy start from the live model's values; its main kernels are
-        re-balanced so the EMA function is unchanged; cuts absorb the EMA's own averaged values.
+        re-balanced so the EMA function is unchanged; cuts absorb the EMA's own averaged values
+        (:mod:`dyrep_fx.ema_copies`).
         """
-        ema_module = _unwrap(ema_module)
-        structures = {prefix: target.structure() for prefix, target in self.targets.items()}
-        for prefix, twin in self._ema_targets(ema_module).items():
-            twin.check_structure(structures[prefix])
-        with Transaction(ema_module) as txn:
-            self._restore_model(ema_module, structures, txn)
-        self._emas.append(ema_module)
-
-    def _ema_targets(self, ema: nn.Module) -> dict[str, Handle]:
-        """The handles of ``ema``'s targets, sharing the live targets' traces (same architecture)."""
-        return {prefix: target.share_with(ema.get_submodule(prefix) if prefix else ema)
-                for prefix, target in self.targets.items()}
-
-    def _ema_target(self, ema: nn.Module, name: str) -> tuple[Handle, str]:
-        prefix, _, local = self._split(name)
-        return self._ema_targets(ema)[prefix], local
-
-    @torch.no_grad()
-    def _grow_emas(self, grown: dict[str, list[str]], txn: Transaction) -> None:
-        """Grow the same kinds in every EMA copy, starting from the live values; EMA function kept."""
-        for ema in self._emas:
-            ema_txn = txn.child(ema)
-            for name, kinds in grown.items():
-                live = self.model.get_submodule(name)
-                twin, local = self._ema_target(ema, name)
-                old = ema.get_submodule(name)
-                ema_txn.save(old)
-                ema_txn.record_replacement(name, old)
-                before = old.equivalent() if isinstance(old, RepConv2d) else (old.weight, old.bias)
-                before = tuple(None if t is None else t.detach().clone() for t in before)
-                # EMA copies are often frozen (mmengine's): grow them without the eligibility check.
-                twin.restore_block(local, {"kinds": kinds})
-                block = ema.get_submodule(name)
-                block.requires_grad_(old.weight.requires_grad)
-                for kind in kinds:
-                    dst, src = block.branches[kind].state_dict(), live.branches[kind].state_dict()
-                    for key in dst:
-                        dst[key].copy_(src[key])
-                block.rebalance(*before)
-
-    @torch.no_grad()
-    def _cut_emas(self, cut: dict[str, list[str]], txn: Transaction) -> None:
-        """Cut the same branches in every EMA copy, absorbing the EMA's own averaged values."""
-        for ema in self._emas:
-            ema_txn = txn.child(ema)
-            for name in sorted(cut, key=lambda n: -n.count(".")):
-                twin, local = self._ema_target(ema, name)
-                ema_txn.save(ema.get_submodule(name))
-                twin.cut({local: cut[name]})
-                broadcast_module(ema.get_submodule(name))
+        self.emas.attach(_unwrap(ema_module))
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -604,7 +550,7 @@ class DyRep:
         """
         structures = state["structures"]
         self._check_structures(structures)
-        sources = {self._join(prefix, name): self.model.get_submodule(self._join(prefix, name)).weight
+        sources = {join_name(prefix, name): self.model.get_submodule(join_name(prefix, name)).weight
                    for prefix, spec in structures.items() for name in spec["sites"]}
         before = {id(p) for p in self.model.parameters()}
         with self._transaction() as txn:
@@ -617,16 +563,8 @@ class DyRep:
 
     def _restore_everywhere(self, structures: dict[str, dict[str, Any]], txn: Transaction) -> None:
         """Rebuild the checked ``structures`` on the live model and every attached EMA copy, in ``txn``."""
-        self._restore_model(self.model, structures, txn)
-        for ema in self._emas:
-            self._restore_model(ema, structures, txn.child(ema))  # (it shares the live traces)
-
-    def _restore_model(self, model: nn.Module, structures: dict[str, dict[str, Any]], txn: Transaction) -> None:
-        """Rebuild the checked ``structures`` on each (transformed) target of ``model``, the live model or
-        an EMA copy, recording every replaced conv in ``txn`` (a transaction over ``model``)."""
-        handles = self.targets if model is self.model else self._ema_targets(model)
-        for prefix, spec in structures.items():
-            handles[prefix].restore(spec, txn, prefix)
+        restore_targets(self.targets, structures, txn)
+        self.emas.restore(structures, txn)
 
     def _check_structures(self, structures: dict[str, dict[str, Any]]) -> None:
         """Everything :func:`dyrep_fx.restore` would refuse, for every target, before any target changes."""

@@ -1,0 +1,112 @@
+"""EMA copies of a DyRep-trained model, kept in step with every structure change.
+
+An EMA copy (``AveragedModel(model).module``, mmengine's ``EMAHook`` model) has the live model's
+architecture but its own averaged values. :class:`EmaCopies` gives each copy the live model's growth
+(new branches start from the live values; the copy's main kernels are re-balanced so its function is
+unchanged), its cuts (absorbing the copy's own averaged values) and any restored structure, each change
+recorded in the caller's :class:`~dyrep_fx.passes.base.Transaction` so that a failed step leaves the
+copies as they were.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .block import RepConv2d
+from .distributed import broadcast_module
+from .handle import Handle
+from .passes.base import Transaction
+
+__all__ = ["EmaCopies", "join_name", "split_name", "restore_targets"]
+
+
+def join_name(prefix: str, name: str) -> str:
+    """The model-relative name of ``name`` inside target ``prefix`` ("" is the whole model)."""
+    return f"{prefix}.{name}" if prefix else name
+
+
+def split_name(prefixes: list[str], name: str) -> tuple[str, str]:
+    """``(target prefix, name inside it)`` of a model-relative ``name``; the innermost target wins."""
+    for prefix in sorted(prefixes, key=len, reverse=True):
+        if not prefix:
+            return "", name
+        if name.startswith(prefix + "."):
+            return prefix, name[len(prefix) + 1:]
+    raise KeyError(f"{name!r} is in none of the targets {list(prefixes)}")
+
+
+def restore_targets(handles: dict[str, Handle], structures: dict[str, dict[str, Any]], txn: Transaction) -> None:
+    """Rebuild each target's checked structure on its handle, recording every change in ``txn`` (a
+    transaction over the model the handles belong to)."""
+    for prefix, spec in structures.items():
+        handles[prefix].restore(spec, txn, prefix)
+
+
+class EmaCopies:
+    """The EMA copies of a model whose targets are ``targets`` (the live handles, by prefix)."""
+
+    def __init__(self, targets: dict[str, Handle]) -> None:
+        self.targets = targets
+        self.modules: list[nn.Module] = []
+
+    def handles(self, ema: nn.Module) -> dict[str, Handle]:
+        """The handles of ``ema``'s targets, sharing the live targets' traces (same architecture)."""
+        return {prefix: target.share_with(ema.get_submodule(prefix) if prefix else ema)
+                for prefix, target in self.targets.items()}
+
+    def attach(self, ema: nn.Module) -> None:
+        """Give ``ema`` the live structure (checked first; all or nothing) and keep it in step from now."""
+        structures = {prefix: target.structure() for prefix, target in self.targets.items()}
+        handles = self.handles(ema)
+        for prefix, twin in handles.items():
+            twin.check_structure(structures[prefix])
+        with Transaction(ema) as txn:
+            restore_targets(handles, structures, txn)
+        self.modules.append(ema)
+
+    def _twin(self, ema: nn.Module, name: str) -> tuple[Handle, str]:
+        prefix, local = split_name(list(self.targets), name)
+        return self.handles(ema)[prefix], local
+
+    @torch.no_grad()
+    def grow(self, live: nn.Module, grown: dict[str, list[str]], txn: Transaction) -> None:
+        """Grow ``grown`` (``{site: kinds}``, as ``live`` just did) in every copy, starting from the live
+        values; each copy's function is kept."""
+        for ema in self.modules:
+            ema_txn = txn.child(ema)
+            for name, kinds in grown.items():
+                twin, local = self._twin(ema, name)
+                old = ema.get_submodule(name)
+                ema_txn.save(old)
+                ema_txn.record_replacement(name, old)
+                function = old.equivalent() if isinstance(old, RepConv2d) else (old.weight, old.bias)
+                function = tuple(None if t is None else t.detach().clone() for t in function)
+                # EMA copies are often frozen (mmengine's): grow them without the eligibility check.
+                twin.restore_block(local, {"kinds": kinds})
+                block = ema.get_submodule(name)
+                block.requires_grad_(old.weight.requires_grad)
+                source = live.get_submodule(name)
+                for kind in kinds:
+                    dst, src = block.branches[kind].state_dict(), source.branches[kind].state_dict()
+                    for key in dst:
+                        dst[key].copy_(src[key])
+                block.rebalance(*function)
+
+    @torch.no_grad()
+    def cut(self, cut: dict[str, list[str]], txn: Transaction) -> None:
+        """Cut ``cut`` (``{block: kinds}``) in every copy, absorbing the copy's own averaged values."""
+        for ema in self.modules:
+            ema_txn = txn.child(ema)
+            for name in sorted(cut, key=lambda n: -n.count(".")):
+                twin, local = self._twin(ema, name)
+                ema_txn.save(ema.get_submodule(name))
+                twin.cut({local: cut[name]})
+                broadcast_module(ema.get_submodule(name))
+
+    def restore(self, structures: dict[str, dict[str, Any]], txn: Transaction) -> None:
+        """Rebuild the checked ``structures`` on every copy, each in a child of ``txn``."""
+        for ema in self.modules:
+            restore_targets(self.handles(ema), structures, txn.child(ema))
