@@ -321,8 +321,8 @@ class DyRep:
         growable = {s.name: s for s in sites if self._growable(s)}
         ranked = sorted(((v, n) for n, v in scores.items() if n in growable), key=lambda t: (-t[0], t[1]))
         chosen = [n for _, n in ranked][: self.topk]
-        return {name: [k for k in (self.kinds or growable[name].kinds) if k in growable[name].kinds]
-                for name in chosen}
+        wanted = {name: growable[name].kinds if self.kinds is None else self.kinds for name in chosen}
+        return {name: [k for k in wanted[name] if k in growable[name].kinds] for name in chosen}
 
     def _judge_blocks(self) -> dict[str, dict[str, Any]]:
         """Every block's importances and the cut criterion's verdict on them, as plain data."""
