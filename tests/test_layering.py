@@ -8,7 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 #: Private attributes of torch / mmengine objects the library has to touch (not of its own modules).
 THIRD_PARTY = {"_version", "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_conv_forward",
-               "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_resume"}
+               "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_always_called", "_backward_hooks",
+               "_backward_pre_hooks", "_resume"}
 IMPORT = re.compile(r"^\s*from\s+(\.[\w.]*|dyrep_fx[\w.]*)\s+import\s+\(?([^)#\n]*)", re.M)
 ACCESS = re.compile(r"(?<![\w.])(\w+)\.(_[a-z]\w*)")
 
