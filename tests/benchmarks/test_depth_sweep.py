@@ -51,4 +51,4 @@ def test_collapses_and_paired_gain_within_a_depth(sweep, tmp_path):
     assert row["collapsed_epochs"] == {0: [], 1: [2], 2: []}  # 15 points below plain at epoch 2 of seed 1
     assert row["vs_plain"]["diffs"] == pytest.approx([2.0, 3.0, 1.0])
     assert row["vs_plain"]["verdict"] == "higher"
-    assert "s1: [2]" in sweep.markdown(summary)
+    assert "s1: 2 (45)" in sweep.markdown(summary)
