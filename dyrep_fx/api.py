@@ -126,12 +126,7 @@ def restore(model: nn.Module, spec: dict[str, Any], example_inputs: Sequence[Any
             Handle.without_trace(model, spec["mode"], spec.get("init_scale", INIT_SCALE), str(exc))
     target = Handle.of(model)
     target.check_structure(spec)
-    txn = passes.base.Transaction(model)
-    try:
-        target.apply_structure(spec, txn)
-    except Exception:
-        txn.rollback()
-        raise
+    target.restore(spec)  # all or nothing
     return model
 
 

@@ -197,10 +197,6 @@ class Handle:
         with Transaction(self.module) if txn is None else contextlib.nullcontext(txn) as active:
             structure_spec.restore(self.module, spec, active, self.init_scale, prefix, self.recompute)
 
-    def apply_structure(self, spec: dict[str, Any], txn: Transaction, prefix: str = "") -> None:
-        """The former name of :meth:`restore`, kept for existing callers."""
-        self.restore(spec, txn, prefix)
-
     def restore_block(self, name: str, entry: dict[str, Any]) -> None:
         """Rebuild the block a spec entry describes at ``name`` without the eligibility check (e.g. on a
         frozen EMA copy); branch values are fresh."""

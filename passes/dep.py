@@ -131,14 +131,10 @@ def run(
     todo = plan(model, cuts, criterion, protect)
     report = PassReport("dep")
     report.details["importance"] = {name: b.importance() for name, b in find_blocks(model).items()}
-    txn = Transaction(model)
-    try:
+    with Transaction(model) as txn:  # all or nothing: any failure puts everything back
         for name in sorted(todo, key=lambda n: -n.count(".")):
             block = get_module(model, name)
             txn.save(block)
             block.cut(todo[name])
             report.changed[name] = list(todo[name])
-    except Exception:
-        txn.rollback()
-        raise
     return report

@@ -32,8 +32,7 @@ def run(traced: TracedModel, model: nn.Module) -> PassReport:
                 raise PassError(f"block {name!r} carries a bias its original conv lacks and does not feed "
                                 "only a BatchNorm; it cannot fold into the original architecture")
             absorb[name] = use.next_bn
-    txn = Transaction(model)
-    try:
+    with Transaction(model) as txn:  # all or nothing: any failure puts everything back
         for name in names:
             block = get_module(model, name)
             conv = block.to_conv()
@@ -47,7 +46,4 @@ def run(traced: TracedModel, model: nn.Module) -> PassReport:
             report.changed[name] = list(block.kinds)
             if name in absorb:
                 report.details.setdefault("bias_absorbed_into", {})[name] = absorb[name]
-    except Exception:
-        txn.rollback()
-        raise
     return report

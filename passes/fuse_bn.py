@@ -24,8 +24,7 @@ def run(traced: TracedModel, model: nn.Module) -> PassReport:
     report = PassReport("fuse_bn")
     if any(isinstance(m, RepConv2d) for m in model.modules()):
         raise PassError("fuse_bn runs on a folded model; call dyrep_fx.fold(model) first")
-    txn = Transaction(model)
-    try:
+    with Transaction(model) as txn:  # all or nothing: any failure puts everything back
         for name, use in traced.convs.items():
             conv = get_module(model, name)
             if not isinstance(conv, nn.Conv2d):
@@ -55,7 +54,4 @@ def run(traced: TracedModel, model: nn.Module) -> PassReport:
                     conv.bias.copy_(b)
             txn.replace(use.next_bn, nn.Identity())
             report.changed[name] = [use.next_bn]
-    except Exception:
-        txn.rollback()
-        raise
     return report

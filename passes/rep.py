@@ -88,9 +88,8 @@ def run(
     """Grow ``kinds`` at ``names`` (see :func:`plan`); all or nothing."""
     todo = plan(analyse(traced, model, mode), names, kinds)
     report = PassReport("rep")
-    txn = Transaction(model)
     new_modules: dict[str, list[nn.Module]] = {}
-    try:
+    with Transaction(model) as txn:  # all or nothing: any failure puts everything back
         for name, site_kinds in todo.items():
             if not site_kinds:
                 report.skipped[name] = "every applicable branch is already present"
@@ -102,8 +101,5 @@ def run(
                 txn.replace(name, module)
             new_modules[name] = module.grow(site_kinds)
             report.changed[name] = list(site_kinds)
-    except Exception:
-        txn.rollback()
-        raise
     report.details["new_modules"] = new_modules
     return report

@@ -95,7 +95,7 @@ def test_recompute_reaches_every_block_grown_later_and_keeps_the_training_functi
     twin.__dict__.pop(STATE_ATTR)
     assert Handle.of(lean).share_with(twin).recompute
     fresh = SmallNet().double()
-    Handle.transform(fresh, mode="dbb", recompute=True).apply_structure(Handle.of(lean).structure(),
+    Handle.transform(fresh, mode="dbb", recompute=True).restore(Handle.of(lean).structure(),
                                                                         Transaction(fresh))
     assert all(b.recompute for b in dyrep_fx.blocks(fresh).values()) and len(dyrep_fx.blocks(fresh)) == 3
     ctl_model = SmallNet().double()
@@ -136,7 +136,7 @@ def test_apply_records_every_replacement_for_one_rollback():
     convs = {name: fresh.get_submodule(name) for name in spec["sites"]}
     handle = Handle.transform(fresh)
     txn = Transaction(fresh)
-    handle.apply_structure(spec, txn)
+    handle.restore(spec, txn)
     assert set(dyrep_fx.blocks(fresh)) == {"conv1", "conv2"}
     txn.rollback()
     assert all(fresh.get_submodule(name) is conv for name, conv in convs.items())
