@@ -30,8 +30,8 @@ from .assembly import assemble_kernel
 from .branches import Branch, make_branch
 from .dbb_ops import pads_with_zeros
 from .defaults import INIT_SCALE
-from .execution import run_composed_as_convs
-from .geometry import BRANCH_KINDS, ConvGeometry
+from .geometry import ConvGeometry
+from .kinds import registry
 
 __all__ = ["RepConv2d", "MODES", "find_blocks"]
 
@@ -70,7 +70,8 @@ class RepConv2d(nn.Module):
         self.weight = conv.weight
         self.bias = conv.bias
         self.branches = nn.ModuleDict()
-        #: Online mode: how the ``1x1_kxk`` branch runs (see :mod:`dyrep_fx.execution`); not saved.
+        #: Online mode: how a branch that can run apart (``1x1_kxk``) runs (see :mod:`dyrep_fx.execution`);
+        #: not saved.
         self.execution = "auto"
         #: dbb mode: run the branches' 1x1 stages again in backward instead of keeping their output maps
         #: (ResNet-18 at 8x224: activation memory -30 % for +7 % step time, see benchmarks/README.md); the
@@ -128,17 +129,23 @@ class RepConv2d(nn.Module):
     @property
     def kinds(self) -> list[str]:
         """The kinds of the branches present, in canonical order."""
-        return [k for k in BRANCH_KINDS if k in self.branches]
+        return [k for k in registry.kind_names() if k in self.branches]
 
     def available_kinds(self) -> list[str]:
         """Kinds that apply to this conv and are not present yet."""
         return [k for k in self.geometry.kinds() if k not in self.branches]
 
     def inner_convs(self) -> dict[str, nn.Module]:
-        """The growable kxk convs inside branches, by relative module path (for nested growth)."""
-        if "1x1_kxk" in self.branches:
-            return {"branches.1x1_kxk.conv2": self.branches["1x1_kxk"].conv2}
-        return {}
+        """The growable convs inside branches, by relative module path (for nested growth)."""
+        return {f"branches.{kind}.{rel}": conv for kind, branch in self.branches.items()
+                for rel, conv in branch.inner_convs().items()}
+
+    @staticmethod
+    def split_inner_path(name: str) -> tuple[str, str] | None:
+        """``(block name, branch kind)`` of the inner conv ``name`` (a path :meth:`inner_convs` builds under
+        the block's name), or None when ``name`` is no inner conv."""
+        block, sep, rest = name.rpartition(".branches.")
+        return (block, rest.split(".")[0]) if sep else None
 
     def structure(self) -> dict[str, Any]:
         """JSON-serialisable description of the branches, nested blocks included."""
@@ -161,11 +168,11 @@ class RepConv2d(nn.Module):
         parts = [b.kernel() for b in self.branches.values()]
         return kernels.add_branches([w_main] + [w for w, _ in parts], [b_main] + [b for _, b in parts])
 
-    def _online_kernel(self, skip: str | None = None) -> Tensor:
-        terms = [branch.term() for kind, branch in self.branches.items() if kind != skip]
+    def _online_kernel(self, skip: tuple[str, ...] = ()) -> Tensor:
+        terms = [branch.term() for kind, branch in self.branches.items() if kind not in skip]
         return assemble_kernel(self.weight, self.main_scale, terms)
 
-    def _call_kernel(self, skip: str | None = None) -> Tensor:
+    def _call_kernel(self, skip: tuple[str, ...] = ()) -> Tensor:
         """The online kernel for this call, assembled once per forward call of the transformed model
         however often the conv is called in it.
 
@@ -192,11 +199,11 @@ class RepConv2d(nn.Module):
         return kernel
 
     def _online_forward(self, x: Tensor) -> Tensor:
-        composed = self.branches["1x1_kxk"] if "1x1_kxk" in self.branches else None
-        if composed is None or not run_composed_as_convs(self.geometry, tuple(x.shape), self.execution):
-            return self.geometry.conv(x, self._call_kernel(), self.bias)
-        out = self.geometry.conv(x, self._call_kernel(skip="1x1_kxk"), self.bias)
-        return out + composed(x, None)  # (it pads its intermediate map itself)
+        apart = [kind for kind, b in self.branches.items() if b.runs_apart(tuple(x.shape), self.execution)]
+        out = self.geometry.conv(x, self._call_kernel(skip=tuple(apart)), self.bias)
+        for kind in apart:
+            out = out + self.branches[kind](x, None)  # (it pads its intermediate map itself)
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.grown:
@@ -233,7 +240,7 @@ class RepConv2d(nn.Module):
         if not self.grown:
             self._add_main_scale()
         new = []
-        for kind in BRANCH_KINDS:
+        for kind in registry.kind_names():
             if kind in kinds:
                 branch = make_branch(kind, self.geometry, self.mode, self.init_scale, self.weight)
                 if self.mode == "online":
@@ -340,12 +347,12 @@ class RepConv2d(nn.Module):
     # -- helpers ---------------------------------------------------------------------------------
     def _check_kinds(self, kinds: list[str], must_exist: bool) -> None:
         for kind in kinds:
-            if kind not in BRANCH_KINDS:
-                raise ValueError(f"unknown branch kind {kind!r}; kinds are {list(BRANCH_KINDS)}")
+            if kind not in registry.kind_names():
+                raise ValueError(f"unknown branch kind {kind!r}; kinds are {list(registry.kind_names())}")
             if must_exist and kind not in self.branches:
                 raise ValueError(f"cannot cut {kind!r}: the block has {self.kinds}")
             if not must_exist:
-                why = self.geometry.applicable_kinds()[kind]
+                why = registry.get_kind(kind).applies(self.geometry)
                 if why is not None:
                     raise ValueError(f"branch {kind!r} does not apply to this conv: {why}")
                 if kind in self.branches:

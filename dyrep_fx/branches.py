@@ -30,7 +30,9 @@ from torch import Tensor, nn
 from . import kernels
 from .assembly import ComposedTerm, FilterTerm, Term, WindowTerm
 from .dbb_ops import fixed_filter, pointwise_norm
+from .execution import run_composed_as_convs
 from .geometry import ConvGeometry
+from .kinds.registry import BranchKind, applies_everywhere, get_kind, register_kind
 
 __all__ = ["Branch", "make_branch", "BRANCH_CLASSES"]
 
@@ -108,6 +110,26 @@ class Branch(nn.Module):
         that channel of :meth:`raw_kernel`), or None for a branch without one (identity)."""
         return None
 
+    def output_weights(self) -> list[Tensor]:
+        """Every weight :meth:`raw_kernel` is linear in per output channel (several for a branch that sums
+        convs): rescaling row ``o`` of all of them rescales channel ``o`` of the raw kernel."""
+        weight = self.output_weight()
+        return [] if weight is None else [weight]
+
+    def inner_convs(self) -> dict[str, nn.Module]:
+        """The branch's growable inner convs by path relative to the branch (for nested growth)."""
+        return {}
+
+    @classmethod
+    def inner_geometries(cls, geom: ConvGeometry) -> dict[str, ConvGeometry]:
+        """The geometries of the convs :meth:`inner_convs` holds in a block of ``geom`` (structure checks)."""
+        return {}
+
+    def runs_apart(self, shape: tuple[int, ...], execution: str) -> bool:
+        """Online mode: whether the branch runs as its own convolutions on an input of ``shape`` instead of
+        joining the block's one kernel (see :mod:`dyrep_fx.execution`)."""
+        return False
+
     @torch.no_grad()
     def normalize_raw_kernel(self) -> None:
         """Rescale the branch's own weights so that :meth:`raw_kernel` has norm 1 per output channel.
@@ -118,11 +140,13 @@ class Branch(nn.Module):
         every scale moved its direction 2-4x faster than plain training would; see benchmarks/README.md
         (online stability). A channel whose raw kernel is zero is left as it is.
         """
-        weight = self.output_weight()
-        if weight is None:
+        weights = self.output_weights()
+        if not weights:
             return
         norms = kernels.channel_norms(self.raw_kernel())
-        weight.div_(torch.where(norms > 0, norms, torch.ones_like(norms)).reshape(-1, *[1] * (weight.dim() - 1)))
+        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+        for weight in weights:
+            weight.div_(norms.reshape(-1, *[1] * (weight.dim() - 1)))
 
     def dbb_kernel(self) -> tuple[Tensor, Tensor]:
         """The branch's equivalent kernel and bias with every BatchNorm fused (dbb mode, eval)."""
@@ -278,6 +302,19 @@ class ComposedBranch(Branch):
         # (a grown inner block keeps its own balance: its kxk is not one weight any more)
         return None if hasattr(self.conv2, "equivalent") else self.conv2.weight
 
+    def inner_convs(self) -> dict[str, nn.Module]:
+        return {"conv2": self.conv2}
+
+    @classmethod
+    def inner_geometries(cls, geom: ConvGeometry) -> dict[str, ConvGeometry]:
+        # the kxk stage reads the padded intermediate map: the outer window, unpadded
+        return {"conv2": ConvGeometry.from_conv(nn.Conv2d(
+            geom.in_channels, geom.out_channels, geom.kernel_size, geom.stride, 0, geom.dilation, geom.groups,
+            bias=False, device="meta"))}
+
+    def runs_apart(self, shape: tuple[int, ...], execution: str) -> bool:
+        return run_composed_as_convs(self.geom, shape, execution)
+
     def term(self) -> Term:
         return ComposedTerm(self.conv1.weight, self.inner_kernel()[0], self.scale, self.geom.groups)
 
@@ -361,6 +398,41 @@ class PriorBranch(_SpatialFilterBranch):
         return kernels.frequency_prior(geom.out_channels, geom.kernel_size, dtype=torch.float64)
 
 
+# -- where each kind applies ------------------------------------------------------------------------
+def _needs_window(geom: ConvGeometry) -> str | None:
+    kh, kw = geom.kernel_size
+    return None if kh * kw > 1 else "the conv is 1x1, so this branch would duplicate the main kernel"
+
+
+def _needs_both_axes(geom: ConvGeometry) -> str | None:
+    kh, kw = geom.kernel_size
+    return None if kh > 1 and kw > 1 else f"needs a kernel larger than 1 in both axes (has {kh}x{kw})"
+
+
+def _needs_identity_tap(geom: ConvGeometry) -> str | None:
+    if geom.identity_offset() is not None:
+        return None
+    if geom.in_channels != geom.out_channels:
+        return f"in_channels {geom.in_channels} != out_channels {geom.out_channels}"
+    if geom.stride != (1, 1):
+        return f"stride {geom.stride} is not 1"
+    return f"padding {geom.pads} and dilation {geom.dilation} shift the output against the input"
+
+
+# The canonical order of these seven (10 .. 70) is the one state_dict keys and structure JSON have always had.
+_DBB, _OREPA, _DYREP = "dbb", "orepa", "dyrep"
+for _order, _cls, _applies, _sets in (
+    (10, PointwiseBranch, _needs_window, {_DBB, _OREPA, _DYREP}),
+    (20, ComposedBranch, applies_everywhere, {_DBB, _OREPA, _DYREP}),
+    (30, AvgBranch, _needs_window, {_DBB, _OREPA, _DYREP}),
+    (40, RowBranch, _needs_both_axes, {_DYREP}),
+    (50, ColumnBranch, _needs_both_axes, {_DYREP}),
+    (60, IdentityBranch, _needs_identity_tap, {_DYREP}),
+    (70, PriorBranch, _needs_window, {_OREPA}),
+):
+    register_kind(BranchKind(_cls.kind, _cls, _applies, _order, frozenset(_sets)))
+
+#: The library's first seven branch classes by kind (every kind, user kinds included: :mod:`dyrep_fx.kinds`).
 BRANCH_CLASSES: dict[str, type[Branch]] = {
     cls.kind: cls
     for cls in (PointwiseBranch, ComposedBranch, AvgBranch, RowBranch, ColumnBranch, IdentityBranch, PriorBranch)
@@ -369,4 +441,4 @@ BRANCH_CLASSES: dict[str, type[Branch]] = {
 
 def make_branch(kind: str, geom: ConvGeometry, mode: str, init_scale: float, like: Tensor) -> Branch:
     """Build a new, randomly initialised branch of ``kind`` for a block of geometry ``geom``."""
-    return BRANCH_CLASSES[kind](geom, mode, init_scale, like)
+    return get_kind(kind).make(geom, mode, init_scale, like)

@@ -18,17 +18,28 @@ from torch import Tensor, nn
 from . import kernels
 from .conv_classes import SAME_FROM_INPUT, padding_rule
 
-__all__ = ["ConvGeometry", "BRANCH_KINDS", "DBB_KINDS", "OREPA_KINDS", "DYREP_KINDS"]
+__all__ = ["ConvGeometry", "BRANCH_KINDS", "DBB_KINDS", "OREPA_KINDS", "DYREP_KINDS",  # noqa: F822 (see __getattr__)
+           "LARGE_KERNEL_KINDS"]
 
-#: Every branch kind, in the order blocks build and report them.
-BRANCH_KINDS: tuple[str, ...] = ("1x1", "1x1_kxk", "1x1_avg", "1xk", "kx1", "identity", "prior")
-#: DBB's branch set beside the kxk kernel (the static baseline DyRep compares to).
-DBB_KINDS: tuple[str, ...] = ("1x1", "1x1_kxk", "1x1_avg")
-#: OREPA's linear branch set (DBB's plus the frequency prior).
-OREPA_KINDS: tuple[str, ...] = ("1x1", "1x1_kxk", "1x1_avg", "prior")
-#: The branch set of DyRep's DBB variant (the main kxk is the block's own kernel), what ``DyRep`` grows;
-#: OREPA's ``prior`` is opt-in through ``kinds=``.
-DYREP_KINDS: tuple[str, ...] = ("1x1", "1x1_kxk", "1x1_avg", "1xk", "kx1", "identity")
+#: The named kind tuples, read from the registry (:mod:`dyrep_fx.kinds`) when first asked for:
+#: ``BRANCH_KINDS`` every kind registered by then, in canonical order; ``DBB_KINDS`` DBB's branch set beside
+#: the kxk kernel (the static baseline DyRep compares to); ``OREPA_KINDS`` OREPA's linear set (DBB's plus the
+#: frequency prior); ``DYREP_KINDS`` what ``DyRep`` grows (DyRep's DBB variant, the main kxk being the block's
+#: own kernel, plus the large-kernel kinds, which only large depthwise kernels take; OREPA's ``prior`` is
+#: opt-in through ``kinds=``); ``LARGE_KERNEL_KINDS`` the RepLKNet / UniRepLKNet / MobileOne kinds.
+_KIND_TUPLES = {"BRANCH_KINDS": None, "DBB_KINDS": "dbb", "OREPA_KINDS": "orepa", "DYREP_KINDS": "dyrep",
+                "LARGE_KERNEL_KINDS": "large_kernel"}
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    # (module-level names computed on access: the registry loads the kinds, which import this module)
+    if name not in _KIND_TUPLES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .kinds import registry
+
+    set_name = _KIND_TUPLES[name]
+    return registry.kind_names() if set_name is None else registry.kinds_in(set_name)
+
 
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
@@ -114,27 +125,10 @@ class ConvGeometry:
                 kernels.embed_offset(self.kernel_size[1], size[1]))
 
     def applicable_kinds(self) -> dict[str, str | None]:
-        """Every branch kind mapped to ``None`` when it applies here, else to the reason it does not."""
-        kh, kw = self.kernel_size
-        window = None if kh * kw > 1 else "the conv is 1x1, so this branch would duplicate the main kernel"
-        both = None if kh > 1 and kw > 1 else f"needs a kernel larger than 1 in both axes (has {kh}x{kw})"
-        if self.identity_offset() is not None:
-            ident = None
-        elif self.in_channels != self.out_channels:
-            ident = f"in_channels {self.in_channels} != out_channels {self.out_channels}"
-        elif self.stride != (1, 1):
-            ident = f"stride {self.stride} is not 1"
-        else:
-            ident = f"padding {self.pads} and dilation {self.dilation} shift the output against the input"
-        return {
-            "1x1": window,
-            "1x1_kxk": None,
-            "1x1_avg": window,
-            "1xk": both,
-            "kx1": both,
-            "identity": ident,
-            "prior": window,
-        }
+        """Every registered branch kind mapped to ``None`` when it applies here, else to the reason it does not."""
+        from .kinds import registry
+
+        return {name: registry.get_kind(name).applies(self) for name in registry.kind_names()}
 
     def kinds(self) -> list[str]:
         """The branch kinds that can be made exact for this conv, in canonical order."""

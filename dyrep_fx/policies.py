@@ -124,8 +124,7 @@ class DyRepCandidates(CandidateRule):
 
     def _parent_branch_grew(self, name: str, model: nn.Module) -> bool:
         """Whether the branch holding inner conv ``name`` gained importance since its block grew."""
-        parent, _, rest = name.rpartition(".branches.")
-        kind = rest.split(".")[0]
+        parent, kind = RepConv2d.split_inner_path(name)
         birth = self.births.get(parent)
         if birth is None or kind not in birth["importance"]:
             return True

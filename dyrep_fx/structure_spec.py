@@ -17,13 +17,12 @@ from torch import nn
 
 from .block import RepConv2d, find_blocks
 from .geometry import ConvGeometry
+from .kinds import registry
 from .passes.base import PassError, Transaction, get_module, set_module
 
 __all__ = ["FORMAT", "describe", "check", "check_format", "check_entry", "restore", "restore_block"]
 
 FORMAT = "dyrep_fx.structure/1"
-#: The only inner conv of a block that can be a block itself (the kxk conv of ``1x1_kxk``).
-NESTABLE = "branches.1x1_kxk.conv2"
 
 
 def describe(model: nn.Module, mode: str, init_scale: float) -> dict[str, Any]:
@@ -69,10 +68,11 @@ def check_entry(model: nn.Module, name: str, entry: dict[str, Any]) -> None:
         raise PassError(f"structure grows {name!r}, which cannot take a block: {why}")
     geometry = module.geometry if isinstance(module, RepConv2d) else ConvGeometry.from_conv(module)
     _check_kinds(entry, geometry, name)
+    nestable = _inner_geometries(entry, geometry)
     for rel, inner in entry.get("nested", {}).items():
-        if rel != NESTABLE or "1x1_kxk" not in entry.get("kinds", []):
+        if rel not in nestable:
             raise PassError(f"structure nests {rel!r} under {name!r}, which has no such inner conv")
-        _check_kinds(inner, _inner_geometry(geometry), f"{name}.{rel}")
+        _check_kinds(inner, nestable[rel], f"{name}.{rel}")
 
 
 def _check_kinds(entry: dict[str, Any], geometry: ConvGeometry, where: str) -> None:
@@ -82,11 +82,11 @@ def _check_kinds(entry: dict[str, Any], geometry: ConvGeometry, where: str) -> N
                         f"(it takes {geometry.kinds()})")
 
 
-def _inner_geometry(outer: ConvGeometry) -> ConvGeometry:
-    """The geometry of a ``1x1_kxk`` branch's kxk conv: the outer window, unpadded (see branches.py)."""
-    return ConvGeometry.from_conv(nn.Conv2d(
-        outer.in_channels, outer.out_channels, outer.kernel_size, outer.stride, 0, outer.dilation,
-        outer.groups, bias=False, device="meta"))
+def _inner_geometries(entry: dict[str, Any], outer: ConvGeometry) -> dict[str, ConvGeometry]:
+    """The inner convs the entry's kinds hold in a block of ``outer``, by path relative to the block."""
+    known = [k for k in entry.get("kinds", []) if k in registry.kind_names()]
+    return {f"branches.{kind}.{rel}": geometry for kind in known
+            for rel, geometry in registry.get_kind(kind).nested(outer).items()}
 
 
 def restore_block(model: nn.Module, name: str, entry: dict[str, Any], mode: str, init_scale: float,

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..block import RepConv2d
 from ..defaults import INIT_SCALE
-from ..geometry import BRANCH_KINDS
+from ..kinds.registry import kind_names
 from ..tracing import TracedModel
 from .analysis import Site, analyse
 from .base import PassError, PassReport, Transaction, get_module
@@ -29,12 +29,13 @@ def check_kind_names(kinds: Iterable[str]) -> list[str]:
     if isinstance(kinds, str):  # list("1x1") would name three kinds
         raise PassError(f"kinds must be a list of branch kinds, not the string {kinds!r}: write [{kinds!r}]")
     kinds = list(kinds)
+    known = kind_names()  # (every registered kind, a user's too)
     for kind in kinds:
-        if kind in BRANCH_KINDS:
+        if kind in known:
             continue
-        close = difflib.get_close_matches(str(kind), BRANCH_KINDS, n=1)
+        close = difflib.get_close_matches(str(kind), known, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise PassError(f"{kind!r} is not a branch kind; {hint}the kinds are {list(BRANCH_KINDS)}")
+        raise PassError(f"{kind!r} is not a branch kind; {hint}the kinds are {list(known)}")
     return kinds
 
 
