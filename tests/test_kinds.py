@@ -267,3 +267,54 @@ def test_a_kind_name_is_taken_once(corner_kind):
     assert register_kind(corner_kind) is corner_kind  # the same kind again: nothing changes
     with pytest.raises(ValueError, match="unknown sets"):
         register_kind(BranchKind("other", CornerBranch, sets=frozenset({"mine"})))
+
+
+# ------------------------------------------------------------------------------------ convnext_tiny
+def _train(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor) -> None:
+    model.train()
+    optimizer.zero_grad()
+    model(x).logsumexp(1).mean().backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("mode,driver", [("online", "grow"), ("dbb", "grow"), ("online", "dyrep")])
+def test_convnext_tiny_grows_trains_and_folds_with_the_large_kernel_kinds(mode, driver):
+    """torchvision's convnext_tiny: the 7x7 depthwise convs (and only they) take the large-kernel kinds;
+    grown (by ``grow`` or by DyRep's default kinds), trained two steps and folded, it loads strictly into a
+    fresh convnext_tiny with equal outputs."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.convnext_tiny(weights=None).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    dyrep_fx.transform(model, mode=mode, example_inputs=(x,))
+    sites = [s for s in dyrep_fx.sites(model) if s.eligible]
+    large = [s.name for s in sites if "small_kxk" in s.kinds]
+    assert len(large) == 18 and all(s.kernel_size == (7, 7) and s.groups == s.in_channels
+                                    for s in sites if s.name in large)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    if driver == "grow":
+        dyrep_fx.grow(model, large, LARGE)
+    else:
+        ctl = dyrep_fx.DyRep(model, optimizer, interval=1, topk=2,
+                             candidates=lambda site, model: site.kernel_size == (7, 7))
+        _train(model, optimizer, x)
+        model.eval()
+        with torch.no_grad():
+            before = model(x)
+        grown = ctl.step().grown
+        assert len(grown) == 2 and all(set(LARGE) <= set(kinds) for kinds in grown.values())
+    model.eval()
+    with torch.no_grad():
+        assert rel_err(model(x), before) <= F64_TOL
+    for _ in range(2):
+        _train(model, optimizer, x)
+    model.eval()
+    with torch.no_grad():
+        trained = model(x)
+        deploy = dyrep_fx.fold(model)
+        fresh = torchvision.models.convnext_tiny(weights=None).double().eval()
+        fresh.load_state_dict(deploy.state_dict(), strict=True)
+        assert rel_err(fresh(x), trained) <= F64_TOL
