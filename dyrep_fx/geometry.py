@@ -25,8 +25,9 @@ __all__ = ["ConvGeometry", "BRANCH_KINDS", "DBB_KINDS", "OREPA_KINDS", "DYREP_KI
 #: ``BRANCH_KINDS`` every kind registered by then, in canonical order; ``DBB_KINDS`` DBB's branch set beside
 #: the kxk kernel (the static baseline DyRep compares to); ``OREPA_KINDS`` OREPA's linear set (DBB's plus the
 #: frequency prior); ``DYREP_KINDS`` what ``DyRep`` grows (DyRep's DBB variant, the main kxk being the block's
-#: own kernel, plus the large-kernel kinds, which only large depthwise kernels take; OREPA's ``prior`` is
-#: opt-in through ``kinds=``); ``LARGE_KERNEL_KINDS`` the RepLKNet / UniRepLKNet / MobileOne kinds.
+#: own kernel; OREPA's ``prior`` is opt-in through ``kinds=``); ``LARGE_KERNEL_KINDS`` the RepLKNet /
+#: UniRepLKNet / MobileOne kinds, which only large depthwise kernels take (``grow()``'s default includes
+#: them there; DyRep through ``kinds=DYREP_KINDS + LARGE_KERNEL_KINDS``).
 _KIND_TUPLES = {"BRANCH_KINDS": None, "DBB_KINDS": "dbb", "OREPA_KINDS": "orepa", "DYREP_KINDS": "dyrep",
                 "LARGE_KERNEL_KINDS": "large_kernel"}
 

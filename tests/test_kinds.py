@@ -68,7 +68,7 @@ def test_the_library_kinds_keep_their_order_and_sets():
     assert LARGE == ["small_kxk", "dilated_kxk", "parallel_kxk"] == list(BRANCH_KINDS[7:])
     assert DBB_KINDS == ("1x1", "1x1_kxk", "1x1_avg")
     assert OREPA_KINDS == ("1x1", "1x1_kxk", "1x1_avg", "prior")
-    assert DYREP_KINDS == ("1x1", "1x1_kxk", "1x1_avg", "1xk", "kx1", "identity", *LARGE)
+    assert DYREP_KINDS == ("1x1", "1x1_kxk", "1x1_avg", "1xk", "kx1", "identity")  # the large ones: opt-in
     assert kind_names() == BRANCH_KINDS
 
 
@@ -280,7 +280,7 @@ def _train(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor) -> Non
 @pytest.mark.parametrize("mode,driver", [("online", "grow"), ("dbb", "grow"), ("online", "dyrep")])
 def test_convnext_tiny_grows_trains_and_folds_with_the_large_kernel_kinds(mode, driver):
     """torchvision's convnext_tiny: the 7x7 depthwise convs (and only they) take the large-kernel kinds;
-    grown (by ``grow`` or by DyRep's default kinds), trained two steps and folded, it loads strictly into a
+    grown (by ``grow``'s default or by DyRep with ``DYREP_KINDS + LARGE_KERNEL_KINDS``), trained two steps and folded, it loads strictly into a
     fresh convnext_tiny with equal outputs."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
@@ -296,9 +296,9 @@ def test_convnext_tiny_grows_trains_and_folds_with_the_large_kernel_kinds(mode, 
     with torch.no_grad():
         before = model(x)
     if driver == "grow":
-        dyrep_fx.grow(model, large, LARGE)
+        dyrep_fx.grow(model, large)  # every kind that applies: DyRep's six where they do, and the three
     else:
-        ctl = dyrep_fx.DyRep(model, optimizer, interval=1, topk=2,
+        ctl = dyrep_fx.DyRep(model, optimizer, interval=1, topk=2, kinds=DYREP_KINDS + LARGE_KERNEL_KINDS,
                              candidates=lambda site, model: site.kernel_size == (7, 7))
         _train(model, optimizer, x)
         model.eval()

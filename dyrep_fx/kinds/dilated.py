@@ -40,4 +40,4 @@ class DilatedBranch(SummedWindowBranch):
 
 
 register_kind(BranchKind(DilatedBranch.kind, DilatedBranch, large_depthwise, 90,
-                         frozenset({"dyrep", "large_kernel"})))
+                         frozenset({"large_kernel"})))

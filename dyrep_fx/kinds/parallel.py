@@ -41,4 +41,4 @@ def _square_odd(geom: ConvGeometry) -> str | None:
 
 
 register_kind(BranchKind(ParallelBranch.kind, ParallelBranch, large_depthwise, 100,
-                         frozenset({"dyrep", "large_kernel"})))
+                         frozenset({"large_kernel"})))

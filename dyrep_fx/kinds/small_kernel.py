@@ -40,7 +40,7 @@ def _fits(size: int | None):
 def small_kernel_kind(size: int | None = None, name: str = "small_kxk", order: float = 80) -> BranchKind:
     """The small-kernel kind of ``size`` (odd, smaller than the kernel; ``None``: :func:`default_size`)."""
     if size is None and name == SmallKernelBranch.kind:
-        return BranchKind(name, SmallKernelBranch, _fits(None), order, frozenset({"dyrep", "large_kernel"}))
+        return BranchKind(name, SmallKernelBranch, _fits(None), order, frozenset({"large_kernel"}))
     if size is not None and (size % 2 == 0 or size < 3):
         raise ValueError(f"a small kernel's size must be odd and at least 3, got {size}")
     branch = with_specs(SmallKernelBranch, name, lambda geom: [(size or default_size(geom), 1)])
