@@ -182,7 +182,7 @@ def test_autocast_that_drops_the_branches_fails_the_check(mode, monkeypatch):
     """The control: blocks that run only their main term under autocast."""
     online_kernel, dbb_forward = RepConv2d._online_kernel, RepConv2d._dbb_forward
 
-    def main_only_online(self, skip=None):
+    def main_only_online(self, skip=()):
         if not torch.is_autocast_enabled("cpu"):
             return online_kernel(self, skip)
         return self.weight * self.main_scale.reshape(-1, 1, 1, 1)
