@@ -244,7 +244,6 @@ class RepConv2d(nn.Module):
             if kind in kinds:
                 branch = make_branch(kind, self.geometry, self.mode, self.init_scale, self.weight)
                 if self.mode == "online":
-                    branch.normalize_raw_kernel()
                     self._start_at_init_share(branch, target[0])
                 branch.train(self.training)
                 self.branches[kind] = branch

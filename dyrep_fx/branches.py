@@ -105,17 +105,6 @@ class Branch(nn.Module):
         """The branch's unscaled linear kernel in the block window (online mode)."""
         raise NotImplementedError
 
-    def output_weight(self) -> Tensor | None:
-        """The trained weight whose first dimension is the block's output channel (rescaling a row rescales
-        that channel of :meth:`raw_kernel`), or None for a branch without one (identity)."""
-        return None
-
-    def output_weights(self) -> list[Tensor]:
-        """Every weight :meth:`raw_kernel` is linear in per output channel (several for a branch that sums
-        convs): rescaling row ``o`` of all of them rescales channel ``o`` of the raw kernel."""
-        weight = self.output_weight()
-        return [] if weight is None else [weight]
-
     def inner_convs(self) -> dict[str, nn.Module]:
         """The branch's growable inner convs by path relative to the branch (for nested growth)."""
         return {}
@@ -129,24 +118,6 @@ class Branch(nn.Module):
         """Online mode: whether the branch runs as its own convolutions on an input of ``shape`` instead of
         joining the block's one kernel (see :mod:`dyrep_fx.execution`)."""
         return False
-
-    @torch.no_grad()
-    def normalize_raw_kernel(self) -> None:
-        """Rescale the branch's own weights so that :meth:`raw_kernel` has norm 1 per output channel.
-
-        Online mode: ``scale[o]`` is then the branch's coordinate along a unit direction of the effective
-        kernel, so an SGD step moves the kernel along it at the rate plain SGD moves any kernel direction
-        (``|dW/d scale[o]|^2 = 1``). With He-initialised weights the raw norms are 1.4-2 and more, and
-        every scale moved its direction 2-4x faster than plain training would; see benchmarks/README.md
-        (online stability). A channel whose raw kernel is zero is left as it is.
-        """
-        weights = self.output_weights()
-        if not weights:
-            return
-        norms = kernels.channel_norms(self.raw_kernel())
-        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
-        for weight in weights:
-            weight.div_(norms.reshape(-1, *[1] * (weight.dim() - 1)))
 
     def dbb_kernel(self) -> tuple[Tensor, Tensor]:
         """The branch's equivalent kernel and bias with every BatchNorm fused (dbb mode, eval)."""
@@ -187,9 +158,6 @@ class _WindowConvBranch(Branch):
 
     def raw_kernel(self) -> Tensor:
         return kernels.embed_kernel(self.conv.weight, self.geom.kernel_size, self.offset)
-
-    def output_weight(self) -> Tensor:
-        return self.conv.weight
 
     def dbb_kernel(self) -> tuple[Tensor, Tensor]:
         w, b = _fuse(self.conv.weight, None, self.bn)
@@ -298,10 +266,6 @@ class ComposedBranch(Branch):
         w2, _ = self.inner_kernel()  # an online inner block has no bias
         return kernels.merge_1x1_kxk(self.conv1.weight, None, w2, None, self.geom.groups)[0]
 
-    def output_weight(self) -> Tensor | None:
-        # (a grown inner block keeps its own balance: its kxk is not one weight any more)
-        return None if hasattr(self.conv2, "equivalent") else self.conv2.weight
-
     def inner_convs(self) -> dict[str, nn.Module]:
         return {"conv2": self.conv2}
 
@@ -360,9 +324,6 @@ class _SpatialFilterBranch(Branch):
 
     def raw_kernel(self) -> Tensor:
         return kernels.merge_1x1_depthwise(self.conv1.weight, None, self.spatial)[0]
-
-    def output_weight(self) -> Tensor:
-        return self.conv1.weight
 
     def term(self) -> Term:
         return FilterTerm(self.conv1.weight, self.scale, self.spatial)

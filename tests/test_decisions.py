@@ -312,8 +312,7 @@ def test_inner_conv_of_a_fresh_site_scores_like_a_top_level_conv(mode):
     """One site grown, one interval of training on Fashion-MNIST, the inner conv scored (nesting open).
 
     With the default metric the inner conv's score sits among the top-level convs' scale (below the
-    best of them: its branch carries ~1 % of its block); signed synflow puts it above them all (online: 7x the
-    largest since new branches start with unit-norm raw kernels, 30x before; 5x required).
+    best of them: its branch carries ~1 % of its block); signed synflow puts it over 30x above them all.
     """
     from dyrep_fx.data import fashion_mnist_loaders
     from dyrep_fx.demo import make_net
@@ -344,4 +343,4 @@ def test_inner_conv_of_a_fresh_site_scores_like_a_top_level_conv(mode):
         signed = scores["synflow"]
         inner_signed = [v for n, v in signed.items() if ".branches." in n]
         top_signed = [abs(v) for n, v in signed.items() if ".branches." not in n]
-        assert inner_signed[0] > 5 * max(top_signed)
+        assert inner_signed[0] > 30 * max(top_signed)

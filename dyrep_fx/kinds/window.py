@@ -74,7 +74,7 @@ class SummedWindowBranch(Branch):
         conv = nn.Conv2d(geom.in_channels, geom.out_channels, size, geom.stride, 0,
                          tuple(d * dilation for d in geom.dilation), geom.groups, bias=False,
                          device=like.device, dtype=like.dtype)
-        # He-normal, fan-out, as DyRep initialises new branches (then unit norm: Branch.normalize_raw_kernel).
+        # He-normal, fan-out, as DyRep initialises new branches.
         nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         return conv
 
@@ -94,8 +94,6 @@ class SummedWindowBranch(Branch):
     def raw_kernel(self) -> Tensor:
         return kernels.embed_kernel(self._span_kernel(), self.geom.kernel_size, self._offset(self.span))
 
-    def output_weights(self) -> list[Tensor]:
-        return [conv.weight for conv in self.convs]
 
     def term(self) -> Term:
         if len(self.convs) == 1 and self.specs[0][1] == 1:
