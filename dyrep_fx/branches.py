@@ -34,7 +34,7 @@ from .execution import run_composed_as_convs
 from .geometry import ConvGeometry
 from .kinds.registry import BranchKind, applies_everywhere, get_kind, register_kind
 
-__all__ = ["Branch", "make_branch", "BRANCH_CLASSES"]
+__all__ = ["Branch", "make_branch", "BRANCH_CLASSES", "fuse_with_bn", "window_edges"]
 
 
 def _init_conv(conv: nn.Conv2d) -> nn.Conv2d:
@@ -50,7 +50,8 @@ def _new_bn(channels: int, gamma: float, like: Tensor) -> nn.BatchNorm2d:
     return bn
 
 
-def _fuse(weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+def fuse_with_bn(weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """``(weight, bias)`` followed by ``bn`` (eval mode) as one kernel and bias."""
     return kernels.fuse_bn(weight, bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
 
 
@@ -59,8 +60,8 @@ def _pointwise(x: Tensor, weight: Tensor, groups: int) -> Tensor:
     return nn.functional.conv2d(x, weight, None, 1, 0, 1, groups)
 
 
-def _window_edges(geom: ConvGeometry, map_size: tuple[int, int], size: tuple[int, int],
-                  offset: tuple[int, int]) -> list[int]:
+def window_edges(geom: ConvGeometry, map_size: tuple[int, int], size: tuple[int, int],
+                 offset: tuple[int, int]) -> list[int]:
     """Top, bottom, left and right edge of a ``size`` kernel's window at ``offset`` relative to the unpadded
     map: positive pads it, negative crops it."""
     (top, bottom), (left, right) = geom.pads_for(map_size)
@@ -77,7 +78,7 @@ def _window_conv(geom: ConvGeometry, x: Tensor, weight: Tensor, size: tuple[int,
     a negative one crops ``x`` (a view), and equal ones on both sides go to the convolution itself,
     which then keeps ``x`` for backward (the layer before keeps it anyway).
     """
-    edges = _window_edges(geom, (x.shape[-2], x.shape[-1]), size, offset)
+    edges = window_edges(geom, (x.shape[-2], x.shape[-1]), size, offset)
     crop_t, crop_b, crop_l, crop_r = (max(-e, 0) for e in edges)
     x = x[..., crop_t: x.shape[-2] - crop_b, crop_l: x.shape[-1] - crop_r]
     pad_t, pad_b, pad_l, pad_r = (max(e, 0) for e in edges)
@@ -160,7 +161,7 @@ class _WindowConvBranch(Branch):
         return kernels.embed_kernel(self.conv.weight, self.geom.kernel_size, self.offset)
 
     def dbb_kernel(self) -> tuple[Tensor, Tensor]:
-        w, b = _fuse(self.conv.weight, None, self.bn)
+        w, b = fuse_with_bn(self.conv.weight, None, self.bn)
         return kernels.embed_kernel(w, self.geom.kernel_size, self.offset), b
 
     def term(self) -> Term:
@@ -168,7 +169,7 @@ class _WindowConvBranch(Branch):
 
     def forward(self, x: Tensor, xp: Tensor | None, recompute: bool = False) -> Tensor:
         if xp is None:
-            if recompute and self.size == (1, 1) and not any(_window_edges(self.geom, x.shape[-2:], self.size,
+            if recompute and self.size == (1, 1) and not any(window_edges(self.geom, x.shape[-2:], self.size,
                                                                            self.offset)):
                 # the centred 1x1 reads the input as it is: a 1x1 stage (see dbb_ops.pointwise_norm)
                 return pointwise_norm(self.bn, x, self.conv.weight, self.geom, self.geom.stride, False, True)
@@ -225,7 +226,7 @@ class IdentityBranch(Branch):
         return self.eye
 
     def dbb_kernel(self) -> tuple[Tensor, Tensor]:
-        return _fuse(self.eye, None, self.bn)
+        return fuse_with_bn(self.eye, None, self.bn)
 
     def term(self) -> Term:
         (r, c) = self.offset
@@ -283,10 +284,10 @@ class ComposedBranch(Branch):
         return ComposedTerm(self.conv1.weight, self.inner_kernel()[0], self.scale, self.geom.groups)
 
     def dbb_kernel(self) -> tuple[Tensor, Tensor]:
-        w1, b1 = _fuse(self.conv1.weight, None, self.bn1)
+        w1, b1 = fuse_with_bn(self.conv1.weight, None, self.bn1)
         w2, b2 = self.inner_kernel()
         w, b = kernels.merge_1x1_kxk(w1, b1, w2, b2, self.geom.groups)
-        return _fuse(w, b, self.bn)
+        return fuse_with_bn(w, b, self.bn)
 
     def forward(self, x: Tensor, xp: Tensor | None, recompute: bool = False) -> Tensor:
         nested = hasattr(self.conv2, "equivalent")  # a grown inner block: a conv without padding of its own
@@ -329,9 +330,9 @@ class _SpatialFilterBranch(Branch):
         return FilterTerm(self.conv1.weight, self.scale, self.spatial)
 
     def dbb_kernel(self) -> tuple[Tensor, Tensor]:
-        w1, b1 = _fuse(self.conv1.weight, None, self.bn1)
+        w1, b1 = fuse_with_bn(self.conv1.weight, None, self.bn1)
         w, b = kernels.merge_1x1_depthwise(w1, b1, self.spatial)
-        return _fuse(w, b, self.bn)
+        return fuse_with_bn(w, b, self.bn)
 
     def forward(self, x: Tensor, xp: Tensor | None, recompute: bool = False) -> Tensor:
         zp = pointwise_norm(self.bn1, x, self.conv1.weight, self.geom, recompute=recompute)

@@ -27,7 +27,7 @@ from torch import nn
 
 from dyrep_fx import dbb_ops
 from dyrep_fx.block import RepConv2d
-from dyrep_fx.geometry import ConvGeometry
+from dyrep_fx.geometry import LARGE_KERNEL_KINDS, ConvGeometry
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 DBB = ("1x1", "1x1_kxk", "1x1_avg")
@@ -179,12 +179,13 @@ def test_dbb_training_forward_equals_the_padded_input_formulation(cfg, seed, rec
     with and without ``recompute``."""
     torch.manual_seed(seed)
     blk = RepConv2d(cfg.build().to(device), "dbb").train()
-    blk.grow()
+    # (the formulation above knows the seven classic kinds; the large-kernel kinds: tests/test_kinds.py)
+    blk.grow([k for k in blk.available_kinds() if k not in LARGE_KERNEL_KINDS])
     blk.recompute = recompute
     if "1x1_kxk" in blk.branches:
         inner = RepConv2d(blk.branches["1x1_kxk"].conv2, "dbb").train()
         blk.branches["1x1_kxk"].conv2 = inner
-        inner.grow()
+        inner.grow([k for k in inner.available_kinds() if k not in LARGE_KERNEL_KINDS])
         inner.recompute = recompute
     randomise_bns(blk, seed=None, signed=True)
     perturb(blk)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..assembly import Term, WindowTerm
-from ..branches import Branch, _fuse, _window_edges
+from ..branches import Branch, fuse_with_bn, window_edges
 from ..geometry import ConvGeometry
 
 __all__ = ["SummedWindowBranch", "footprint", "large_depthwise"]
@@ -101,7 +101,7 @@ class SummedWindowBranch(Branch):
         return WindowTerm(self._span_kernel(), self.scale, self._offset(self.span))
 
     def dbb_kernel(self) -> tuple[Tensor, Tensor]:
-        return _fuse(self.raw_kernel(), None, self.bn)
+        return fuse_with_bn(self.raw_kernel(), None, self.bn)
 
     def _grouped(self) -> dict[tuple[int, int], Tensor]:
         """The summed kernel of each distinct ``(size, dilation)``."""
@@ -125,7 +125,7 @@ class SummedWindowBranch(Branch):
         if xp is not None:
             window = geom.window(xp, (span, span), offset)
             return nn.functional.conv2d(window, weight, None, geom.stride, 0, step, geom.groups)
-        edges = _window_edges(geom, (x.shape[-2], x.shape[-1]), (span, span), offset)
+        edges = window_edges(geom, (x.shape[-2], x.shape[-1]), (span, span), offset)
         crop_t, crop_b, crop_l, crop_r = (max(-e, 0) for e in edges)
         x = x[..., crop_t: x.shape[-2] - crop_b, crop_l: x.shape[-1] - crop_r]
         pad_t, pad_b, pad_l, pad_r = (max(e, 0) for e in edges)
