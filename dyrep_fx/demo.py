@@ -155,10 +155,14 @@ def _param_count(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, loader) -> float:
+def _accuracy(model: nn.Module, loader, batches: int | None = None) -> float:
+    """Eval-mode accuracy over ``loader`` (its first ``batches`` batches when given); leaves ``model`` in
+    train mode."""
     model.eval()
     correct = total = 0
-    for x, y in loader:
+    for i, (x, y) in enumerate(loader):
+        if batches is not None and i >= batches:
+            break
         correct += int((model(x).argmax(1) == y).sum())
         total += len(y)
     model.train()
@@ -172,18 +176,8 @@ def eval_gap(model: nn.Module, train_loader, test_loader, calib_batches: int = 2
     (``running``) and with statistics recomputed as plain averages over ``calib_batches`` training batches
     (``recalibrated``), on a copy. The difference is how far the running averages lag behind the weights:
     an eval-mode effect, not a worse trained function."""
-    def accuracy(m: nn.Module) -> float:
-        m.eval()
-        hits = seen = 0
-        for i, (x, y) in enumerate(test_loader):
-            if i >= test_batches:
-                break
-            hits += int((m(x).argmax(1) == y).sum())
-            seen += len(y)
-        return hits / seen
-
     twin = copy.deepcopy(model)
-    running = accuracy(twin)
+    running = _accuracy(twin, test_loader, test_batches)
     for m in twin.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
@@ -193,7 +187,7 @@ def eval_gap(model: nn.Module, train_loader, test_loader, calib_batches: int = 2
         if i >= calib_batches:
             break
         twin(x)
-    return {"running": running, "recalibrated": accuracy(twin)}
+    return {"running": running, "recalibrated": _accuracy(twin, test_loader, test_batches)}
 
 
 def _progress(iterable, enabled: bool, desc: str, total: int):
