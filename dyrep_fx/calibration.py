@@ -1,8 +1,15 @@
-"""BatchNorm calibration for newly grown dbb-mode branches (DyRep's ``recal_bn``).
+"""BatchNorm calibration: running statistics re-estimated as plain averages over a few batches.
 
-The rest of the network runs in eval mode so that the new branches see the statistics of the
-network as it is; only the new BatchNorms update, with a cumulative average (``momentum=None``)
-because only a few batches are used. Statistics are averaged over ranks once at the end.
+Two uses. :func:`calibrate_batchnorms` re-estimates the BatchNorms of newly grown dbb-mode branches
+(DyRep's ``recal_bn``): the rest of the network runs in eval mode so that the new branches see the
+statistics of the network as it is. :func:`calibrate` re-estimates every BatchNorm that trains (known
+elsewhere as "precise BN"), for evaluation during training: BatchNorm's running averages (momentum 0.1)
+trail the weights by some tens of steps, and an online re-parameterized conv moves its output channels'
+scale faster than a plain conv does (see ``benchmarks/README.md``, "Online stability"), so eval-mode
+accuracy mid-training can drop far below what the weights compute with their own statistics.
+
+Both update with a cumulative average (``momentum=None``) because only a few batches are used, and
+average over ranks once at the end.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["calibrate_batchnorms", "default_forward"]
+__all__ = ["calibrate", "calibrate_batchnorms", "default_forward"]
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
@@ -66,3 +73,34 @@ def calibrate_batchnorms(
                 dist.all_reduce(stat)
                 stat.div_(world)
     return used
+
+
+def training_batchnorms(model: nn.Module) -> list[_BatchNorm]:
+    """The BatchNorms of ``model`` that train: in training mode and tracking running statistics (one kept
+    in eval mode while the model trains, e.g. mmdet's ``norm_eval``, is frozen and left alone)."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+
+
+def calibrate(
+    model: nn.Module,
+    loader: Iterable,
+    num_batches: int = 20,
+    forward: Callable[[nn.Module, Any], Any] = default_forward,
+) -> int:
+    """Re-estimate the running statistics of every BatchNorm of ``model`` that trains, as plain averages
+    over ``num_batches`` batches of ``loader`` (training data), for an evaluation that sees what the
+    current weights compute.
+
+    Call it with ``model`` in training mode, e.g. before each validation: BatchNorms in eval mode then
+    are frozen ones and keep their statistics. Training is not affected (training-mode BatchNorm
+    normalises with batch statistics); later training steps go on averaging from the new statistics.
+    Returns the number of batches used.
+
+    Raises:
+        ValueError: no BatchNorm of ``model`` trains (``model`` in eval mode, or all frozen).
+    """
+    batchnorms = training_batchnorms(model)
+    if not batchnorms:
+        raise ValueError(f"calibrate: no BatchNorm of {type(model).__name__} is in training mode; call "
+                         f"model.train() first (BatchNorms kept in eval mode count as frozen)")
+    return calibrate_batchnorms(model, batchnorms, loader, num_batches, forward)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from . import api
+from .calibration import calibrate
 from .controller import DyRep
 from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist_loaders, random_crop_flip
 from .geometry import DBB_KINDS, DYREP_KINDS, OREPA_KINDS
@@ -174,19 +175,11 @@ def eval_gap(model: nn.Module, train_loader, test_loader, calib_batches: int = 2
              test_batches: int = 16) -> dict[str, float]:
     """Accuracy on the first ``test_batches`` test batches with the BatchNorms' running statistics
     (``running``) and with statistics recomputed as plain averages over ``calib_batches`` training batches
-    (``recalibrated``), on a copy. The difference is how far the running averages lag behind the weights:
+    (``recalibrated``, :func:`dyrep_fx.calibrate`), on a copy. The difference is how far the running averages lag behind the weights:
     an eval-mode effect, not a worse trained function."""
     twin = copy.deepcopy(model)
-    running = _accuracy(twin, test_loader, test_batches)
-    for m in twin.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    twin.train()
-    for i, (x, _) in enumerate(train_loader):
-        if i >= calib_batches:
-            break
-        twin(x)
+    running = _accuracy(twin, test_loader, test_batches)  # (leaves twin in train mode)
+    calibrate(twin, train_loader, calib_batches)
     return {"running": running, "recalibrated": _accuracy(twin, test_loader, test_batches)}
 
 

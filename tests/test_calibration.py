@@ -71,3 +71,82 @@ def test_new_branch_batchnorms_average_the_statistics_of_every_call():
         assert int(branch.bn.num_batches_tracked) == len(inputs)
         pooled = torch.cat([m.permute(1, 0, 2, 3).reshape(4, -1) for m in maps], 1).mean(1)
         assert (pooled - mean).abs().max() > 0.1  # the levels differ: pooling every pixel would not pass
+
+
+# -- calibrate: every training BatchNorm, for evaluation ----------------------------------------------------
+class TwoStage(nn.Module):
+    """conv-BN-ReLU twice (float64), plus a third BatchNorm the tests freeze as ``norm_eval`` would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64), nn.BatchNorm2d(4, dtype=torch.float64)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, dtype=torch.float64), nn.BatchNorm2d(4, dtype=torch.float64)
+        self.frozen = nn.BatchNorm2d(4, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.frozen(torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))))
+
+
+def calibration_batches(count: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    # each batch its own offset, so a running average with momentum differs from the plain average
+    return [torch.randn(5, 3, 6, 6, generator=g, dtype=torch.float64) * 2 + i for i in range(count)]
+
+
+def trained_stage_model() -> TwoStage:
+    torch.manual_seed(0)
+    model = TwoStage()
+    with torch.no_grad():  # statistics far from the data's, as after many lagging updates
+        for bn in (model.bn1, model.bn2, model.frozen):
+            bn.running_mean.fill_(3.0)
+            bn.running_var.fill_(0.25)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    model.bn2.momentum = 0.3
+    model.train()
+    model.frozen.eval()
+    return model
+
+
+def test_calibrate_sets_plain_averages_of_training_mode_statistics():
+    model = trained_stage_model()
+    batches = calibration_batches(4)
+    # expected, computed from the maps: BatchNorm 2 sees its input as training normalises it (BatchNorm 1
+    # with batch statistics), not as eval mode would (with BatchNorm 1's stale running statistics)
+    seen1, seen2 = [], []
+    with torch.no_grad():
+        for x in batches:
+            h = model.conv1(x)
+            seen1.append(h)
+            mean, var = h.mean((0, 2, 3), keepdim=True), h.var((0, 2, 3), unbiased=False, keepdim=True)
+            normed = (h - mean) / torch.sqrt(var + model.bn1.eps) * model.bn1.weight.view(1, -1, 1, 1) \
+                + model.bn1.bias.view(1, -1, 1, 1)
+            seen2.append(model.conv2(torch.relu(normed)))
+    frozen_stats = (model.frozen.running_mean.clone(), model.frozen.running_var.clone())
+
+    used = dyrep_fx.calibrate(model, batches, num_batches=10, forward=lambda m, b: m(b))
+
+    assert used == len(batches)
+    for bn, maps in ((model.bn1, seen1), (model.bn2, seen2)):
+        mean, var = call_average(maps)
+        torch.testing.assert_close(bn.running_mean, mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(bn.running_var, var, rtol=1e-10, atol=1e-12)
+    # the frozen BatchNorm keeps its statistics; flags and momenta are as before
+    assert torch.equal(model.frozen.running_mean, frozen_stats[0]) and float(model.frozen.running_var[0]) == 0.25
+    assert model.training and model.bn1.training and not model.frozen.training
+    assert (model.bn1.momentum, model.bn2.momentum) == (0.1, 0.3)
+
+
+def test_calibrate_uses_at_most_num_batches():
+    model = trained_stage_model()
+    batches = calibration_batches(4)
+    assert dyrep_fx.calibrate(model, batches, num_batches=2, forward=lambda m, b: m(b)) == 2
+    with torch.no_grad():
+        first_two = [model.conv1(x) for x in batches[:2]]
+    torch.testing.assert_close(model.bn1.running_mean, call_average(first_two)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_calibrate_refuses_a_model_without_a_training_batchnorm():
+    model = trained_stage_model().eval()
+    with pytest.raises(ValueError, match="no BatchNorm of TwoStage is in training mode.*model.train"):
+        dyrep_fx.calibrate(model, calibration_batches(1), forward=lambda m, b: m(b))

@@ -18,6 +18,9 @@ Events used:
   optimizer is updated in place (honouring ``paramwise_cfg``; new groups join the parameter
   schedules where they are) and a DDP wrapper is rebuilt from ``model_wrapper_cfg``, its train step
   compiled again when the config sets ``compile``;
+* ``before_val_epoch``: re-estimate the training BatchNorms' statistics on ``calibrate_before_val``
+  training batches (:func:`dyrep_fx.calibrate`), so that validation sees what the weights compute
+  rather than running averages that trail them;
 * ``before_save_checkpoint``: put the structure and controller state into the checkpoint;
 * ``after_run``: fold and save a deploy checkpoint that loads strictly into the unmodified config.
 
@@ -41,7 +44,7 @@ from mmengine.hooks import EMAHook, Hook
 from mmengine.registry import HOOKS
 from torch import nn
 
-from .. import api
+from .. import api, calibration
 from ..controller import DYREP_KINDS, DyRep
 from ..defaults import INIT_SCALE, STD_GATE, THRESHOLD
 from ..saliency import DEFAULT_METRIC
@@ -72,6 +75,13 @@ class DyRepHook(Hook):
             little more time; see :func:`dyrep_fx.transform`).
         deploy: at the end, fold and save ``deploy_filename`` (and ``ema_`` + it with an EMAHook)
             in ``work_dir``; it loads with ``strict=True`` into the model of the unmodified config.
+        calibrate_before_val: before each validation, re-estimate the running statistics of every
+            BatchNorm of the model that trains (frozen ones, e.g. ``norm_eval``, keep theirs) as plain
+            averages over this many training batches (0: off). Running averages trail the weights, and
+            more so after growth in online mode: at 30 convs the sweep saw mid-training accuracy drop
+            from ~80 % to ~30 % with running statistics while the same weights scored ~80 % with
+            recomputed ones (``benchmarks/README.md``, "Online stability"). Skipped, with a warning,
+            when an ``EMAHook`` swaps its averaged weights in for validation.
         trust_checkpoint: under torch >= 2.6, let mmengine unpickle the checkpoint it resumes or loads
             (``resume`` / ``load_from``), as it did before torch 2.6: mmengine 0.10.7's checkpoints hold
             pickled objects that ``weights_only`` loading refuses. Only for checkpoints you trust; with
@@ -115,8 +125,13 @@ class DyRepHook(Hook):
         deploy_filename: str = "dyrep_deploy.pth",
         trust_checkpoint: bool = True,
         recompute: bool = False,
+        calibrate_before_val: int = 20,
     ) -> None:
+        if calibrate_before_val < 0:
+            raise ValueError(f"DyRepHook: calibrate_before_val must be >= 0 batches, got {calibrate_before_val}")
         self.targets = list(targets)
+        self.calibrate_before_val = calibrate_before_val
+        self._warned_ema = False
         self.trust_checkpoint = trust_checkpoint
         self.by_epoch = by_epoch
         self.deploy = deploy
@@ -237,6 +252,27 @@ class DyRepHook(Hook):
         again = f"; compiled its {', '.join(compiled)} again" if compiled else ""
         runner.logger.info(f"DyRepHook: rebuilt the {type(runner.model).__name__} wrapper around the new "
                            f"structure{again}")
+
+    # -- validation --------------------------------------------------------------------------------
+    def before_val_epoch(self, runner) -> None:
+        # mmengine's ValLoop calls this before switching the model to eval mode: the BatchNorms that
+        # train are still recognisable by their flag.
+        if not self.calibrate_before_val or self.controller is None:
+            return
+        if any(isinstance(hook, EMAHook) for hook in runner.hooks):
+            if not self._warned_ema:
+                runner.logger.warning("DyRepHook: calibrate_before_val skipped: an EMAHook validates its "
+                                      "averaged weights, whose statistics these batches would not estimate")
+                self._warned_ema = True
+            return
+        model = unwrap(runner.model)
+        if not calibration.training_batchnorms(model):
+            return
+        # a loader seeded by the iteration: the same batches whether or not the run was resumed in between
+        batches = side_loader(runner.train_dataloader, self.options["seed"] + runner.iter)
+        used = calibration.calibrate(model, batches, self.calibrate_before_val, mm_forward)
+        runner.logger.info(f"DyRepHook: BatchNorm statistics re-estimated on {used} training batches "
+                           f"before validation")
 
     # -- checkpoints -------------------------------------------------------------------------------
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:

@@ -1,8 +1,8 @@
 """A toy mmengine model and dataset for DyRepHook tests that need a real Runner but not a detector: a small
 conv classifier (``backbone`` + linear ``head``) on synthetic images whose class is the bright quadrant.
 
-Registering them (:func:`register_toy`) puts ``ToyClassifier`` in mmengine's ``MODELS`` and ``ToyQuadrants``
-in its ``DATASETS``, so :func:`toy_cfg` is an ordinary config that ``Runner.from_cfg`` builds, as a user's
+Registering them (:func:`register_toy`) puts ``ToyClassifier`` in mmengine's ``MODELS``, ``ToyQuadrants``
+in its ``DATASETS`` and ``ToyAccuracy`` in its ``METRICS``, so :func:`toy_cfg` is an ordinary config that ``Runner.from_cfg`` builds, as a user's
 config would be; runs take seconds on a CPU, which leaves room for ``torch.compile`` and two ranks.
 """
 
@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel
-from mmengine.registry import DATASETS, MODELS
+from mmengine.registry import DATASETS, METRICS, MODELS
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
@@ -65,6 +66,24 @@ class ToyQuadrants(Dataset):
         return self.items[index]
 
 
+class ToyAccuracy(BaseMetric):
+    """Accuracy of :class:`ToyClassifier`'s predictions (for configs with a validation loop)."""
+
+    def process(self, data_batch: Any, data_samples: Any) -> None:
+        self.results.extend(int(s["pred"]) == int(s["label"]) for s in data_samples)
+
+    def compute_metrics(self, results: list) -> dict[str, float]:
+        return {"accuracy": sum(results) / len(results)}
+
+
+def toy_val_entries() -> dict[str, Any]:
+    """The config entries of a validation loop on 16 more toy images (``toy_cfg(..., **toy_val_entries())``)."""
+    return dict(val_dataloader=dict(dataset=dict(type="ToyQuadrants", length=16, seed=1), batch_size=4, num_workers=0,
+                                    sampler=dict(type="DefaultSampler", shuffle=False),
+                                    collate_fn=dict(type="default_collate")),
+                val_cfg=dict(), val_evaluator=dict(type="ToyAccuracy"))
+
+
 def register_toy() -> None:
     """Put the toy model and dataset in mmengine's registries, and DyRepHook (idempotent).
 
@@ -73,6 +92,7 @@ def register_toy() -> None:
     import dyrep_fx.mm  # noqa: F401  registers DyRepHook
     MODELS.register_module(module=ToyClassifier, force=True)
     DATASETS.register_module(module=ToyQuadrants, force=True)
+    METRICS.register_module(module=ToyAccuracy, force=True)
 
 
 def toy_cfg(work_dir: Path, iters: int, interval: int, hook_options: dict | None = None, **entries: Any) -> Any:

@@ -3,6 +3,8 @@ Runner built from a config, seconds per run):
 
 * ``by_epoch=True``: one controller step every ``interval`` epochs, counted in epochs, taken at the end of an
   epoch (``after_train_epoch``), never mid-epoch;
+* ``calibrate_before_val``: before each validation the training BatchNorms hold plain averages over that
+  many training batches (off with 0, and skipped beside an ``EMAHook``);
 * mmengine's ``EMAHook`` through a cut: the EMA copy loses the same branches as the live model, absorbing its
   own averaged values, so its function is unchanged by the cut; its folded deploy file is exactly the fold
   of the EMA model.
@@ -13,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.mm_data import find_hook, load_deploy, tensor_outputs
-from helpers.mm_toy import ToyClassifier, toy_cfg, train_toy
+from helpers.mm_toy import ToyClassifier, toy_cfg, toy_val_entries, train_toy
 from mmengine.hooks import Hook
 
 from dyrep_fx import api
@@ -140,3 +142,60 @@ def test_ema_deploy_file_is_the_fold_of_the_ema_model(ema_run):
     batch = next(iter(side_loader(runner.train_dataloader, seed=2)))
     (got,), (ref,) = tensor_outputs(plain, batch), tensor_outputs(ema, batch)
     assert (got - ref).abs().max() <= FUNCTION_TOL * ref.abs().max()
+
+
+# -- calibrate_before_val ------------------------------------------------------------------------------------
+#: 8 iterations of batch 4 on the toy's 32 images; a step (online growth) every 4, validation at the end.
+VAL_ITERS, VAL_INTERVAL = 8, 4
+
+
+class StatsProbe(Hook):
+    """The first BatchNorm's running mean at ``before_val_epoch`` (at HIGHEST: before DyRepHook; at LOWEST:
+    after it), and the model's mode then."""
+
+    def __init__(self) -> None:
+        self.means: list[torch.Tensor] = []
+        self.training: list[bool] = []
+
+    def before_val_epoch(self, runner) -> None:
+        self.means.append(runner.model.backbone[1].running_mean.clone())
+        self.training.append(runner.model.training)
+
+
+def calibration_run(tmp_path, hook_options: dict, ema: bool = False):
+    cfg = toy_cfg(tmp_path, VAL_ITERS, VAL_INTERVAL, hook_options=hook_options,
+                  train_cfg=dict(by_epoch=False, max_iters=VAL_ITERS, val_interval=VAL_ITERS), **toy_val_entries())
+    if ema:
+        cfg.custom_hooks.append(dict(type="EMAHook", momentum=0.5))
+    before, after = StatsProbe(), StatsProbe()
+    runner = train_toy(cfg, (before, "HIGHEST"), (after, "LOWEST"))
+    return runner, before, after
+
+
+def test_calibrate_before_val_sets_plain_averages_over_the_training_batches(tmp_path):
+    # 8 batches of 4 from the side loader: one pass over the 32 training images, so the first BatchNorm's mean
+    # is the mean of the first conv's output over the whole training set
+    runner, before, after = calibration_run(tmp_path, dict(calibrate_before_val=8))
+    assert len(after.means) == 1 and before.training == after.training == [True]
+    model = find_hook(runner, "DyRepHook").controller.model
+    assert api.blocks(model)  # the run grew (online), so the first conv may be a block: read its output
+    dataset = runner.train_dataloader.dataset
+    images = torch.stack([dataset[i]["inputs"] for i in range(len(dataset))])
+    with torch.no_grad():
+        expected = model.backbone[0](images).mean((0, 2, 3))
+    torch.testing.assert_close(after.means[0], expected, rtol=1e-5, atol=1e-6)
+    assert (before.means[0] - expected).abs().max() > 1e-3  # the running average had not got there
+
+
+@pytest.mark.parametrize("case", ["off", "ema"])
+def test_calibrate_before_val_leaves_statistics_when_off_or_beside_ema(tmp_path, case):
+    options = dict(calibrate_before_val=0 if case == "off" else 8)
+    _, before, after = calibration_run(tmp_path, options, ema=case == "ema")
+    assert len(before.means) == 1 and torch.equal(before.means[0], after.means[0])
+
+
+def test_calibrate_before_val_refuses_a_negative_count():
+    from dyrep_fx.mm import DyRepHook
+
+    with pytest.raises(ValueError, match="calibrate_before_val must be >= 0"):
+        DyRepHook(calibrate_before_val=-1)
