@@ -9,6 +9,10 @@ reference implementation's metrics under the reference's names:
   for an inner conv that nothing normalises (its gradient carries its branch's scale). It is invariant
   to rescaling a kernel in front of a train-mode BatchNorm (``g -> g / a``, ``w -> a w``), which leaves
   the model's function unchanged; see dyrep_fx/README.md for the measurements behind the default.
+* ``snip_per_weight``: ``snip`` divided by the kernel's number of weights, ``mean(|grad * weight|)``. A sum
+  over weights grows with the layer: on a network that widens with depth ``snip`` grows the widest
+  layers first on every seed (issue 23). Growing a site adds branch weights in proportion to its
+  kernel, so this is also the saliency per unit of added training cost.
 * ``synflow`` (the reference's default, for parity): ``sum(grad * weight)``, signed. For a conv followed
   by a train-mode BatchNorm the loss is invariant to scaling the kernel channel by channel, so per
   output channel ``sum(grad * weight)_c = eps / (var_c + eps) * gamma_c * dL/dgamma_c`` (``var_c``: the
@@ -36,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["SaliencyCollector", "Scorer", "SCORERS", "METRICS", "DEFAULT_METRIC", "snip", "synflow",
+__all__ = ["SaliencyCollector", "Scorer", "SCORERS", "METRICS", "DEFAULT_METRIC", "snip", "snip_per_weight", "synflow",
            "grad_norm", "metric_name"]
 
 #: ``(weight, grad) -> 0-dim tensor``: a candidate's score at one optimizer step.
@@ -46,6 +50,11 @@ Scorer = Callable[[Tensor, Tensor], Tensor]
 def snip(weight: Tensor, grad: Tensor) -> Tensor:
     """``sum(|grad * weight|)``: the summed first-order loss change of zeroing each weight (SNIP)."""
     return (grad * weight).abs().sum(dtype=torch.float64)
+
+
+def snip_per_weight(weight: Tensor, grad: Tensor) -> Tensor:
+    """``mean(|grad * weight|)``: :func:`snip` per weight, so that wide layers do not rank first by size."""
+    return snip(weight, grad) / weight.numel()
 
 
 def synflow(weight: Tensor, grad: Tensor) -> Tensor:
@@ -63,9 +72,10 @@ def grad_norm(weight: Tensor, grad: Tensor) -> Tensor:
 
 
 #: The per-step scorers by name (``random`` is drawn at decision time instead).
-SCORERS: dict[str, Scorer] = {"snip": snip, "synflow": synflow, "grad_norm": grad_norm}
+SCORERS: dict[str, Scorer] = {"snip": snip, "snip_per_weight": snip_per_weight, "synflow": synflow,
+                               "grad_norm": grad_norm}
 #: Every metric name ``DyRep(metric=...)`` accepts.
-METRICS: tuple[str, ...] = ("snip", "synflow", "grad_norm", "random")
+METRICS: tuple[str, ...] = ("snip", "snip_per_weight", "synflow", "grad_norm", "random")
 #: The library's default metric (see the module docstring and dyrep_fx/README.md for why).
 DEFAULT_METRIC = "snip"
 

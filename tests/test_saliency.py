@@ -1,7 +1,8 @@
 """Saliency as the DyRep controller collects it (dyrep_fx.saliency through dyrep_fx.DyRep).
 
 Every expected value is computed by hand in the training loop, right before ``optimizer.step()``:
-the metric of ``(weight, weight.grad)`` per watched conv (``snip``: ``sum |g*w|``; ``synflow``:
+the metric of ``(weight, weight.grad)`` per watched conv (``snip``: ``sum |g*w|``; ``snip_per_weight``: the
+same over the kernel's number of weights; ``synflow``:
 ``sum g*w``; ``grad_norm``: ``||g||``), averaged over the iterations of the interval.
 """
 
@@ -47,6 +48,8 @@ def by_hand(model: nn.Module, names: list[str], metric: str = "snip") -> dict[st
         g = model.get_submodule(name).weight.grad.double().reshape(-1).tolist()
         if metric == "snip":
             out[name] = math.fsum(abs(a * b) for a, b in zip(g, w))
+        elif metric == "snip_per_weight":
+            out[name] = math.fsum(abs(a * b) for a, b in zip(g, w)) / len(w)
         elif metric == "synflow":
             out[name] = math.fsum(a * b for a, b in zip(g, w))
         else:
@@ -72,7 +75,7 @@ def loss_of(model, i, dtype=torch.float64):
     return nn.functional.cross_entropy(model(x), y)
 
 
-@pytest.mark.parametrize("metric", ["snip", "synflow", "grad_norm"])
+@pytest.mark.parametrize("metric", ["snip", "snip_per_weight", "synflow", "grad_norm"])
 def test_saliency_is_the_interval_mean_of_the_metric(metric):
     model, opt, ctl = make(interval=4, metric=metric)
     names = ctl.candidates()
@@ -97,6 +100,20 @@ def test_saliency_is_the_interval_mean_of_the_metric(metric):
     assert_close(result.saliency, want, scale=scale)
     # The top-1 site by that mean grew.
     assert list(result.grown) == [max(want, key=want.get)]
+
+
+def test_snip_per_weight_ranks_unlike_snip_on_layers_of_different_sizes():
+    """The same gradients: snip ranks by sum, snip_per_weight by mean, and the sites differ in size here,
+    so a scorer that forgot to divide (or divided by the output channels only) ranks as snip does."""
+    model, opt, ctl = make(interval=100)
+    names = ctl.candidates()
+    opt.zero_grad()
+    loss_of(model, 0).backward()
+    total, per = by_hand(model, names, "snip"), by_hand(model, names, "snip_per_weight")
+    sizes = {n: model.get_submodule(n).weight.numel() for n in names}
+    assert len(set(sizes.values())) > 1
+    assert {n: total[n] / per[n] for n in names} == pytest.approx(sizes, rel=1e-12)
+    assert sorted(names, key=total.get) != sorted(names, key=per.get)
 
 
 def test_weight_decay_and_momentum_do_not_enter_saliency():
