@@ -64,8 +64,8 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write ``data`` as indented JSON, creating the folder."""
+def write_json(path: str | Path, data: Any, compact: bool = False) -> None:
+    """Write ``data`` as JSON (indented, or ``compact`` for large per-step records), creating the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
+    path.write_text(json.dumps(data, separators=(",", ":")) if compact else json.dumps(data, indent=2))

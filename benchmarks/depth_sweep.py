@@ -118,6 +118,16 @@ def collapses(run: dict[str, Any], plain: dict[str, Any] | None) -> list[int]:
             if 100 * (p["test_acc"] - e["test_acc"]) >= COLLAPSE_POINTS]
 
 
+def calibrated_collapses(run: dict[str, Any], plain: dict[str, Any] | None) -> list[int] | None:
+    """The same rule on the accuracies with BatchNorm statistics re-estimated (:func:`dyrep_fx.calibrate`,
+    the eval gap's ``recalibrated``) for both runs: what an evaluation after calibration sees. ``None``
+    when either run did not measure it (runs before the eval gap was recorded)."""
+    if plain is None or any("eval_gap" not in e for e in run["epochs"] + plain["epochs"]):
+        return None
+    return [e["epoch"] for e, p in zip(run["epochs"], plain["epochs"])
+            if 100 * (p["eval_gap"]["recalibrated"] - e["eval_gap"]["recalibrated"]) >= COLLAPSE_POINTS]
+
+
 def collapse_details(run: dict[str, Any], plain: dict[str, Any] | None) -> list[str]:
     """Each collapsed epoch as ``"3 (49 / recal 75)"``: the accuracy, and with BatchNorm statistics recomputed
     when the run measured it (a collapse with a recalibrated accuracy near plain's is the running averages
@@ -151,6 +161,8 @@ def summarise(runs: dict[int, dict[str, dict[int, dict[str, Any]]]]) -> dict[str
                                      if variant != "plain"},
                 "collapse_details": {s: collapse_details(r, plain.get(s)) for s, r in sorted(mine.items())
                                      if variant != "plain"},
+                "calibrated_collapses": {s: calibrated_collapses(r, plain.get(s)) for s, r in sorted(mine.items())
+                                         if variant != "plain"},
                 "first_epoch_acc": {s: r["epochs"][0]["test_acc"] for s, r in sorted(mine.items())},
             })
     return {"rows": rows, "recipe": recipe_record(RECIPE), "collapse_points": COLLAPSE_POINTS}
@@ -160,17 +172,30 @@ def _fmt_pair(p: dict[str, Any] | None) -> str:
     return "" if p is None else f"{p['mean']:+.2f} ± {p['se']:.2f} ({p['verdict']})"
 
 
+def _fmt_calibrated(per_seed: dict[Any, list[int] | None]) -> str:
+    """``"none (3 seeds)"``, ``"s1: 2"``, or what could not be measured."""
+    measured = {s: e for s, e in per_seed.items() if e is not None}
+    if not measured:
+        return "not measured"
+    hits = "; ".join(f"s{s}: {', '.join(map(str, e))}" for s, e in measured.items() if e)
+    return hits or f"none ({len(measured)} seed{'s' if len(measured) > 1 else ''})"
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """The sweep's table for the benchmarks README."""
     lines = ["| convs | variant | seeds | test acc % (mean ± std) | Δ vs plain (paired, ± SE) | CPU s/epoch "
-             "| first-epoch acc per seed | epochs collapsed (≥ 10 points below plain): acc / recalibrated |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| first-epoch acc per seed | epochs collapsed (≥ 10 points below plain): acc / recalibrated "
+             "| collapsed with both calibrated |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         first = ", ".join(f"{100 * a:.0f}" for a in r["first_epoch_acc"].values())
-        collapsed = "" if r["variant"] == "plain" else \
-            "; ".join(f"s{s}: {', '.join(e)}" for s, e in r["collapse_details"].items() if e) or "none"
+        collapsed = calibrated = ""
+        if r["variant"] != "plain":
+            collapsed = "; ".join(f"s{s}: {', '.join(e)}" for s, e in r["collapse_details"].items() if e) or "none"
+            calibrated = _fmt_calibrated(r.get("calibrated_collapses", {}))
         lines.append(f"| {r['depth']} | {r['variant']} | {len(r['seeds'])} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} "
-                     f"| {_fmt_pair(r['vs_plain'])} | {r['cpu_seconds_per_epoch']:.0f} | {first} | {collapsed} |")
+                     f"| {_fmt_pair(r['vs_plain'])} | {r['cpu_seconds_per_epoch']:.0f} | {first} | {collapsed} "
+                     f"| {calibrated} |")
     return "\n".join(lines)
 
 

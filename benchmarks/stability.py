@@ -5,8 +5,15 @@ an optimizer step does to it is the *relative* change of its effective kernel, `
 ||W_{t-1}||`` (the effective step size). Plain training changes ``W`` by the SGD step alone; an online
 block's ``W = main_scale * weight + sum_b scale_b * K_b`` changes through every trained factor at once.
 This probe trains one variant with the depth sweep's recipe (same seed, same batches as plain) and
-records, after every optimizer step: the loss, each site's relative kernel change and kernel norm, and
-for online blocks the main scale and each branch's scale and kernel share.
+records, after every optimizer step: the loss, each site's relative kernel change and kernel norm, the
+*radial* part of that change (the median over output channels of the relative change of the channel's
+kernel norm), and for online blocks the main scale and each branch's scale and kernel share.
+
+Why the radial part: BatchNorm after a conv makes the loss blind to each output channel's kernel norm,
+so plain SGD's gradient is orthogonal to every channel's kernel and a step changes the channel norms only
+to second order. The channel norm sets the conv output's variance, which is what the BatchNorm's running
+statistics must follow; a step that changes it to first order moves those statistics faster than their
+running averages (momentum 0.1) can follow, and eval-mode accuracy drops while training does not.
 
     .venv/bin/python benchmarks/stability.py --depth 30 --variants plain orepa_all --epochs-run 3
     .venv/bin/python benchmarks/stability.py --report     # before/after table from the saved probes
@@ -82,12 +89,13 @@ class Probe:
 
     def __call__(self, model: nn.Module, iteration: int, loss: float) -> None:
         with torch.no_grad():
-            record: dict[str, Any] = {"it": iteration, "loss": round(loss, 5), "rel": {}, "norm": {}}
+            record: dict[str, Any] = {"it": iteration, "loss": round(loss, 5), "rel": {}, "radial": {}, "norm": {}}
             for name, m in top_sites(model).items():
                 w = effective_kernel(m).double()
                 old = self.previous.get(name)
                 if old is not None and old.shape == w.shape:
                     record["rel"][name] = _sig((w - old).norm() / old.norm())
+                    record["radial"][name] = _sig(radial_change(old, w))
                 record["norm"][name] = _sig(w.norm())
                 self.previous[name] = w.clone()
                 if isinstance(m, RepConv2d) and m.grown and m.mode == "online":
@@ -98,6 +106,12 @@ class Probe:
             self.evals.append({"it": iteration, **eval_gap(model, *self.loaders, test_batches=10)})
         if self.stop_after is not None and iteration >= self.stop_after:
             raise _Enough
+
+
+def radial_change(old: torch.Tensor, new: torch.Tensor) -> float:
+    """Median over output channels of ``|‖new_c‖ - ‖old_c‖| / ‖old_c‖``: how much a step rescales channels."""
+    before, after = old.flatten(1).norm(dim=1), new.flatten(1).norm(dim=1)
+    return float(((after - before).abs() / before).median())
 
 
 class _EpochAccuracies(logging.Handler):
@@ -116,14 +130,15 @@ def _sig(value: float | torch.Tensor) -> float:
     return float(f"{float(value):.4g}")
 
 
-def probe_one(depth: int, variant: str, seed: int, epochs_run: int, out: Path) -> Path:
-    """Train ``variant`` for ``epochs_run`` epochs of the sweep's schedule, recording every step."""
+def probe_one(depth: int, variant: str, seed: int, epochs_run: int, out: Path, steps: int | None = None) -> Path:
+    """Train ``variant`` for ``epochs_run`` epochs of the sweep's schedule (or its first ``steps`` steps),
+    recording every step."""
     recipe = replace(recipe_for(depth), seed=seed)
     steps_per_epoch = -(-recipe.train_limit // recipe.batch_size)
     # (stop at the first step after the last epoch wanted: that epoch's test accuracy is then logged)
     loaders = fashion_mnist_loaders(recipe.batch_size, recipe.train_limit, None, seed=seed + 1)
-    probe = Probe(stop_after=epochs_run * steps_per_epoch + 1 if epochs_run < recipe.epochs else None,
-                  loaders=loaders)
+    stop = epochs_run * steps_per_epoch + 1 if epochs_run < recipe.epochs else None
+    probe = Probe(stop_after=steps if steps is not None else stop, loaders=loaders)
     accs = _EpochAccuracies()
     logging.getLogger("dyrep_fx.demo").addHandler(accs)
     logging.getLogger("dyrep_fx.demo").setLevel(logging.INFO)
@@ -133,7 +148,7 @@ def probe_one(depth: int, variant: str, seed: int, epochs_run: int, out: Path) -
         pass
     path = out / f"depth{depth}_{variant}_seed{seed}.json"
     write_json(path, {"depth": depth, "variant": variant, "seed": seed, "epochs_run": epochs_run,
-                      "test_acc_per_epoch": accs.values, "evals": probe.evals, "steps": probe.steps})
+                      "test_acc_per_epoch": accs.values, "evals": probe.evals, "steps": probe.steps}, compact=True)
     return path
 
 
@@ -162,21 +177,34 @@ def paired_ratio(mine: list[dict[str, Any]], plain: list[dict[str, Any]], start:
     return statistics.median(ratios) if ratios else float("nan")
 
 
+def radial_share(steps: list[dict[str, Any]], start: int, stop: int) -> float:
+    """Median over steps ``[start, stop)`` and sites of radial change / relative change: the part of a step
+    that rescales output channels (about 0 for plain SGD before BatchNorm; probes before it lack it)."""
+    shares = [s["radial"][k] / s["rel"][k] for s in steps if start <= s["it"] < stop
+              for k in s.get("radial", {}) if s["rel"].get(k)]
+    return statistics.median(shares) if shares else float("nan")
+
+
 def report(root: Path) -> str:
-    """A table per tag: effective step size against plain's, loss spikes, accuracy per epoch."""
-    lines = ["| tag | run | rel. kernel change / plain's (steps 0-100, 100-500, 500+) | loss spikes (>2x) "
-             "| eval gap: recalibrated - running acc, mean (max) | test acc per epoch |", "|---|---|---|---|---|---|"]
+    """A table per tag: effective step size against plain's, its radial share, loss spikes, accuracy per
+    epoch."""
+    lines = ["| tag | run | rel. kernel change / plain's (steps 0-100, 100-500, 500+) | radial share of the change "
+             "(same windows) | loss spikes (>2x) | eval gap: recalibrated - running acc, mean (max) "
+             "| test acc per epoch |", "|---|---|---|---|---|---|---|"]
     for tag_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         probes = {p.stem: json.loads(p.read_text()) for p in sorted(tag_dir.glob("*.json"))}
         for stem, run in probes.items():
             plain = probes.get(f"depth{run['depth']}_plain_seed{run['seed']}")
             ratios = "" if plain is None or run["variant"] == "plain" else ", ".join(
                 f"{paired_ratio(run['steps'], plain['steps'], a, b):.2f}" for a, b in ((0, 100), (100, 500), (500, 10**9)))
+            windows = ((0, 100), (100, 500), (500, 10**9))
+            radial = ", ".join(f"{radial_share(run['steps'], a, b):.3f}" for a, b in windows)
             spikes = loss_spikes(run["steps"])
             accs = ", ".join(f"{100 * a:.0f}" for a in run["test_acc_per_epoch"])
             gaps = [100 * (e["recalibrated"] - e["running"]) for e in run.get("evals", [])]
             gap = f"{statistics.fmean(gaps):.1f} ({max(gaps):.1f})" if gaps else ""
-            lines.append(f"| {tag_dir.name} | {stem} | {ratios} | {len(spikes)} {spikes[:5]} | {gap} | {accs} |")
+            lines.append(f"| {tag_dir.name} | {stem} | {ratios} | {radial} | {len(spikes)} {spikes[:5]} | {gap} "
+                         f"| {accs} |")
     return "\n".join(lines)
 
 
@@ -208,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", nargs="+", default=["plain", "orepa_all", "rep_all_online"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs-run", type=int, default=RECIPE.epochs)
+    p.add_argument("--steps", type=int, default=None, help="stop after this many steps (default: the epochs)")
     p.add_argument("--tag", default="before")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--results", type=Path, default=RESULTS)
@@ -221,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
             for path in pool.map(probe_one, [args.depth] * len(args.variants), args.variants,
                                  [args.seed] * len(args.variants), [args.epochs_run] * len(args.variants),
-                                 [out] * len(args.variants)):
+                                 [out] * len(args.variants), [args.steps] * len(args.variants)):
                 print("wrote", path, flush=True)
     print(report(args.results))
     if args.plot:

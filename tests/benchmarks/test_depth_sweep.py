@@ -22,10 +22,14 @@ def sweep():
     return module
 
 
-def write_run(sweep, results: Path, depth: int, variant: str, seed: int, accs: list[float]) -> None:
+def write_run(sweep, results: Path, depth: int, variant: str, seed: int, accs: list[float],
+              calibrated: list[float] | None = None) -> None:
+    """One run's JSON; ``calibrated``: its per-epoch accuracies with recomputed statistics (the eval gap)."""
+    epochs = [{"epoch": i + 1, "test_acc": a} for i, a in enumerate(accs)]
+    for e, c in zip(epochs, calibrated or []):
+        e["eval_gap"] = {"running": e["test_acc"], "recalibrated": c}
     run = {"depth": depth, "variant": variant, "seed": seed, "recipe": sweep.recipe_record(sweep.recipe_for(depth)),
-           "test_acc": accs[-1], "folded_test_acc": accs[-1], "cpu_seconds_per_epoch": 10.0,
-           "epochs": [{"epoch": i + 1, "test_acc": a} for i, a in enumerate(accs)]}
+           "test_acc": accs[-1], "folded_test_acc": accs[-1], "cpu_seconds_per_epoch": 10.0, "epochs": epochs}
     sweep.write_json(sweep.run_path(results, depth, variant, seed), run)
 
 
@@ -52,3 +56,19 @@ def test_collapses_and_paired_gain_within_a_depth(sweep, tmp_path):
     assert row["vs_plain"]["diffs"] == pytest.approx([2.0, 3.0, 1.0])
     assert row["vs_plain"]["verdict"] == "higher"
     assert "s1: 2 (45)" in sweep.markdown(summary)
+
+
+def test_calibrated_collapses_compare_both_runs_with_recomputed_statistics(sweep, tmp_path):
+    # seed 0: a running-statistics collapse at epoch 2 that calibration removes; seed 1: one it does not;
+    # seed 2: plain without the eval gap, so nothing can be said
+    write_run(sweep, tmp_path, 30, "plain", 0, [0.5, 0.6, 0.8], calibrated=[0.55, 0.62, 0.8])
+    write_run(sweep, tmp_path, 30, "orepa_all", 0, [0.5, 0.3, 0.8], calibrated=[0.55, 0.60, 0.8])
+    write_run(sweep, tmp_path, 30, "plain", 1, [0.5, 0.6, 0.8], calibrated=[0.55, 0.62, 0.8])
+    write_run(sweep, tmp_path, 30, "orepa_all", 1, [0.5, 0.3, 0.8], calibrated=[0.55, 0.40, 0.8])
+    write_run(sweep, tmp_path, 30, "plain", 2, [0.5, 0.6, 0.8])
+    write_run(sweep, tmp_path, 30, "orepa_all", 2, [0.5, 0.3, 0.8], calibrated=[0.55, 0.40, 0.8])
+    summary = sweep.summarise(sweep.load_runs(tmp_path))
+    row = next(r for r in summary["rows"] if r["variant"] == "orepa_all")
+    assert row["collapsed_epochs"] == {0: [2], 1: [2], 2: [2]}
+    assert row["calibrated_collapses"] == {0: [], 1: [2], 2: None}
+    assert "| s1: 2 |" in sweep.markdown(summary)
