@@ -222,13 +222,50 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_calibration(runs: dict[int, dict[str, dict[int, dict[str, Any]]]], depth: int, path: Path) -> bool:
+    """Per seed (a panel each), test accuracy per epoch at ``depth`` with running BatchNorm statistics
+    (dotted) and calibrated ones (solid, :func:`dyrep_fx.calibrate`), one colour per variant: what the
+    library's calibration before evaluation changes. False when no run at ``depth`` measured it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    at_depth = runs.get(depth, {})
+    seeds = sorted({s for mine in at_depth.values() for s, r in mine.items() if "eval_gap" in r["epochs"][0]})
+    if not seeds:
+        return False
+    fig, axes = plt.subplots(1, len(seeds), figsize=(4.2 * len(seeds), 4), sharey=True, squeeze=False)
+    for ax, seed in zip(axes[0], seeds):
+        for i, variant in enumerate(VARIANTS):
+            run = at_depth.get(variant, {}).get(seed)
+            if run is None or "eval_gap" not in run["epochs"][0]:
+                continue
+            epochs = [e["epoch"] for e in run["epochs"]]
+            ax.plot(epochs, [100 * e["test_acc"] for e in run["epochs"]], color=f"C{i}", ls=":")
+            ax.plot(epochs, [100 * e["eval_gap"]["recalibrated"] for e in run["epochs"]], color=f"C{i}",
+                    marker="o", ms=3, label=variant)
+        ax.set(title=f"{depth} convs, seed {seed}", xlabel="epoch")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("test accuracy %")
+    fig.suptitle("dotted: BatchNorm running statistics; solid: calibrated (dyrep_fx.calibrate, 20 batches)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def report(results: Path) -> dict[str, Any]:
-    """Write ``summary.json``, ``tables.md`` and ``sweep.png`` next to the runs; return the summary."""
-    summary = summarise(load_runs(results))
+    """Write ``summary.json``, ``tables.md``, ``sweep.png`` and ``calibration.png`` (30 convs) next to the
+    runs; return the summary."""
+    runs = load_runs(results)
+    summary = summarise(runs)
     write_json(results / "summary.json", summary)
     (results / "tables.md").write_text(markdown(summary) + "\n")
     if summary["rows"]:
         plot(summary, results / "sweep.png")
+        plot_calibration(runs, 30, results / "calibration.png")
     return summary
 
 

@@ -29,7 +29,7 @@ except ImportError as exc:  # an uninstalled checkout: passes/ becomes dyrep_fx.
 from . import policies
 from .api import blocks, cut, fold, fuse_bn, grow, restore, sites, structure, transform
 from .block import MODES, RepConv2d
-from .calibration import calibrate
+from .calibration import calibrate, calibrated
 from .controller import DyRep, StepResult
 from .geometry import BRANCH_KINDS, DBB_KINDS, DYREP_KINDS, OREPA_KINDS
 from .handle import Handle
@@ -42,7 +42,8 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 __version__ = "0.1.0"
 
 __all__ = [
-    "transform", "sites", "grow", "cut", "fold", "structure", "restore", "blocks", "fuse_bn", "calibrate", "Handle",
+    "transform", "sites", "grow", "cut", "fold", "structure", "restore", "blocks", "fuse_bn", "calibrate", "calibrated",
+    "Handle",
     "DyRep", "StepResult", "StepPlan", "policies", "CandidateRule", "DyRepCandidates", "CutCriterion",
     "DepCriterion", "RepConv2d", "MODES", "BRANCH_KINDS", "DBB_KINDS", "DYREP_KINDS", "OREPA_KINDS", "passes", "__version__",
 ]

@@ -15,7 +15,8 @@ average over ranks once at the end.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["calibrate", "calibrate_batchnorms", "default_forward"]
+__all__ = ["calibrate", "calibrated", "calibrate_batchnorms", "default_forward"]
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
@@ -89,7 +90,7 @@ def calibrate(
 ) -> int:
     """Re-estimate the running statistics of every BatchNorm of ``model`` that trains, as plain averages
     over ``num_batches`` batches of ``loader`` (training data), for an evaluation that sees what the
-    current weights compute.
+    current weights compute (:func:`calibrated` puts the old statistics back afterwards).
 
     Call it with ``model`` in training mode, e.g. before each validation: BatchNorms in eval mode then
     are frozen ones and keep their statistics. Training is not affected (training-mode BatchNorm
@@ -104,3 +105,32 @@ def calibrate(
         raise ValueError(f"calibrate: no BatchNorm of {type(model).__name__} is in training mode; call "
                          f"model.train() first (BatchNorms kept in eval mode count as frozen)")
     return calibrate_batchnorms(model, batchnorms, loader, num_batches, forward)
+
+
+@contextmanager
+def calibrated(
+    model: nn.Module,
+    loader: Iterable,
+    num_batches: int = 20,
+    forward: Callable[[nn.Module, Any], Any] = default_forward,
+) -> Iterator[int]:
+    """:func:`calibrate` for the ``with`` block only: inside it the training BatchNorms hold the calibrated
+    statistics (evaluate there); on leaving, their running statistics (and batch counts) are put back, so
+    training and checkpoints are exactly what they would have been without the evaluation.
+
+        with dyrep_fx.calibrated(model, train_loader):
+            accuracy = evaluate(model)
+
+    Yields the number of batches used.
+    """
+    batchnorms = training_batchnorms(model)
+    saved = [(bn, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+             for bn in batchnorms]
+    try:
+        yield calibrate(model, loader, num_batches, forward)
+    finally:
+        with torch.no_grad():
+            for bn, mean, var, count in saved:
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+                bn.num_batches_tracked.copy_(count)

@@ -150,3 +150,25 @@ def test_calibrate_refuses_a_model_without_a_training_batchnorm():
     model = trained_stage_model().eval()
     with pytest.raises(ValueError, match="no BatchNorm of TwoStage is in training mode.*model.train"):
         dyrep_fx.calibrate(model, calibration_batches(1), forward=lambda m, b: m(b))
+
+
+def test_calibrated_puts_the_running_statistics_back_even_after_an_error():
+    model = trained_stage_model()
+    batches = calibration_batches(4)
+    with torch.no_grad():
+        model(batches[0])  # one training update, so the count is not at its initial value
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = trained_stage_model()
+    with torch.no_grad():
+        reference(batches[0])
+    dyrep_fx.calibrate(reference, batches, forward=lambda m, b: m(b))
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        with dyrep_fx.calibrated(model, batches, forward=lambda m, b: m(b)) as used:
+            assert used == len(batches)
+            # inside: the calibrated statistics
+            torch.testing.assert_close(model.bn2.running_var, reference.bn2.running_var, rtol=0, atol=0)
+            assert int(model.bn1.num_batches_tracked) == len(batches)
+            raise RuntimeError("evaluation failed")
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert int(after["bn1.num_batches_tracked"]) == 1

@@ -18,9 +18,10 @@ Events used:
   optimizer is updated in place (honouring ``paramwise_cfg``; new groups join the parameter
   schedules where they are) and a DDP wrapper is rebuilt from ``model_wrapper_cfg``, its train step
   compiled again when the config sets ``compile``;
-* ``before_val_epoch``: re-estimate the training BatchNorms' statistics on ``calibrate_before_val``
-  training batches (:func:`dyrep_fx.calibrate`), so that validation sees what the weights compute
-  rather than running averages that trail them;
+* ``before_val_epoch`` / ``after_val_epoch``: validate with the training BatchNorms' statistics
+  re-estimated on ``calibrate_before_val`` training batches (:func:`dyrep_fx.calibrated`), so that
+  validation sees what the weights compute rather than running averages that trail them; the running
+  statistics are put back after validation (checkpoints and training are as without it);
 * ``before_save_checkpoint``: put the structure and controller state into the checkpoint;
 * ``after_run``: fold and save a deploy checkpoint that loads strictly into the unmodified config.
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import os.path as osp
 from collections.abc import Sequence
+from contextlib import ExitStack
 
 import torch
 from mmengine.dist import is_main_process
@@ -75,9 +77,9 @@ class DyRepHook(Hook):
             little more time; see :func:`dyrep_fx.transform`).
         deploy: at the end, fold and save ``deploy_filename`` (and ``ema_`` + it with an EMAHook)
             in ``work_dir``; it loads with ``strict=True`` into the model of the unmodified config.
-        calibrate_before_val: before each validation, re-estimate the running statistics of every
-            BatchNorm of the model that trains (frozen ones, e.g. ``norm_eval``, keep theirs) as plain
-            averages over this many training batches (0: off). Running averages trail the weights, and
+        calibrate_before_val: validate with the statistics of every BatchNorm of the model that trains
+            (frozen ones, e.g. ``norm_eval``, keep theirs) re-estimated as plain averages over this many
+            training batches (0: off); the running statistics are put back after validation. Running averages trail the weights, and
             more so after growth in online mode: at 30 convs the sweep saw mid-training accuracy drop
             from ~80 % to ~30 % with running statistics while the same weights scored ~80 % with
             recomputed ones (``benchmarks/README.md``, "Online stability"). Skipped, with a warning,
@@ -132,6 +134,7 @@ class DyRepHook(Hook):
         self.targets = list(targets)
         self.calibrate_before_val = calibrate_before_val
         self._warned_ema = False
+        self._validation_stack = ExitStack()
         self.trust_checkpoint = trust_checkpoint
         self.by_epoch = by_epoch
         self.deploy = deploy
@@ -270,9 +273,13 @@ class DyRepHook(Hook):
             return
         # a loader seeded by the iteration: the same batches whether or not the run was resumed in between
         batches = side_loader(runner.train_dataloader, self.options["seed"] + runner.iter)
-        used = calibration.calibrate(model, batches, self.calibrate_before_val, mm_forward)
-        runner.logger.info(f"DyRepHook: BatchNorm statistics re-estimated on {used} training batches "
-                           f"before validation")
+        used = self._validation_stack.enter_context(
+            calibration.calibrated(model, batches, self.calibrate_before_val, mm_forward))
+        runner.logger.info(f"DyRepHook: validating with BatchNorm statistics re-estimated on {used} training "
+                           f"batches (the running ones are put back after validation)")
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        self._validation_stack.close()
 
     # -- checkpoints -------------------------------------------------------------------------------
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:

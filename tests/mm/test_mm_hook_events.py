@@ -3,8 +3,8 @@ Runner built from a config, seconds per run):
 
 * ``by_epoch=True``: one controller step every ``interval`` epochs, counted in epochs, taken at the end of an
   epoch (``after_train_epoch``), never mid-epoch;
-* ``calibrate_before_val``: before each validation the training BatchNorms hold plain averages over that
-  many training batches (off with 0, and skipped beside an ``EMAHook``);
+* ``calibrate_before_val``: during validation the training BatchNorms hold plain averages over that many
+  training batches, and their running statistics after it (off with 0, and skipped beside an ``EMAHook``);
 * mmengine's ``EMAHook`` through a cut: the EMA copy loses the same branches as the live model, absorbing its
   own averaged values, so its function is unchanged by the cut; its folded deploy file is exactly the fold
   of the EMA model.
@@ -151,15 +151,20 @@ VAL_ITERS, VAL_INTERVAL = 8, 4
 
 class StatsProbe(Hook):
     """The first BatchNorm's running mean at ``before_val_epoch`` (at HIGHEST: before DyRepHook; at LOWEST:
-    after it), and the model's mode then."""
+    after it) and the model's mode then, and the mean after validation (at LOWEST: after DyRepHook's
+    ``after_val_epoch``)."""
 
     def __init__(self) -> None:
         self.means: list[torch.Tensor] = []
         self.training: list[bool] = []
+        self.restored: list[torch.Tensor] = []
 
     def before_val_epoch(self, runner) -> None:
         self.means.append(runner.model.backbone[1].running_mean.clone())
         self.training.append(runner.model.training)
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        self.restored.append(runner.model.backbone[1].running_mean.clone())
 
 
 def calibration_run(tmp_path, hook_options: dict, ema: bool = False):
@@ -185,6 +190,8 @@ def test_calibrate_before_val_sets_plain_averages_over_the_training_batches(tmp_
         expected = model.backbone[0](images).mean((0, 2, 3))
     torch.testing.assert_close(after.means[0], expected, rtol=1e-5, atol=1e-6)
     assert (before.means[0] - expected).abs().max() > 1e-3  # the running average had not got there
+    # after validation the running statistics are back, value for value
+    assert torch.equal(after.restored[0], before.means[0])
 
 
 @pytest.mark.parametrize("case", ["off", "ema"])
