@@ -18,7 +18,9 @@ finished runs, so the sweep spans sessions. Same decision rule as the study: a g
 when the mean paired difference exceeds two standard errors (3 seeds or more).
 
     .venv/bin/python benchmarks/depth_sweep.py --depths 30 --variants plain rep_all_dbb --seeds 0 1 2
-    .venv/bin/python benchmarks/depth_sweep.py --report     # tables, plot and summary.json
+    .venv/bin/python benchmarks/depth_sweep.py --depths 20 --variants plain dyrep_online dyrep_online_per_weight \
+        dyrep_online_random dyrep_dbb --seeds 0 1 2 3 4      # stage 2 at the chosen depth
+    .venv/bin/python benchmarks/depth_sweep.py --report     # tables, plots and summary.json
 """
 
 from __future__ import annotations
@@ -43,7 +45,19 @@ from dyrep_fx.demo import DemoConfig, run_variant  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sweep"
 DEPTHS = (10, 20, 30, 40)
-VARIANTS = ("plain", "orepa_all", "rep_all_online", "dbb_all", "rep_all_dbb")
+STATIC_VARIANTS = ("plain", "orepa_all", "rep_all_online", "dbb_all", "rep_all_dbb")
+#: Stage 2 (issue 23 item 3), DyRep at a chosen depth: sweep variant -> (the demo's variant, DyRep arguments).
+#: ``dyrep_online_per_weight`` ranks sites by ``snip_per_weight`` (no preference for wide layers);
+#: ``dyrep_online_random`` grows as often at random sites (the control for the site choice).
+DYREP_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dyrep_online": ("dyrep_online", {}),
+    "dyrep_online_per_weight": ("dyrep_online", {"metric": "snip_per_weight"}),
+    "dyrep_online_random": ("dyrep_online", {"metric": "random"}),
+    "dyrep_dbb": ("dyrep_dbb", {}),
+}
+VARIANTS = STATIC_VARIANTS + tuple(DYREP_VARIANTS)
+#: The control each DyRep variant is paired with besides plain.
+RANDOM_CONTROL = "dyrep_online_random"
 #: The pilot's recipe; ``net`` is set per depth.
 RECIPE = DemoConfig(epochs=6, train_limit=30000, test_limit=None, batch_size=128, lr=0.1, weight_decay=1e-4,
                     width=8, net="depth10", augment=True, threads=1, progress=False)
@@ -64,9 +78,11 @@ def run_path(results: Path, depth: int, variant: str, seed: int) -> Path:
 def run_one(depth: int, variant: str, seed: int, results: Path, base: DemoConfig = RECIPE) -> dict[str, Any]:
     """Train one (depth, variant, seed) in this process and write its JSON."""
     recipe = recipe_for(depth, base)
+    demo_variant, options = DYREP_VARIANTS.get(variant, (variant, {}))
     started = time.time()
-    run = run_variant(variant, replace(recipe, seed=seed))
-    run.update(depth=depth, seed=seed, recipe=recipe_record(recipe), machine=machine(),
+    run = run_variant(demo_variant, replace(recipe, seed=seed, dyrep_options=dict(options)))
+    run.update(variant=variant, dyrep_options=options, depth=depth, seed=seed, recipe=recipe_record(recipe),
+               machine=machine(),
                started=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)))
     write_json(run_path(results, depth, variant, seed), run)
     return run
@@ -141,6 +157,13 @@ def collapse_details(run: dict[str, Any], plain: dict[str, Any] | None) -> list[
     return out
 
 
+def _params_ratio(mine: dict[int, dict[str, Any]], plain: dict[int, dict[str, Any]]) -> float | None:
+    """Median over seeds of the peak parameter count in training over plain's (the memory cost)."""
+    ratios = [r["params_training_peak"] / plain[s]["params_training_peak"] for s, r in mine.items()
+              if s in plain and "params_training_peak" in r and "params_training_peak" in plain[s]]
+    return statistics.median(ratios) if ratios else None
+
+
 def summarise(runs: dict[int, dict[str, dict[int, dict[str, Any]]]]) -> dict[str, Any]:
     """Per depth and variant: accuracy, the paired difference to plain, cost and collapsed epochs."""
     rows = []
@@ -155,6 +178,9 @@ def summarise(runs: dict[int, dict[str, dict[int, dict[str, Any]]]]) -> dict[str
                 "depth": depth, "variant": variant, "seeds": sorted(mine),
                 "acc_mean": statistics.fmean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                 "vs_plain": paired(mine, plain) if variant != "plain" else None,
+                "vs_random": paired(mine, runs[depth].get(RANDOM_CONTROL, {}))
+                if variant in DYREP_VARIANTS and variant != RANDOM_CONTROL else None,
+                "params_training_peak_vs_plain": _params_ratio(mine, plain),
                 "cpu_seconds_per_epoch": statistics.median(r["cpu_seconds_per_epoch"] for r in mine.values()),
                 "folded_equal": all(r["folded_test_acc"] == r["test_acc"] for r in mine.values()),
                 "collapsed_epochs": {s: collapses(r, plain.get(s)) for s, r in sorted(mine.items())
@@ -172,6 +198,10 @@ def _fmt_pair(p: dict[str, Any] | None) -> str:
     return "" if p is None else f"{p['mean']:+.2f} ± {p['se']:.2f} ({p['verdict']})"
 
 
+def _fmt_ratio(ratio: float | None) -> str:
+    return "" if ratio is None else f"{ratio:.2f}"
+
+
 def _fmt_calibrated(per_seed: dict[Any, list[int] | None]) -> str:
     """``"none (3 seeds)"``, ``"s1: 2"``, or what could not be measured."""
     measured = {s: e for s, e in per_seed.items() if e is not None}
@@ -183,10 +213,11 @@ def _fmt_calibrated(per_seed: dict[Any, list[int] | None]) -> str:
 
 def markdown(summary: dict[str, Any]) -> str:
     """The sweep's table for the benchmarks README."""
-    lines = ["| convs | variant | seeds | test acc % (mean ± std) | Δ vs plain (paired, ± SE) | CPU s/epoch "
+    lines = ["| convs | variant | seeds | test acc % (mean ± std) | Δ vs plain (paired, ± SE) "
+             "| Δ vs random sites | training params × plain | CPU s/epoch "
              "| first-epoch acc per seed | epochs collapsed (≥ 10 points below plain): acc / recalibrated "
              "| collapsed with both calibrated |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         first = ", ".join(f"{100 * a:.0f}" for a in r["first_epoch_acc"].values())
         collapsed = calibrated = ""
@@ -194,7 +225,9 @@ def markdown(summary: dict[str, Any]) -> str:
             collapsed = "; ".join(f"s{s}: {', '.join(e)}" for s, e in r["collapse_details"].items() if e) or "none"
             calibrated = _fmt_calibrated(r.get("calibrated_collapses", {}))
         lines.append(f"| {r['depth']} | {r['variant']} | {len(r['seeds'])} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} "
-                     f"| {_fmt_pair(r['vs_plain'])} | {r['cpu_seconds_per_epoch']:.0f} | {first} | {collapsed} "
+                     f"| {_fmt_pair(r['vs_plain'])} | {_fmt_pair(r.get('vs_random'))} "
+                     f"| {_fmt_ratio(r.get('params_training_peak_vs_plain'))} | {r['cpu_seconds_per_epoch']:.0f} "
+                     f"| {first} | {collapsed} "
                      f"| {calibrated} |")
     return "\n".join(lines)
 
@@ -272,7 +305,8 @@ def report(results: Path) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--depths", nargs="+", type=int, choices=DEPTHS, default=[10, 20, 30])
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(STATIC_VARIANTS),
+                   help="default: the static variants (stage 1); the dyrep_* ones are stage 2")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one torch thread each")
     p.add_argument("--results", type=Path, default=RESULTS)

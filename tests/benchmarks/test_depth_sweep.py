@@ -72,3 +72,23 @@ def test_calibrated_collapses_compare_both_runs_with_recomputed_statistics(sweep
     assert row["collapsed_epochs"] == {0: [2], 1: [2], 2: [2]}
     assert row["calibrated_collapses"] == {0: [], 1: [2], 2: None}
     assert "| s1: 2 |" in sweep.markdown(summary)
+
+
+def test_stage_two_variant_trains_dyrep_with_its_metric_under_its_own_name(sweep, tmp_path):
+    recipe = replace(sweep.SMOKE, train_limit=200, test_limit=100, batch_size=50, step_fraction=0.25)
+    run = sweep.run_one(10, "dyrep_online_per_weight", 0, tmp_path, recipe)
+    saved = sweep.load_runs(tmp_path)[10]["dyrep_online_per_weight"][0]
+    assert saved["variant"] == run["variant"] == "dyrep_online_per_weight"
+    assert saved["dyrep_options"] == {"metric": "snip_per_weight"}
+    assert run["branch_history"] and run["events"]  # DyRep stepped and grew
+
+
+def test_dyrep_variants_pair_with_plain_and_with_random_sites(sweep, tmp_path):
+    for seed, (plain, dyrep, random_sites) in enumerate([(0.80, 0.82, 0.80), (0.78, 0.81, 0.79), (0.79, 0.80, 0.79)]):
+        write_run(sweep, tmp_path, 20, "plain", seed, [0.5, plain])
+        write_run(sweep, tmp_path, 20, "dyrep_online", seed, [0.5, dyrep])
+        write_run(sweep, tmp_path, 20, "dyrep_online_random", seed, [0.5, random_sites])
+    summary = sweep.summarise(sweep.load_runs(tmp_path))
+    rows = {r["variant"]: r for r in summary["rows"]}
+    assert rows["dyrep_online"]["vs_random"]["diffs"] == pytest.approx([2.0, 2.0, 1.0])
+    assert rows["dyrep_online_random"]["vs_random"] is None and rows["plain"]["vs_random"] is None
