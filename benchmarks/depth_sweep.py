@@ -164,11 +164,51 @@ def _params_ratio(mine: dict[int, dict[str, Any]], plain: dict[int, dict[str, An
     return statistics.median(ratios) if ratios else None
 
 
+def _cpu_ratio(mine: dict[int, dict[str, Any]], plain: dict[int, dict[str, Any]]) -> float | None:
+    """Median over seeds of the CPU seconds per epoch over plain's same seed (the training-time cost)."""
+    ratios = [r["cpu_seconds_per_epoch"] / plain[s]["cpu_seconds_per_epoch"] for s, r in mine.items() if s in plain]
+    return statistics.median(ratios) if ratios else None
+
+
+def grown_order(run: dict[str, Any], first: int = 5) -> list[str]:
+    """The sites a DyRep run grew, in the order it grew them (the first ``first``; nested growths by their path)."""
+    return [name for event in run.get("branch_history", []) for name in event["grown"]][:first]
+
+
+def ceiling(runs_at_depth: dict[str, dict[int, dict[str, Any]]]) -> str | None:
+    """The static variant with the largest mean paired gain over plain at one depth (3 seeds or more): the
+    accuracy a DyRep run could reach by growing everything from the start."""
+    plain = runs_at_depth.get("plain", {})
+    gains = {}
+    for variant in STATIC_VARIANTS[1:]:
+        pair = paired(runs_at_depth.get(variant, {}), plain)
+        if pair is not None and len(pair["seeds"]) >= 3:
+            gains[variant] = pair["mean"]
+    return max(gains, key=gains.get) if gains else None
+
+
+#: Online against dbb mode, the same kinds: (online variant, dbb-mode variant).
+MODE_PAIRS = (("rep_all_online", "rep_all_dbb"), ("dyrep_online", "dyrep_dbb"))
+
+
+def mode_gaps(runs: dict[int, dict[str, dict[int, dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Per depth, online mode's accuracy minus dbb mode's with the same kinds, paired by seed."""
+    out = []
+    for depth in sorted(runs):
+        for online, dbb in MODE_PAIRS:
+            pair = paired(runs[depth].get(online, {}), runs[depth].get(dbb, {}))
+            if pair is not None:
+                out.append({"depth": depth, "online": online, "dbb": dbb, **pair})
+    return out
+
+
 def summarise(runs: dict[int, dict[str, dict[int, dict[str, Any]]]]) -> dict[str, Any]:
-    """Per depth and variant: accuracy, the paired difference to plain, cost and collapsed epochs."""
+    """Per depth and variant: accuracy, the paired difference to plain (and, for DyRep, to random sites and
+    to the depth's ceiling), cost and collapsed epochs; online against dbb mode per depth."""
     rows = []
     for depth in sorted(runs):
         plain = runs[depth].get("plain", {})
+        best = ceiling(runs[depth])
         for variant in VARIANTS:
             mine = runs[depth].get(variant)
             if not mine:
@@ -180,7 +220,11 @@ def summarise(runs: dict[int, dict[str, dict[int, dict[str, Any]]]]) -> dict[str
                 "vs_plain": paired(mine, plain) if variant != "plain" else None,
                 "vs_random": paired(mine, runs[depth].get(RANDOM_CONTROL, {}))
                 if variant in DYREP_VARIANTS and variant != RANDOM_CONTROL else None,
+                "vs_ceiling": paired(mine, runs[depth][best])
+                if variant in DYREP_VARIANTS and best is not None else None,
+                "ceiling": best if variant in DYREP_VARIANTS else None,
                 "params_training_peak_vs_plain": _params_ratio(mine, plain),
+                "cpu_vs_plain": _cpu_ratio(mine, plain),
                 "cpu_seconds_per_epoch": statistics.median(r["cpu_seconds_per_epoch"] for r in mine.values()),
                 "folded_equal": all(r["folded_test_acc"] == r["test_acc"] for r in mine.values()),
                 "collapsed_epochs": {s: collapses(r, plain.get(s)) for s, r in sorted(mine.items())
@@ -190,8 +234,11 @@ def summarise(runs: dict[int, dict[str, dict[int, dict[str, Any]]]]) -> dict[str
                 "calibrated_collapses": {s: calibrated_collapses(r, plain.get(s)) for s, r in sorted(mine.items())
                                          if variant != "plain"},
                 "first_epoch_acc": {s: r["epochs"][0]["test_acc"] for s, r in sorted(mine.items())},
+                "grown_first": {s: grown_order(r) for s, r in sorted(mine.items())}
+                if variant in DYREP_VARIANTS else None,
             })
-    return {"rows": rows, "recipe": recipe_record(RECIPE), "collapse_points": COLLAPSE_POINTS}
+    return {"rows": rows, "mode_gaps": mode_gaps(runs), "recipe": recipe_record(RECIPE),
+            "collapse_points": COLLAPSE_POINTS}
 
 
 def _fmt_pair(p: dict[str, Any] | None) -> str:
@@ -230,6 +277,75 @@ def markdown(summary: dict[str, Any]) -> str:
                      f"| {first} | {collapsed} "
                      f"| {calibrated} |")
     return "\n".join(lines)
+
+
+def stage_two_depths(summary: dict[str, Any]) -> list[int]:
+    """The depths where some DyRep variant trained (stage 2)."""
+    return sorted({r["depth"] for r in summary["rows"] if r["variant"] in DYREP_VARIANTS})
+
+
+def _stage_two_rows(summary: dict[str, Any], depth: int) -> list[dict[str, Any]]:
+    """Plain, the static variants and the DyRep variants at ``depth``, in :data:`VARIANTS` order."""
+    return [r for r in summary["rows"] if r["depth"] == depth]
+
+
+def load_cost(results: Path, depth: int) -> dict[str, Any] | None:
+    """The side-by-side step times of ``benchmarks/sweep_cost.py`` at ``depth``, if measured."""
+    path = results / f"cost_depth{depth}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _step_ratio(cost: dict[str, Any] | None, variant: str) -> float | None:
+    entry = (cost or {}).get("variants", {}).get(variant)
+    return None if entry is None else entry["vs_plain"]
+
+
+def stage_two_markdown(summary: dict[str, Any], depth: int, cost: dict[str, Any] | None = None) -> str:
+    """Stage 2's table at ``depth``: is DyRep above plain, how near the ceiling, at what cost, and is its
+    site choice better than random sites. ``cost``: :func:`load_cost`'s step times (side by side)."""
+    lines = ["| variant | seeds | test acc % (mean ± std) | Δ vs plain | Δ vs ceiling | Δ vs random sites "
+             "| training params × plain (peak) | step CPU time × plain (side by side; DyRep: end of training) "
+             "| sites grown first (seed 0) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in _stage_two_rows(summary, depth):
+        first = r.get("grown_first") or {}
+        order = ", ".join(first.get(0, first.get("0", []))) if first else ""
+        lines.append(f"| {r['variant']} | {len(r['seeds'])} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} "
+                     f"| {_fmt_pair(r['vs_plain'])} | {_fmt_pair(r.get('vs_ceiling'))} "
+                     f"| {_fmt_pair(r.get('vs_random'))} | {_fmt_ratio(r.get('params_training_peak_vs_plain'))} "
+                     f"| {_fmt_ratio(_step_ratio(cost, r['variant']))} | {order} |")
+    return "\n".join(lines)
+
+
+def plot_stage_two(summary: dict[str, Any], depth: int, path: Path, cost: dict[str, Any] | None) -> bool:
+    """Gain over plain (± 2 SE) against training step time (× plain's, side by side: ``cost``), one point
+    per variant at ``depth``: DyRep's accuracy for its cost beside the static variants'. False without
+    ``cost``."""
+    if cost is None:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in _stage_two_rows(summary, depth):
+        ratio = _step_ratio(cost, r["variant"])
+        if r["vs_plain"] is None or ratio is None:
+            continue
+        dyrep = r["variant"] in DYREP_VARIANTS
+        ax.errorbar([ratio], [r["vs_plain"]["mean"]], yerr=[2 * r["vs_plain"]["se"]],
+                    marker="o" if dyrep else "s", capsize=3, color="C0" if dyrep else "C1")
+        ax.annotate(f"{r['variant']} ({len(r['vs_plain']['seeds'])})", (ratio, r["vs_plain"]["mean"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax.axhline(0.0, color="grey", lw=1)
+    ax.set(xlabel="training step CPU time × plain's (side by side; DyRep: its structure at the end)",
+           ylabel="test accuracy − plain (points, ± 2 SE)",
+           title=f"Stage 2 at {depth} convs: DyRep (circles) against static variants (squares)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
@@ -290,15 +406,23 @@ def plot_calibration(runs: dict[int, dict[str, dict[int, dict[str, Any]]]], dept
 
 
 def report(results: Path) -> dict[str, Any]:
-    """Write ``summary.json``, ``tables.md``, ``sweep.png`` and ``calibration.png`` (30 convs) next to the
-    runs; return the summary."""
+    """Write ``summary.json``, ``tables.md``, ``sweep.png``, ``calibration.png`` (30 convs) and
+    ``stage2_depthN.png`` (each depth with DyRep runs) next to the runs; return the summary."""
     runs = load_runs(results)
     summary = summarise(runs)
     write_json(results / "summary.json", summary)
-    (results / "tables.md").write_text(markdown(summary) + "\n")
+    tables = [markdown(summary)]
+    for depth in stage_two_depths(summary):
+        tables.append(f"Stage 2 at {depth} convs:\n\n{stage_two_markdown(summary, depth, load_cost(results, depth))}")
+    if summary["mode_gaps"]:
+        tables.append("Online minus dbb mode, same kinds (paired):\n\n" + "\n".join(
+            f"* {g['depth']} convs, {g['online']} − {g['dbb']}: {_fmt_pair(g)}" for g in summary["mode_gaps"]))
+    (results / "tables.md").write_text("\n\n".join(tables) + "\n")
     if summary["rows"]:
         plot(summary, results / "sweep.png")
         plot_calibration(runs, 30, results / "calibration.png")
+        for depth in stage_two_depths(summary):
+            plot_stage_two(summary, depth, results / f"stage2_depth{depth}.png", load_cost(results, depth))
     return summary
 
 
@@ -327,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{len(todo)} runs to train", flush=True)
         run_all(todo, results, args.jobs, base)
     summary = report(results)
-    print(markdown(summary))
+    print((results / "tables.md").read_text())
     return summary
 
 

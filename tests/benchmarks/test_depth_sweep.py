@@ -23,13 +23,13 @@ def sweep():
 
 
 def write_run(sweep, results: Path, depth: int, variant: str, seed: int, accs: list[float],
-              calibrated: list[float] | None = None) -> None:
+              calibrated: list[float] | None = None, cpu: float = 10.0) -> None:
     """One run's JSON; ``calibrated``: its per-epoch accuracies with recomputed statistics (the eval gap)."""
     epochs = [{"epoch": i + 1, "test_acc": a} for i, a in enumerate(accs)]
     for e, c in zip(epochs, calibrated or []):
         e["eval_gap"] = {"running": e["test_acc"], "recalibrated": c}
     run = {"depth": depth, "variant": variant, "seed": seed, "recipe": sweep.recipe_record(sweep.recipe_for(depth)),
-           "test_acc": accs[-1], "folded_test_acc": accs[-1], "cpu_seconds_per_epoch": 10.0, "epochs": epochs}
+           "test_acc": accs[-1], "folded_test_acc": accs[-1], "cpu_seconds_per_epoch": cpu, "epochs": epochs}
     sweep.write_json(sweep.run_path(results, depth, variant, seed), run)
 
 
@@ -92,3 +92,47 @@ def test_dyrep_variants_pair_with_plain_and_with_random_sites(sweep, tmp_path):
     rows = {r["variant"]: r for r in summary["rows"]}
     assert rows["dyrep_online"]["vs_random"]["diffs"] == pytest.approx([2.0, 2.0, 1.0])
     assert rows["dyrep_online_random"]["vs_random"] is None and rows["plain"]["vs_random"] is None
+
+
+def test_stage_two_pairs_dyrep_with_the_depths_best_static_variant(sweep, tmp_path):
+    # rep_all_dbb gains +3 on average, orepa_all +1: the ceiling is rep_all_dbb, and a DyRep run is paired with it
+    for seed, (plain, orepa, dbb, dyrep) in enumerate([(0.80, 0.81, 0.83, 0.82), (0.78, 0.79, 0.81, 0.79),
+                                                       (0.79, 0.80, 0.82, 0.80)]):
+        write_run(sweep, tmp_path, 20, "plain", seed, [0.5, plain])
+        write_run(sweep, tmp_path, 20, "orepa_all", seed, [0.5, orepa])
+        write_run(sweep, tmp_path, 20, "rep_all_dbb", seed, [0.5, dbb])
+        write_run(sweep, tmp_path, 20, "dyrep_online", seed, [0.5, dyrep])
+    runs = sweep.load_runs(tmp_path)
+    assert sweep.ceiling(runs[20]) == "rep_all_dbb"
+    rows = {r["variant"]: r for r in sweep.summarise(runs)["rows"]}
+    assert rows["dyrep_online"]["ceiling"] == "rep_all_dbb"
+    assert rows["dyrep_online"]["vs_ceiling"]["diffs"] == pytest.approx([-1.0, -2.0, -2.0])
+    assert rows["orepa_all"]["vs_ceiling"] is None  # static variants are the ceiling's candidates, not paired with it
+
+
+def test_a_ceiling_needs_three_paired_seeds(sweep, tmp_path):
+    for seed in (0, 1):
+        write_run(sweep, tmp_path, 20, "plain", seed, [0.5, 0.80])
+        write_run(sweep, tmp_path, 20, "rep_all_dbb", seed, [0.5, 0.90 + 0.01 * seed])
+    assert sweep.ceiling(sweep.load_runs(tmp_path)[20]) is None
+
+
+def test_online_minus_dbb_mode_is_paired_per_depth_and_cost_is_relative_to_plain(sweep, tmp_path):
+    for seed, (online, dbb) in enumerate([(0.87, 0.89), (0.88, 0.89), (0.89, 0.90)]):
+        write_run(sweep, tmp_path, 20, "plain", seed, [0.5, 0.85])
+        write_run(sweep, tmp_path, 20, "rep_all_online", seed, [0.5, online], cpu=15.0 + seed)
+        write_run(sweep, tmp_path, 20, "rep_all_dbb", seed, [0.5, dbb])
+        write_run(sweep, tmp_path, 30, "rep_all_online", seed, [0.5, 0.5])  # no dbb run at 30: no pair
+    summary = sweep.summarise(sweep.load_runs(tmp_path))
+    (gap,) = summary["mode_gaps"]
+    assert (gap["depth"], gap["online"], gap["dbb"]) == (20, "rep_all_online", "rep_all_dbb")
+    assert gap["diffs"] == pytest.approx([-2.0, -1.0, -1.0])
+    rows = {(r["depth"], r["variant"]): r for r in summary["rows"]}
+    # 15, 16, 17 CPU s/epoch against plain's 10 on the same seeds: the median ratio
+    assert rows[(20, "rep_all_online")]["cpu_vs_plain"] == pytest.approx(1.6)
+
+
+def test_grown_order_lists_sites_in_the_order_dyrep_grew_them(sweep):
+    run = {"branch_history": [{"grown": {"21": ["1x1"]}}, {"grown": {}}, {"grown": {"15": ["1x1"], "18": ["1x1"]}}]}
+    assert sweep.grown_order(run) == ["21", "15", "18"]
+    assert sweep.grown_order(run, first=2) == ["21", "15"]
