@@ -329,16 +329,16 @@ def plot_stage_two(summary: dict[str, Any], depth: int, path: Path, cost: dict[s
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in _stage_two_rows(summary, depth):
+    for i, r in enumerate(_stage_two_rows(summary, depth)):
         ratio = _step_ratio(cost, r["variant"])
         if r["vs_plain"] is None or ratio is None:
             continue
         dyrep = r["variant"] in DYREP_VARIANTS
-        ax.errorbar([ratio], [r["vs_plain"]["mean"]], yerr=[2 * r["vs_plain"]["se"]],
-                    marker="o" if dyrep else "s", capsize=3, color="C0" if dyrep else "C1")
-        ax.annotate(f"{r['variant']} ({len(r['vs_plain']['seeds'])})", (ratio, r["vs_plain"]["mean"]),
-                    textcoords="offset points", xytext=(6, 4), fontsize=7)
+        ax.errorbar([ratio], [r["vs_plain"]["mean"]], yerr=[2 * r["vs_plain"]["se"]], marker="o" if dyrep else "s",
+                    capsize=3, color=f"C{i}", label=f"{r['variant']} ({len(r['vs_plain']['seeds'])} seeds)")
     ax.axhline(0.0, color="grey", lw=1)
+    ax.set_xscale("log")
+    ax.legend(fontsize=7)
     ax.set(xlabel="training step CPU time × plain's (side by side; DyRep: its structure at the end)",
            ylabel="test accuracy − plain (points, ± 2 SE)",
            title=f"Stage 2 at {depth} convs: DyRep (circles) against static variants (squares)")

@@ -137,8 +137,10 @@ class DyRep:
         until: no growth or cut after this many calls (paper: 100 of 120 epochs); ``None`` = never stop.
         topk: sites grown per step (paper: 1).
         kinds: branch kinds to grow where they apply (default: DyRep's set; ``None``: every kind).
-        metric: the scorer: ``"snip"`` (default), ``"synflow"`` (the reference's default), ``"grad_norm"``,
-            ``"random"``, or a callable ``(weight, grad) -> tensor`` (see :mod:`dyrep_fx.saliency`).
+        metric: the scorer: ``"snip"`` (default), ``"snip_per_weight"`` (no preference for large layers:
+            the same accuracy with half the added parameters in the depth sweep's stage 2),
+            ``"synflow"`` (the reference's default), ``"grad_norm"``, ``"random"``, or a callable
+            ``(weight, grad) -> tensor`` (see :mod:`dyrep_fx.saliency`).
         candidates: the candidate rule, a :class:`~dyrep_fx.policies.CandidateRule` or a function
             ``(site, model) -> bool`` (see :mod:`dyrep_fx.policies`); default DyRep's, set by ``nested``
             and ``pointwise``.
@@ -153,7 +155,9 @@ class DyRep:
         targets: qualified names of the submodules to re-parameterize (each traced on its own, e.g.
             ``["backbone", "neck"]`` of a detector); ``None`` = the whole model. Site names are
             then relative to ``model`` (``"backbone.layer1.0.conv1"``).
-        mode, init_scale, recompute: passed to :func:`dyrep_fx.transform` when a target is not transformed yet.
+        mode, init_scale, recompute: passed to :func:`dyrep_fx.transform` when a target is not transformed yet
+            (``mode="online"`` by default: as accurate as ``"dbb"`` for DyRep in the depth sweep's stage 2
+            at under half its step time; ``benchmarks/README.md``).
         example_inputs: for that transform; a tuple, or ``{target: tuple}`` with ``targets``.
     """
 
