@@ -155,7 +155,8 @@ def paired(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> dict[s
     return {"seeds": seeds, "mean": mean, "se": se, "diffs": diffs, "verdict": verdict}
 
 
-def _ratio(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]], key: str) -> float | None:
+def median_ratio(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]], key: str) -> float | None:
+    """Median over the seeds both have of ``a[seed][key] / b[seed][key]``; ``None`` without a common seed."""
     seeds = sorted(set(a) & set(b))
     return statistics.median(a[s][key] / b[s][key] for s in seeds) if seeds else None
 
@@ -196,8 +197,8 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
             "folded_equal": all(r["folded_test_acc"] == r["test_acc"] for r in mine.values()),
             "vs_plain": paired(mine, plain) if variant != "plain" else None,
             "vs_control": paired(mine, runs.get(CONTROLS[variant], {})) if variant in CONTROLS else None,
-            "wall_ratio": _ratio(mine, plain, "seconds_per_epoch"),
-            "cpu_ratio": _ratio(mine, plain, "cpu_seconds_per_epoch"),
+            "wall_ratio": median_ratio(mine, plain, "seconds_per_epoch"),
+            "cpu_ratio": median_ratio(mine, plain, "cpu_seconds_per_epoch"),
             "cpu_seconds_per_epoch": statistics.median(r["cpu_seconds_per_epoch"] for r in mine.values()),
             "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in mine.values()),
             "params_training_peak": max(r["params_training_peak"] for r in mine.values()),

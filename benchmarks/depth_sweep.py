@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy_study import paired, recipe_record  # noqa: E402
+from accuracy_study import median_ratio, paired, recipe_record  # noqa: E402
 from common import machine, write_json  # noqa: E402
 
 from dyrep_fx.demo import DemoConfig, run_variant  # noqa: E402
@@ -164,12 +164,6 @@ def _params_ratio(mine: dict[int, dict[str, Any]], plain: dict[int, dict[str, An
     return statistics.median(ratios) if ratios else None
 
 
-def _cpu_ratio(mine: dict[int, dict[str, Any]], plain: dict[int, dict[str, Any]]) -> float | None:
-    """Median over seeds of the CPU seconds per epoch over plain's same seed (the training-time cost)."""
-    ratios = [r["cpu_seconds_per_epoch"] / plain[s]["cpu_seconds_per_epoch"] for s, r in mine.items() if s in plain]
-    return statistics.median(ratios) if ratios else None
-
-
 def grown_order(run: dict[str, Any], first: int = 5) -> list[str]:
     """The sites a DyRep run grew, in the order it grew them (the first ``first``; nested growths by their path)."""
     return [name for event in run.get("branch_history", []) for name in event["grown"]][:first]
@@ -224,7 +218,7 @@ def summarise(runs: dict[int, dict[str, dict[int, dict[str, Any]]]]) -> dict[str
                 if variant in DYREP_VARIANTS and best is not None else None,
                 "ceiling": best if variant in DYREP_VARIANTS else None,
                 "params_training_peak_vs_plain": _params_ratio(mine, plain),
-                "cpu_vs_plain": _cpu_ratio(mine, plain),
+                "cpu_vs_plain": median_ratio(mine, plain, "cpu_seconds_per_epoch"),
                 "cpu_seconds_per_epoch": statistics.median(r["cpu_seconds_per_epoch"] for r in mine.values()),
                 "folded_equal": all(r["folded_test_acc"] == r["test_acc"] for r in mine.values()),
                 "collapsed_epochs": {s: collapses(r, plain.get(s)) for s, r in sorted(mine.items())
@@ -411,9 +405,10 @@ def report(results: Path) -> dict[str, Any]:
     runs = load_runs(results)
     summary = summarise(runs)
     write_json(results / "summary.json", summary)
+    costs = {depth: load_cost(results, depth) for depth in stage_two_depths(summary)}
     tables = [markdown(summary)]
-    for depth in stage_two_depths(summary):
-        tables.append(f"Stage 2 at {depth} convs:\n\n{stage_two_markdown(summary, depth, load_cost(results, depth))}")
+    for depth, cost in costs.items():
+        tables.append(f"Stage 2 at {depth} convs:\n\n{stage_two_markdown(summary, depth, cost)}")
     if summary["mode_gaps"]:
         tables.append("Online minus dbb mode, same kinds (paired):\n\n" + "\n".join(
             f"* {g['depth']} convs, {g['online']} − {g['dbb']}: {_fmt_pair(g)}" for g in summary["mode_gaps"]))
@@ -421,8 +416,8 @@ def report(results: Path) -> dict[str, Any]:
     if summary["rows"]:
         plot(summary, results / "sweep.png")
         plot_calibration(runs, 30, results / "calibration.png")
-        for depth in stage_two_depths(summary):
-            plot_stage_two(summary, depth, results / f"stage2_depth{depth}.png", load_cost(results, depth))
+        for depth, cost in costs.items():
+            plot_stage_two(summary, depth, results / f"stage2_depth{depth}.png", cost)
     return summary
 
 

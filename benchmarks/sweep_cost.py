@@ -29,7 +29,7 @@ from common import machine, write_json  # noqa: E402
 from depth_sweep import DYREP_VARIANTS, RESULTS, STATIC_VARIANTS, load_runs, recipe_for  # noqa: E402
 
 import dyrep_fx  # noqa: E402
-from dyrep_fx.demo import _build, make_net  # noqa: E402
+from dyrep_fx.demo import VARIANT_RECIPES, _build, make_net  # noqa: E402
 from dyrep_fx.structure_spec import FORMAT  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def structures(depth: int, runs_at_depth: dict[str, dict[int, dict[str, Any]]]) 
     for variant in DYREP_VARIANTS:
         for _seed, run in sorted(runs_at_depth.get(variant, {}).items()):
             model = make_net(recipe.width, net=recipe.net)
-            mode = "dbb" if variant.endswith("_dbb") else "online"
+            mode = VARIANT_RECIPES[DYREP_VARIANTS[variant][0]][0]  # the demo variant's block mode
             dyrep_fx.restore(model, {"format": FORMAT, "mode": mode, "sites": run["final_structure"]})
             out.setdefault(variant, []).append(model)
     return out
