@@ -26,6 +26,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dyrep_fx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers.rank_exit import end_rank, start_rank  # noqa: E402
+
 ITERS = 3
 
 
@@ -71,6 +74,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
+    start_rank()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
@@ -93,12 +97,9 @@ def main() -> None:
     result = {"rank": rank, "warnings": [str(w.message) for w in caught], "mismatched": mismatched,
               "params": sum(1 for _ in model.parameters())}
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))
-    # Both ranks done and the DDP wrapper gone before gloo is torn down: a rank tearing down while the
-    # other still talks to it aborts ("terminate called without an active exception").
     del ddp
-    dist.barrier()
-    dist.destroy_process_group()
+    end_rank()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -26,6 +26,7 @@ import dyrep_fx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers.nets import SmallNet, spread_first_block  # noqa: E402
+from helpers.rank_exit import end_rank, start_rank  # noqa: E402
 
 from dyrep_fx.distributed import rewrap_ddp
 
@@ -99,6 +100,7 @@ def main() -> None:
         local_rank = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local_rank)
         DEVICE, device_ids = torch.device("cuda", local_rank), [local_rank]
+    start_rank()
     dist.init_process_group(args.backend)
     rank = dist.get_rank()
     COUNTER = Counter()
@@ -160,7 +162,7 @@ def main() -> None:
         "losses": losses,
         "optimizer_sizes": [len(g["params"]) for g in opt.param_groups],
     }, os.path.join(args.out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    end_rank()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers.mm_data import find_hook  # noqa: E402
 from helpers.mm_toy import GRAPH_LOG_BACKEND, compile_probe, register_graph_log, toy_cfg, train_toy  # noqa: E402
+from helpers.rank_exit import end_rank, start_rank  # noqa: E402
 
 from dyrep_fx import api  # noqa: E402
 
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    start_rank()
     dist.init_process_group("gloo")
     rank, out = dist.get_rank(), Path(args.out)
 
@@ -54,7 +56,7 @@ def main() -> None:
                 "eager_losses": eager_record["losses"],
                 "eager_history": find_hook(eager, "DyRepHook").controller.history},
                out / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    end_rank()
 
 
 if __name__ == "__main__":

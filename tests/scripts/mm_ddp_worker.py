@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers.mm_data import find_hook  # noqa: E402
 from helpers.mm_production import det_cfg, dyrep_probes, train_runner  # noqa: E402
 from helpers.nets import spread_first_block  # noqa: E402
+from helpers.rank_exit import end_rank, start_rank  # noqa: E402
 
 from dyrep_fx import api  # noqa: E402
 from dyrep_fx.mm.wrappers import unwrap  # noqa: E402
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    start_rank()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
 
@@ -95,7 +97,7 @@ def main() -> None:
         spread_first_block(widest)  # the block itself is the first block in it
     result["refused_cut"] = refused_step(ctl, model, optimizer)
     torch.save(result, Path(args.out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    end_rank()
 
 
 if __name__ == "__main__":
