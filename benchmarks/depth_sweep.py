@@ -8,7 +8,9 @@ order and augmentation draws per seed):
 
 * ``plain``; ``orepa_all`` (OREPA's kinds, online); ``dbb_all`` (DBB's kinds, dbb mode);
 * ``rep_all_online`` / ``rep_all_dbb``: every DyRep kind that applies to each 3x3 conv (identity
-  included where input and output match: RepVGG's recipe), in online and in dbb mode.
+  included where input and output match: RepVGG's recipe), in online and in dbb mode;
+* ``rep_all_online_wn``, an ablation: ``rep_all_online`` with every path's kernel weight-normalised
+  (``branch_norm.py``): dbb mode's scale invariance per path without its batch statistics.
 
 Recipe (the pilot of issue 23, sized for a 2-core machine): 30k Fashion-MNIST training images with
 random crop and flip, the full 10k test set, width 8, 6 epochs, SGD momentum 0.9, lr 0.1 cosine,
@@ -32,13 +34,17 @@ import multiprocessing
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accuracy_study import median_ratio, paired, recipe_record  # noqa: E402
+from branch_norm import normalise_every_path  # noqa: E402
 from common import machine, write_json  # noqa: E402
 
 from dyrep_fx.demo import DemoConfig, run_variant  # noqa: E402
@@ -55,7 +61,11 @@ DYREP_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dyrep_online_random": ("dyrep_online", {"metric": "random"}),
     "dyrep_dbb": ("dyrep_dbb", {}),
 }
-VARIANTS = STATIC_VARIANTS + tuple(DYREP_VARIANTS)
+#: Ablations: sweep variant -> (the demo's variant, what changes the built model before training).
+ABLATIONS: dict[str, tuple[str, Callable[[nn.Module], Any]]] = {
+    "rep_all_online_wn": ("rep_all_online", normalise_every_path),
+}
+VARIANTS = STATIC_VARIANTS + tuple(ABLATIONS) + tuple(DYREP_VARIANTS)
 #: The control each DyRep variant is paired with besides plain.
 RANDOM_CONTROL = "dyrep_online_random"
 #: The pilot's recipe; ``net`` is set per depth.
@@ -79,8 +89,11 @@ def run_one(depth: int, variant: str, seed: int, results: Path, base: DemoConfig
     """Train one (depth, variant, seed) in this process and write its JSON."""
     recipe = recipe_for(depth, base)
     demo_variant, options = DYREP_VARIANTS.get(variant, (variant, {}))
+    prepare = None
+    if variant in ABLATIONS:
+        demo_variant, prepare = ABLATIONS[variant]
     started = time.time()
-    run = run_variant(demo_variant, replace(recipe, seed=seed, dyrep_options=dict(options)))
+    run = run_variant(demo_variant, replace(recipe, seed=seed, dyrep_options=dict(options)), prepare=prepare)
     run.update(variant=variant, dyrep_options=options, depth=depth, seed=seed, recipe=recipe_record(recipe),
                machine=machine(),
                started=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)))
@@ -182,14 +195,18 @@ def ceiling(runs_at_depth: dict[str, dict[int, dict[str, Any]]]) -> str | None:
 
 
 #: Online against dbb mode, the same kinds: (online variant, dbb-mode variant).
-MODE_PAIRS = (("rep_all_online", "rep_all_dbb"), ("dyrep_online", "dyrep_dbb"))
+MODE_PAIRS = (("rep_all_online", "rep_all_dbb"), ("rep_all_online_wn", "rep_all_dbb"), ("dyrep_online", "dyrep_dbb"))
+#: Each ablation against the variant it changes: (ablation, its base).
+ABLATION_PAIRS = tuple((name, base) for name, (base, _) in ABLATIONS.items())
 
 
-def mode_gaps(runs: dict[int, dict[str, dict[int, dict[str, Any]]]]) -> list[dict[str, Any]]:
-    """Per depth, online mode's accuracy minus dbb mode's with the same kinds, paired by seed."""
+def mode_gaps(runs: dict[int, dict[str, dict[int, dict[str, Any]]]],
+              pairs: tuple[tuple[str, str], ...] = MODE_PAIRS) -> list[dict[str, Any]]:
+    """Per depth, the first variant's accuracy minus the second's for each of ``pairs``, paired by seed
+    (by default online mode minus dbb mode with the same kinds)."""
     out = []
     for depth in sorted(runs):
-        for online, dbb in MODE_PAIRS:
+        for online, dbb in pairs:
             pair = paired(runs[depth].get(online, {}), runs[depth].get(dbb, {}))
             if pair is not None:
                 out.append({"depth": depth, "online": online, "dbb": dbb, **pair})
@@ -231,7 +248,8 @@ def summarise(runs: dict[int, dict[str, dict[int, dict[str, Any]]]]) -> dict[str
                 "grown_first": {s: grown_order(r) for s, r in sorted(mine.items())}
                 if variant in DYREP_VARIANTS else None,
             })
-    return {"rows": rows, "mode_gaps": mode_gaps(runs), "recipe": recipe_record(RECIPE),
+    return {"rows": rows, "mode_gaps": mode_gaps(runs), "ablation_gaps": mode_gaps(runs, ABLATION_PAIRS),
+            "recipe": recipe_record(RECIPE),
             "collapse_points": COLLAPSE_POINTS}
 
 
@@ -412,6 +430,9 @@ def report(results: Path) -> dict[str, Any]:
     if summary["mode_gaps"]:
         tables.append("Online minus dbb mode, same kinds (paired):\n\n" + "\n".join(
             f"* {g['depth']} convs, {g['online']} − {g['dbb']}: {_fmt_pair(g)}" for g in summary["mode_gaps"]))
+    if summary["ablation_gaps"]:
+        tables.append("Ablations minus the variant they change (paired):\n\n" + "\n".join(
+            f"* {g['depth']} convs, {g['online']} − {g['dbb']}: {_fmt_pair(g)}" for g in summary["ablation_gaps"]))
     (results / "tables.md").write_text("\n\n".join(tables) + "\n")
     if summary["rows"]:
         plot(summary, results / "sweep.png")

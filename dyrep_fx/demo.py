@@ -213,17 +213,22 @@ def dyrep_schedule(config: DemoConfig, steps_per_epoch: int) -> tuple[int, int]:
 
 
 def run_variant(variant: str, config: DemoConfig,
-                observer: Callable[[nn.Module, int, float], None] | None = None) -> dict[str, Any]:
+                observer: Callable[[nn.Module, int, float], None] | None = None,
+                prepare: Callable[[nn.Module], None] | None = None) -> dict[str, Any]:
     """Train one variant and return its measurements (runs in the calling process).
 
     ``observer(model, iteration, loss)``, when given, is called after every optimizer step (the
     stability probe of ``benchmarks/stability.py`` records kernels and scales through it).
+    ``prepare(model)``, when given, changes the built (and grown) model in place before the optimizer
+    is made (an ablation of ``benchmarks/depth_sweep.py`` reparametrizes its kernels through it).
     """
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     train_loader, test_loader = fashion_mnist_loaders(config.batch_size, config.train_limit, config.test_limit,
                                                       seed=config.seed)
     model, mode, static_kinds = _build(variant, config)
+    if prepare is not None:
+        prepare(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * config.epochs
