@@ -136,3 +136,32 @@ def test_grown_order_lists_sites_in_the_order_dyrep_grew_them(sweep):
     run = {"branch_history": [{"grown": {"21": ["1x1"]}}, {"grown": {}}, {"grown": {"15": ["1x1"], "18": ["1x1"]}}]}
     assert sweep.grown_order(run) == ["21", "15", "18"]
     assert sweep.grown_order(run, first=2) == ["21", "15"]
+
+
+def test_an_ablation_trains_its_base_variant_changed_by_its_prepare_under_its_own_name(sweep, tmp_path, monkeypatch):
+    from dyrep_fx.block import find_blocks
+
+    seen = []
+    monkeypatch.setitem(sweep.ABLATIONS, "rep_all_online_wn",
+                        ("rep_all_online", lambda model: seen.append(sorted(find_blocks(model)))))
+    recipe = replace(sweep.SMOKE, train_limit=100, test_limit=50, batch_size=50)
+    run = sweep.run_one(10, "rep_all_online_wn", 0, tmp_path, recipe)
+    assert seen and len(seen[0]) >= 8  # called once, on the model with rep_all_online's grown blocks
+    assert sweep.load_runs(tmp_path)[10]["rep_all_online_wn"][0]["variant"] == run["variant"] == "rep_all_online_wn"
+
+
+def test_an_ablation_is_paired_with_its_base_and_with_dbb_mode_but_is_no_ceiling(sweep, tmp_path):
+    for seed, (plain, online, wn, dbb) in enumerate([(0.85, 0.86, 0.89, 0.88), (0.85, 0.87, 0.89, 0.89),
+                                                     (0.85, 0.86, 0.90, 0.88)]):
+        write_run(sweep, tmp_path, 20, "plain", seed, [0.5, plain])
+        write_run(sweep, tmp_path, 20, "rep_all_online", seed, [0.5, online])
+        write_run(sweep, tmp_path, 20, "rep_all_online_wn", seed, [0.5, wn])
+        write_run(sweep, tmp_path, 20, "rep_all_dbb", seed, [0.5, dbb])
+    runs = sweep.load_runs(tmp_path)
+    summary = sweep.summarise(runs)
+    (ablation,) = summary["ablation_gaps"]
+    assert (ablation["online"], ablation["dbb"]) == ("rep_all_online_wn", "rep_all_online")
+    assert ablation["diffs"] == pytest.approx([3.0, 2.0, 4.0])
+    gaps = {(g["online"], g["dbb"]): g["diffs"] for g in summary["mode_gaps"]}
+    assert gaps[("rep_all_online_wn", "rep_all_dbb")] == pytest.approx([1.0, 0.0, 2.0])
+    assert sweep.ceiling(runs[20]) == "rep_all_dbb"  # the ablation gains most but is not a library variant
