@@ -26,7 +26,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, write_json  # noqa: E402
-from depth_sweep import DYREP_VARIANTS, RESULTS, STATIC_VARIANTS, load_runs, recipe_for  # noqa: E402
+from depth_sweep import ABLATIONS, DYREP_VARIANTS, RESULTS, STATIC_VARIANTS, load_runs, recipe_for  # noqa: E402
 
 import dyrep_fx  # noqa: E402
 from dyrep_fx.demo import VARIANT_RECIPES, _build, make_net  # noqa: E402
@@ -34,12 +34,18 @@ from dyrep_fx.structure_spec import FORMAT  # noqa: E402
 
 
 def structures(depth: int, runs_at_depth: dict[str, dict[int, dict[str, Any]]]) -> dict[str, list[nn.Module]]:
-    """Per variant, the models to time: one for plain and each static variant, one per seed for DyRep."""
+    """Per variant, the models to time: one for plain and each static variant or ablation, one per seed for
+    DyRep."""
     recipe = recipe_for(depth)
     out: dict[str, list[nn.Module]] = {}
     for variant in STATIC_VARIANTS:
         if variant in runs_at_depth:
             out[variant] = [_build(variant, recipe)[0]]
+    for variant, (base, prepare) in ABLATIONS.items():
+        if variant in runs_at_depth:
+            model = _build(base, recipe)[0]
+            prepare(model)
+            out[variant] = [model]
     for variant in DYREP_VARIANTS:
         for _seed, run in sorted(runs_at_depth.get(variant, {}).items()):
             model = make_net(recipe.width, net=recipe.net)
