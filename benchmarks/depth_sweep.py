@@ -339,6 +339,7 @@ def plot_stage_two(summary: dict[str, Any], depth: int, path: Path, cost: dict[s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, r in enumerate(_stage_two_rows(summary, depth)):
@@ -350,6 +351,9 @@ def plot_stage_two(summary: dict[str, Any], depth: int, path: Path, cost: dict[s
                     capsize=3, color=f"C{i}", label=f"{r['variant']} ({len(r['vs_plain']['seeds'])} seeds)")
     ax.axhline(0.0, color="grey", lw=1)
     ax.set_xscale("log")
+    # plain numbers on the log axis ("2", not "2 x 10^0")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.legend(fontsize=7)
     ax.set(xlabel="training step CPU time × plain's (side by side; DyRep: its structure at the end)",
            ylabel="test accuracy − plain (points, ± 2 SE)",
