@@ -33,6 +33,14 @@ def write_run(sweep, results: Path, depth: int, variant: str, seed: int, accs: l
     sweep.write_json(sweep.run_path(results, depth, variant, seed), run)
 
 
+def write_finals(sweep, results: Path, depth: int, finals: dict[str, list[float]]) -> None:
+    """Two-epoch runs at ``depth`` (first epoch 0.5), one per variant and seed: ``finals[variant][seed]`` is
+    the run's final accuracy."""
+    for variant, accs in finals.items():
+        for seed, acc in enumerate(accs):
+            write_run(sweep, results, depth, variant, seed, [0.5, acc])
+
+
 def test_finished_runs_are_skipped_per_depth(sweep, tmp_path):
     write_run(sweep, tmp_path, 30, "plain", 0, [0.8])
     todo = sweep.pending([10, 30], ["plain"], [0], tmp_path)
@@ -84,10 +92,8 @@ def test_stage_two_variant_trains_dyrep_with_its_metric_under_its_own_name(sweep
 
 
 def test_dyrep_variants_pair_with_plain_and_with_random_sites(sweep, tmp_path):
-    for seed, (plain, dyrep, random_sites) in enumerate([(0.80, 0.82, 0.80), (0.78, 0.81, 0.79), (0.79, 0.80, 0.79)]):
-        write_run(sweep, tmp_path, 20, "plain", seed, [0.5, plain])
-        write_run(sweep, tmp_path, 20, "dyrep_online", seed, [0.5, dyrep])
-        write_run(sweep, tmp_path, 20, "dyrep_online_random", seed, [0.5, random_sites])
+    write_finals(sweep, tmp_path, 20, {"plain": [0.80, 0.78, 0.79], "dyrep_online": [0.82, 0.81, 0.80],
+                                       "dyrep_online_random": [0.80, 0.79, 0.79]})
     summary = sweep.summarise(sweep.load_runs(tmp_path))
     rows = {r["variant"]: r for r in summary["rows"]}
     assert rows["dyrep_online"]["vs_random"]["diffs"] == pytest.approx([2.0, 2.0, 1.0])
@@ -96,12 +102,8 @@ def test_dyrep_variants_pair_with_plain_and_with_random_sites(sweep, tmp_path):
 
 def test_stage_two_pairs_dyrep_with_the_depths_best_static_variant(sweep, tmp_path):
     # rep_all_dbb gains +3 on average, orepa_all +1: the ceiling is rep_all_dbb, and a DyRep run is paired with it
-    for seed, (plain, orepa, dbb, dyrep) in enumerate([(0.80, 0.81, 0.83, 0.82), (0.78, 0.79, 0.81, 0.79),
-                                                       (0.79, 0.80, 0.82, 0.80)]):
-        write_run(sweep, tmp_path, 20, "plain", seed, [0.5, plain])
-        write_run(sweep, tmp_path, 20, "orepa_all", seed, [0.5, orepa])
-        write_run(sweep, tmp_path, 20, "rep_all_dbb", seed, [0.5, dbb])
-        write_run(sweep, tmp_path, 20, "dyrep_online", seed, [0.5, dyrep])
+    write_finals(sweep, tmp_path, 20, {"plain": [0.80, 0.78, 0.79], "orepa_all": [0.81, 0.79, 0.80],
+                                       "rep_all_dbb": [0.83, 0.81, 0.82], "dyrep_online": [0.82, 0.79, 0.80]})
     runs = sweep.load_runs(tmp_path)
     assert sweep.ceiling(runs[20]) == "rep_all_dbb"
     rows = {r["variant"]: r for r in sweep.summarise(runs)["rows"]}
@@ -151,12 +153,8 @@ def test_an_ablation_trains_its_base_variant_changed_by_its_prepare_under_its_ow
 
 
 def test_an_ablation_is_paired_with_its_base_and_with_dbb_mode_but_is_no_ceiling(sweep, tmp_path):
-    for seed, (plain, online, wn, dbb) in enumerate([(0.85, 0.86, 0.89, 0.88), (0.85, 0.87, 0.89, 0.89),
-                                                     (0.85, 0.86, 0.90, 0.88)]):
-        write_run(sweep, tmp_path, 20, "plain", seed, [0.5, plain])
-        write_run(sweep, tmp_path, 20, "rep_all_online", seed, [0.5, online])
-        write_run(sweep, tmp_path, 20, "rep_all_online_wn", seed, [0.5, wn])
-        write_run(sweep, tmp_path, 20, "rep_all_dbb", seed, [0.5, dbb])
+    write_finals(sweep, tmp_path, 20, {"plain": [0.85, 0.85, 0.85], "rep_all_online": [0.86, 0.87, 0.86],
+                                       "rep_all_online_wn": [0.89, 0.89, 0.90], "rep_all_dbb": [0.88, 0.89, 0.88]})
     runs = sweep.load_runs(tmp_path)
     summary = sweep.summarise(runs)
     (ablation,) = summary["ablation_gaps"]
