@@ -11,7 +11,7 @@ test: env
 	bash scripts/run_tests.sh
 
 lint: env
-	.venv/bin/ruff check dyrep_fx passes tests benchmarks
+	.venv/bin/ruff check dyrep_fx dyrep_fx_examples passes tests benchmarks
 
 # On a machine with a CUDA GPU: the numerics, block, assembly, AMP (float16 + GradScaler), memory-Function and
 # nccl DDP tests on CUDA (the tests marked `cuda`; without a GPU they are skipped).

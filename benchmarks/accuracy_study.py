@@ -2,7 +2,7 @@
 better than growing at random sites?
 
 Full Fashion-MNIST (60k train, 10k test) with random crop (padding 2) and horizontal flip, the study
-network (:data:`dyrep_fx.demo.NET_LAYOUTS` ``"study"``: ten 3x3 conv + BN + ReLU, VGG style), SGD
+network (:data:`dyrep_fx_examples.demo.NET_LAYOUTS` ``"study"``: ten 3x3 conv + BN + ReLU, VGG style), SGD
 momentum 0.9, cosine learning rate, weight decay 1e-4 on every parameter (DyRep's CIFAR recipe), the
 same data order and augmentation draws per seed for every variant. Each (variant, seed) trains in a
 fresh process with one torch thread and writes its result as JSON under ``--results``; a re-run skips
@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_json  # noqa: E402
 
 from dyrep_fx.defaults import STD_GATE  # noqa: E402
-from dyrep_fx.demo import DemoConfig, make_net, multiply_adds, run_variant  # noqa: E402
+from dyrep_fx_examples.demo import DemoConfig, make_net, multiply_adds, run_variant  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "study"
 

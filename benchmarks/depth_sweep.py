@@ -47,7 +47,7 @@ from accuracy_study import median_ratio, paired, recipe_record  # noqa: E402
 from branch_norm import normalise_every_path  # noqa: E402
 from common import machine, write_json  # noqa: E402
 
-from dyrep_fx.demo import DemoConfig, run_variant  # noqa: E402
+from dyrep_fx_examples.demo import DemoConfig, run_variant  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sweep"
 DEPTHS = (10, 20, 30, 40)

@@ -44,8 +44,8 @@ from common import write_json  # noqa: E402
 from depth_sweep import RECIPE, recipe_for  # noqa: E402
 
 from dyrep_fx.block import RepConv2d  # noqa: E402
-from dyrep_fx.data import fashion_mnist_loaders  # noqa: E402
-from dyrep_fx.demo import eval_gap, run_variant  # noqa: E402
+from dyrep_fx_examples.data import fashion_mnist_loaders  # noqa: E402
+from dyrep_fx_examples.demo import eval_gap, run_variant  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stability"
 
@@ -71,7 +71,7 @@ def top_sites(model: nn.Module) -> dict[str, nn.Module]:
 
 
 class Probe:
-    """The observer :func:`dyrep_fx.demo.run_variant` calls after every optimizer step.
+    """The observer :func:`dyrep_fx_examples.demo.run_variant` calls after every optimizer step.
 
     Every ``eval_every`` steps it also measures the eval-mode gap: test accuracy with the BatchNorms'
     running statistics against the same weights with statistics recomputed on training batches
@@ -140,8 +140,8 @@ def probe_one(depth: int, variant: str, seed: int, epochs_run: int, out: Path, s
     stop = epochs_run * steps_per_epoch + 1 if epochs_run < recipe.epochs else None
     probe = Probe(stop_after=steps if steps is not None else stop, loaders=loaders)
     accs = _EpochAccuracies()
-    logging.getLogger("dyrep_fx.demo").addHandler(accs)
-    logging.getLogger("dyrep_fx.demo").setLevel(logging.INFO)
+    logging.getLogger("dyrep_fx_examples.demo").addHandler(accs)
+    logging.getLogger("dyrep_fx_examples.demo").setLevel(logging.INFO)
     try:
         run_variant(variant, recipe, observer=probe)
     except _Enough:

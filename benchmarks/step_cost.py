@@ -1,6 +1,6 @@
 """Cost of one DyRep step (decision + grow + cut) relative to one training epoch of the demo.
 
-The demo's network, data and recipe (``dyrep_fx.demo``), online mode (no BatchNorm calibration). A DyRep
+The demo's network, data and recipe (``dyrep_fx_examples.demo``), online mode (no BatchNorm calibration). A DyRep
 step is forced after every ``--every`` training iterations; its time is measured apart from the
 iterations' and compared with the epoch: ``steps_per_epoch x`` the median iteration time.
 
@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, summary, write_json  # noqa: E402
 
 from dyrep_fx.controller import DyRep  # noqa: E402
-from dyrep_fx.data import fashion_mnist_loaders  # noqa: E402
-from dyrep_fx.demo import DemoConfig, make_net  # noqa: E402
+from dyrep_fx_examples.data import fashion_mnist_loaders  # noqa: E402
+from dyrep_fx_examples.demo import DemoConfig, make_net  # noqa: E402
 
 
 def measure(config: DemoConfig, steps: int, every: int) -> dict:

@@ -29,8 +29,8 @@ from common import machine, write_json  # noqa: E402
 from depth_sweep import ABLATIONS, DYREP_VARIANTS, RESULTS, STATIC_VARIANTS, load_runs, recipe_for  # noqa: E402
 
 import dyrep_fx  # noqa: E402
-from dyrep_fx.demo import VARIANT_RECIPES, _build, make_net  # noqa: E402
 from dyrep_fx.structure_spec import FORMAT  # noqa: E402
+from dyrep_fx_examples.demo import VARIANT_RECIPES, _build, make_net  # noqa: E402
 
 
 def structures(depth: int, runs_at_depth: dict[str, dict[int, dict[str, Any]]]) -> dict[str, list[nn.Module]]:

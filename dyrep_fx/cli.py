@@ -13,7 +13,7 @@ __all__ = ["main"]
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo, write_report
+    from dyrep_fx_examples.demo import DemoConfig, run_demo, write_report
 
     config = DemoConfig.quick() if args.quick else DemoConfig()
     for key in ("epochs", "train_limit", "test_limit", "mode", "seed", "width", "out"):

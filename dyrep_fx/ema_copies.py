@@ -19,23 +19,9 @@ from .block import RepConv2d
 from .distributed import broadcast_module
 from .handle import Handle
 from .passes.base import Transaction
+from .target_names import join_name, split_name  # noqa: F401  (join_name: controller.py's import, until its split)
 
-__all__ = ["EmaCopies", "join_name", "split_name", "restore_targets"]
-
-
-def join_name(prefix: str, name: str) -> str:
-    """The model-relative name of ``name`` inside target ``prefix`` ("" is the whole model)."""
-    return f"{prefix}.{name}" if prefix else name
-
-
-def split_name(prefixes: list[str], name: str) -> tuple[str, str]:
-    """``(target prefix, name inside it)`` of a model-relative ``name``; the innermost target wins."""
-    for prefix in sorted(prefixes, key=len, reverse=True):
-        if not prefix:
-            return "", name
-        if name.startswith(prefix + "."):
-            return prefix, name[len(prefix) + 1:]
-    raise KeyError(f"{name!r} is in none of the targets {list(prefixes)}")
+__all__ = ["EmaCopies", "restore_targets"]
 
 
 def restore_targets(handles: dict[str, Handle], structures: dict[str, dict[str, Any]], txn: Transaction) -> None:

@@ -34,7 +34,7 @@ PLANTED = "backbone.layer4.1.bn2.bias"
 
 @pytest.fixture(scope="module")
 def deepforest_root(tmp_path_factory) -> Path:
-    from dyrep_fx.datasets import deepforest_coco
+    from dyrep_fx_examples.datasets import deepforest_coco
 
     return deepforest_coco(tmp_path_factory.mktemp("deepforest_coco"))
 

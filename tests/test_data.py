@@ -1,4 +1,4 @@
-"""Tests of :mod:`dyrep_fx.data` on the real Fashion-MNIST files of Debian's ``dataset-fashion-mnist``."""
+"""Tests of :mod:`dyrep_fx_examples.data` on the real Fashion-MNIST files of Debian's ``dataset-fashion-mnist``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dyrep_fx.data import (
+from dyrep_fx_examples.data import (
     DEBIAN_FASHION_MNIST_DIR,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ENV,

@@ -314,8 +314,8 @@ def test_inner_conv_of_a_fresh_site_scores_like_a_top_level_conv(mode):
     With the default metric the inner conv's score sits among the top-level convs' scale (below the
     best of them: its branch carries ~1 % of its block); signed synflow puts it over 30x above them all.
     """
-    from dyrep_fx.data import fashion_mnist_loaders
-    from dyrep_fx.demo import make_net
+    from dyrep_fx_examples.data import fashion_mnist_loaders
+    from dyrep_fx_examples.demo import make_net
 
     scores = {}
     for metric in ("snip", "synflow"):

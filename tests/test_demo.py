@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dyrep_fx import DBB_KINDS, DYREP_KINDS, OREPA_KINDS, cli
-from dyrep_fx.demo import (
+from dyrep_fx_examples.demo import (
     VARIANT_RECIPES,
     DemoConfig,
     dyrep_schedule,

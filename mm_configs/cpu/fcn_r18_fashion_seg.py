@@ -4,7 +4,7 @@
 # The plain baseline that fcn_r18_fashion_seg_dyrep.py extends; its folded checkpoints load into this model.
 #
 # Data, once (Fashion-MNIST from Debian's dataset-fashion-mnist package; no download):
-#     python -c "from dyrep_fx.datasets import fashion_mnist_segmentation as f; f('data/fashion_seg', 400)"
+#     python -c "from dyrep_fx_examples.datasets import fashion_mnist_segmentation as f; f('data/fashion_seg', 400)"
 # Train (no mim or tools/train.py needed; DYREP_FASHION_SEG overrides the data folder):
 #     dyrep-fx train mm_configs/cpu/fcn_r18_fashion_seg.py
 # (in Python: Runner.from_cfg(Config.fromfile('mm_configs/cpu/fcn_r18_fashion_seg.py')).train())

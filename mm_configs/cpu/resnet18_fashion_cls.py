@@ -5,7 +5,7 @@
 # a folded classifier starts detectors and segmentors: see the *_cls_finetune.py configs.
 #
 # Data, once (Fashion-MNIST from Debian's dataset-fashion-mnist package; no download):
-#     python -c "from dyrep_fx.datasets import fashion_mnist_classification as f; f('data/fashion_cls', 4000, 500)"
+#     python -c "from dyrep_fx_examples.datasets import fashion_mnist_classification as f; f('data/fashion_cls', 4000, 500)"
 # Train (no mim or tools/train.py needed; DYREP_FASHION_CLS overrides the data folder):
 #     dyrep-fx train mm_configs/cpu/resnet18_fashion_cls.py
 # (in Python: Runner.from_cfg(Config.fromfile('mm_configs/cpu/resnet18_fashion_cls.py')).train())

@@ -3,7 +3,7 @@
 # (mm_configs/README.md).
 #
 # Data, once (Fashion-MNIST from Debian's dataset-fashion-mnist package; no download):
-#     python -c "from dyrep_fx.datasets import fashion_mnist_classification as f; f('data/fashion_cls', 4000, 500)"
+#     python -c "from dyrep_fx_examples.datasets import fashion_mnist_classification as f; f('data/fashion_cls', 4000, 500)"
 # Train (no mim or tools/train.py needed; DYREP_FASHION_CLS overrides the data folder):
 #     dyrep-fx train mm_configs/cpu/resnet18_fashion_cls_dyrep.py
 # work_dir/dyrep_deploy.pth (written at the end) is the folded classifier, a plain ResNet-18 again: it loads

@@ -3,7 +3,7 @@
 # DyRep config (retinanet_r18_fpn_deepforest_dyrep.py) extends; its folded checkpoints load into this model.
 #
 # Data, once (reads the installed package, no download; `pip install --no-deps deepforest==2.1.0`):
-#     python -c "from dyrep_fx.datasets import deepforest_coco; deepforest_coco('data/deepforest_coco')"
+#     python -c "from dyrep_fx_examples.datasets import deepforest_coco; deepforest_coco('data/deepforest_coco')"
 # Train (no mim or tools/train.py needed; DYREP_DEEPFOREST overrides the data folder):
 #     dyrep-fx train mm_configs/cpu/retinanet_r18_fpn_deepforest.py
 # (in Python: Runner.from_cfg(Config.fromfile('mm_configs/cpu/retinanet_r18_fpn_deepforest.py')).train())

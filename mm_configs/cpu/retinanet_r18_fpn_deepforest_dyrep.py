@@ -4,7 +4,7 @@
 # their calls counted at run time on one real batch; each grows as one block serving every level.
 #
 # Data, once (`pip install --no-deps deepforest==2.1.0`, then):
-#     python -c "from dyrep_fx.datasets import deepforest_coco; deepforest_coco('data/deepforest_coco')"
+#     python -c "from dyrep_fx_examples.datasets import deepforest_coco; deepforest_coco('data/deepforest_coco')"
 # Train (no mim or tools/train.py needed; DYREP_DEEPFOREST overrides the data folder):
 #     dyrep-fx train mm_configs/cpu/retinanet_r18_fpn_deepforest_dyrep.py
 # (in Python: Runner.from_cfg(Config.fromfile('mm_configs/cpu/retinanet_r18_fpn_deepforest_dyrep.py')).train())

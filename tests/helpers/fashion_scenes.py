@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dyrep_fx.data import load_fashion_mnist
+from dyrep_fx_examples.data import load_fashion_mnist
 
 #: Semantic label of the pixels around the items (Fashion-MNIST classes are 0..9).
 BACKGROUND = 10

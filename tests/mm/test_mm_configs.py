@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers.mm_data import CONFIG_DIR, bn_modes, build_model, flat_tensors, load_config
 
-from dyrep_fx.datasets import fashion_mnist_segmentation
+from dyrep_fx_examples.datasets import fashion_mnist_segmentation
 
 CONFIGS = sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.py"))
 FULL_SIZE = {

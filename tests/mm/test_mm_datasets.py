@@ -1,4 +1,4 @@
-"""``dyrep_fx.datasets``: deepforest's tree crowns as COCO, Fashion-MNIST scenes as mmseg data."""
+"""``dyrep_fx_examples.datasets``: deepforest's tree crowns as COCO, Fashion-MNIST scenes as mmseg data."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dyrep_fx import datasets
-from dyrep_fx.datasets import (
+from dyrep_fx_examples import datasets
+from dyrep_fx_examples.datasets import (
     DEEPFOREST_IMAGES,
     DEEPFOREST_VAL_IMAGES,
     FASHION_SEG_CLASSES,

@@ -82,11 +82,11 @@ def assert_same_outputs(model, reference, batch) -> None:
 
 
 def test_fashion_classification_folder_reads_in_mmpretrain_custom_dataset(fashion_cls_root):
-    """The folder written by dyrep_fx.datasets gives the same samples through its annotation list and through
+    """The folder written by dyrep_fx_examples.datasets gives the same samples through its annotation list and through
     its class folders alone (mmpretrain's CustomDataset, both ways); every class is in both splits."""
     from mmpretrain.datasets import CustomDataset
 
-    from dyrep_fx.datasets import FASHION_CLS_FOLDERS
+    from dyrep_fx_examples.datasets import FASHION_CLS_FOLDERS
 
     listed = CustomDataset(data_root=str(fashion_cls_root), ann_file="meta/train.txt", data_prefix="train")
     folders = CustomDataset(data_root=str(fashion_cls_root), data_prefix="train")

@@ -36,11 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import api
-from .calibration import calibrate
-from .controller import DyRep
+from dyrep_fx import DBB_KINDS, DYREP_KINDS, OREPA_KINDS, DyRep, api, calibrate
+
 from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist_loaders, random_crop_flip
-from .geometry import DBB_KINDS, DYREP_KINDS, OREPA_KINDS
 
 __all__ = ["DemoConfig", "make_net", "multiply_adds", "NET_LAYOUTS", "dyrep_schedule", "epoch_timing", "run_variant", "run_demo", "plot_report", "VARIANTS", "VARIANT_RECIPES"]
 

@@ -11,7 +11,7 @@
 Neither function downloads anything. ``deepforest`` is only read from disk, never imported (its import
 needs pytorch-lightning, geopandas, rasterio, ...): install it without dependencies,
 ``pip install --no-deps deepforest==2.1.0``. Fashion-MNIST comes from Debian's ``dataset-fashion-mnist``
-package (see :mod:`dyrep_fx.data`).
+package (see :mod:`dyrep_fx_examples.data`).
 """
 
 from __future__ import annotations
@@ -239,7 +239,7 @@ def deepforest_coco(
                                         "category_id": category, "bbox": bbox, "area": bbox[2] * bbox[3],
                                         "iscrowd": int(visible < min_visible)})
     info = {"description": "deepforest 2.1.0 annotated NEON aerial images (MIT package; NEON imagery), "
-                           "tiled by dyrep_fx.datasets.deepforest_coco", "stamp": stamp, **settings}
+                           "tiled by dyrep_fx_examples.datasets.deepforest_coco", "stamp": stamp, **settings}
     for path, split in zip(files, (None, "train", "val")):
         keep = [im for im in images if split is None or im["split"] == split]
         ids = {im["id"] for im in keep}
@@ -299,7 +299,7 @@ def fashion_mnist_segmentation(
         out_dir/classes.json                    {"classes": [...], "palette": [...]}
 
     Fashion-MNIST is read from Debian's ``dataset-fashion-mnist`` (or ``root`` / ``$DYREP_FASHION_MNIST``,
-    see :func:`dyrep_fx.data.fashion_mnist_root`).
+    see :func:`dyrep_fx_examples.data.fashion_mnist_root`).
     """
     if n_images < 1 or n_val < 0:
         raise ValueError(f"need n_images >= 1 and n_val >= 0, got {n_images} and {n_val}")
@@ -380,7 +380,7 @@ def fashion_mnist_classification(
         out_dir/classes.json                  {"classes": [...], "folders": [...], ...}
 
     Fashion-MNIST is read from Debian's ``dataset-fashion-mnist`` (or ``root`` / ``$DYREP_FASHION_MNIST``,
-    see :func:`dyrep_fx.data.fashion_mnist_root`).
+    see :func:`dyrep_fx_examples.data.fashion_mnist_root`).
     """
     if n_train < 1 or n_val < 1:
         raise ValueError(f"need n_train >= 1 and n_val >= 1, got {n_train} and {n_val}")
