@@ -27,7 +27,7 @@ CONFIG = "mm_configs/cpu/retinanet_r18_fpn_deepforest_dyrep.py"
 #: iterations, quiet.
 SMALL = ["val_cfg=None", "val_dataloader=None", "val_evaluator=None", "train_dataloader.batch_size=1",
          "train_dataloader.dataset.pipeline.2.scale=(256,256)", "default_hooks.checkpoint.interval=2",
-         "custom_hooks.0.interval=2", "log_level=WARNING"]
+         "custom_hooks.0.dyrep.interval=2", "log_level=WARNING"]
 #: A BatchNorm bias the resume test shifts in the checkpoint (outside what DyRep rebuilds).
 PLANTED = "backbone.layer4.1.bn2.bias"
 

@@ -1,7 +1,10 @@
 """``DyRepHook``: DyRep for mmpretrain / mmdet / mmseg training through one entry in ``custom_hooks``.
 
     custom_imports = dict(imports=["dyrep_fx.mm"], allow_failed_imports=False)
-    custom_hooks = [dict(type="DyRepHook", targets=["backbone"], interval=1000)]
+    custom_hooks = [dict(type="DyRepHook", targets=["backbone"], dyrep=dict(interval=1000, until=20000))]
+
+``dyrep`` holds :class:`dyrep_fx.DyRep`'s options, its policies as config entries
+(:mod:`~dyrep_fx.mm.dyrep_options`: ``candidates=dict(type=...)``, ``criterion=...``, ``metric=...``).
 
 Events used:
 
@@ -37,8 +40,10 @@ rebuild, ``compile``), :mod:`~dyrep_fx.mm.checkpoint` (the checkpoint entry, loa
 from __future__ import annotations
 
 import os.path as osp
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
+from typing import Any
 
 import torch
 from mmengine.dist import is_main_process
@@ -47,17 +52,16 @@ from mmengine.registry import HOOKS
 from torch import nn
 
 from .. import api, calibration
-from ..controller import DYREP_KINDS, DyRep
-from ..defaults import INIT_SCALE, STD_GATE, THRESHOLD
-from ..saliency import DEFAULT_METRIC
+from ..controller import DyRep
 from ..tracing import conv_modules
 from .checkpoint import STATE_KEY, is_resuming, scope_checkpoint_loading
+from .dyrep_options import DYREP_OPTIONS, build_dyrep_options, default_of
 from .fold_checkpoint import fold_targets
 from .inputs import capture_target_inputs, mm_forward, side_loader
 from .optim import cover_new_groups, paramwise_chooser
 from .wrappers import rebuild_ddp, unwrap
 
-__all__ = ["DyRepHook"]
+__all__ = ["DyRepHook", "dyrep_block"]
 
 
 @HOOKS.register_module()
@@ -66,15 +70,15 @@ class DyRepHook(Hook):
 
     Args:
         targets: submodules to re-parameterize (default ``["backbone"]``; e.g. add ``"neck"``).
-        interval: a DyRep step every ``interval`` iterations (or epochs with ``by_epoch=True``).
+        dyrep: the options of :class:`dyrep_fx.DyRep`, one block: any of its keyword arguments but those
+            the hook supplies (the model, optimizer, targets and data), e.g. ``dict(interval=1000,
+            until=20000, mode='online', metric='snip')``; the policies ``candidates``, ``criterion`` and
+            ``metric`` also as config entries (``dict(type=...)`` through :data:`dyrep_fx.mm.POLICIES`, or a
+            dotted import path), built and checked here, so one that does not build stops the run before
+            training, named (:mod:`dyrep_fx.mm.dyrep_options`). ``interval`` counts iterations (epochs
+            with ``by_epoch=True``) and defaults to 1000. The same options given as keyword arguments of
+            the hook itself (the form before the block) are still accepted, with a deprecation warning.
         by_epoch: count epochs instead of iterations.
-        until: no growth or cut after this many units (default: never stop).
-        topk, kinds, metric, nested, pointwise, std_gate, threshold, calib_batches, seed: see
-            :class:`dyrep_fx.DyRep`.
-        mode: ``"online"`` (one conv per site) or ``"dbb"`` (branches with BatchNorms).
-        init_scale: initial scale of new branches.
-        recompute: dbb mode: recompute the branches' 1x1 stages in backward (less activation memory, a
-            little more time; see :func:`dyrep_fx.transform`).
         deploy: at the end, fold and save ``deploy_filename`` (and ``ema_`` + it with an EMAHook)
             in ``work_dir``; it loads with ``strict=True`` into the model of the unmodified config.
         calibrate_before_val: validate with the statistics of every BatchNorm of the model that trains
@@ -109,25 +113,13 @@ class DyRepHook(Hook):
     def __init__(
         self,
         targets: Sequence[str] = ("backbone",),
-        interval: int = 1000,
+        dyrep: Mapping[str, Any] | None = None,
         by_epoch: bool = False,
-        until: int | None = None,
-        topk: int = 1,
-        kinds: Sequence[str] | None = DYREP_KINDS,
-        mode: str = "online",
-        init_scale: float = INIT_SCALE,
-        metric: str = DEFAULT_METRIC,
-        nested: str = "gated",
-        pointwise: bool = False,
-        std_gate: float = STD_GATE,
-        threshold: float = THRESHOLD,
-        calib_batches: int = 20,
-        seed: int = 0,
         deploy: bool = True,
         deploy_filename: str = "dyrep_deploy.pth",
         trust_checkpoint: bool = True,
-        recompute: bool = False,
         calibrate_before_val: int = 20,
+        **flat_options: Any,
     ) -> None:
         if calibrate_before_val < 0:
             raise ValueError(f"DyRepHook: calibrate_before_val must be >= 0 batches, got {calibrate_before_val}")
@@ -139,10 +131,14 @@ class DyRepHook(Hook):
         self.by_epoch = by_epoch
         self.deploy = deploy
         self.deploy_filename = deploy_filename
-        self.options = dict(interval=interval, until=until, topk=topk, kinds=None if kinds is None else list(kinds),
-                            metric=metric, nested=nested, pointwise=pointwise, std_gate=std_gate, threshold=threshold, calib_batches=calib_batches,
-                            seed=seed, mode=mode, init_scale=init_scale, recompute=recompute)
+        #: ``DyRep``'s keyword arguments (the ``dyrep`` block with its policies built).
+        self.dyrep_options = build_dyrep_options(dyrep_block(dyrep, flat_options))
         self.controller: DyRep | None = None
+
+    @property
+    def seed(self) -> int:
+        """The run's DyRep seed (also seeds the side loaders of calibration and validation)."""
+        return self.dyrep_options.get("seed", default_of("seed"))
 
     # -- set-up ------------------------------------------------------------------------------------
     def _controller(self, runner) -> DyRep:
@@ -153,13 +149,13 @@ class DyRepHook(Hook):
         if missing:
             raise ValueError(f"DyRepHook targets {missing} are not submodules of {type(model).__name__}")
         _refuse_convless_targets(model, self.targets)
-        side = side_loader(runner.train_dataloader, self.options["seed"])
+        side = side_loader(runner.train_dataloader, self.seed)
         inputs = capture_target_inputs(model, next(iter(side)), self.targets)
         chooser = paramwise_chooser(runner.cfg.get("optim_wrapper"))
         extra = {"group_chooser": chooser} if chooser is not None else {}
         self.controller = DyRep(model, runner.optim_wrapper.optimizer, targets=self.targets,
                                 example_inputs=inputs, calib_loader=side,
-                                forward_fn=mm_forward, **self.options, **extra)
+                                forward_fn=mm_forward, **self.dyrep_options, **extra)
         self._log_sites(runner)
         for hook in runner.hooks:
             if isinstance(hook, EMAHook) and hasattr(hook, "ema_model"):
@@ -272,7 +268,7 @@ class DyRepHook(Hook):
         if not calibration.training_batchnorms(model):
             return
         # a loader seeded by the iteration: the same batches whether or not the run was resumed in between
-        batches = side_loader(runner.train_dataloader, self.options["seed"] + runner.iter)
+        batches = side_loader(runner.train_dataloader, self.seed + runner.iter)
         used = self._validation_stack.enter_context(
             calibration.calibrated(model, batches, self.calibrate_before_val, mm_forward))
         runner.logger.info(f"DyRepHook: validating with BatchNorm statistics re-estimated on {used} training "
@@ -314,3 +310,20 @@ def _refuse_convless_targets(model: nn.Module, targets: Sequence[str]) -> None:
         kinds = ", ".join(f"{t} ({type(model.get_submodule(t)).__name__})" for t in convless)
         raise ValueError(f"DyRepHook targets hold no convolution, nothing to re-parameterize: {kinds}; "
                          f"list only submodules with convs (e.g. 'backbone')")
+
+
+def dyrep_block(dyrep: Mapping[str, Any] | None, flat_options: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``dyrep`` block of a hook entry, with DyRep options given beside it (the form before the block,
+    deprecated) merged in; an option given both ways, or a keyword the hook does not know, is refused."""
+    unknown = sorted(set(flat_options) - set(DYREP_OPTIONS))
+    if unknown:
+        raise TypeError(f"DyRepHook got unexpected arguments {unknown}; DyRep's options go in dyrep=dict(...) "
+                        f"(they are {list(DYREP_OPTIONS)})")
+    block = dict(dyrep or {})
+    twice = sorted(set(block) & set(flat_options))
+    if twice:
+        raise ValueError(f"DyRepHook: {twice} given both in dyrep=dict(...) and as hook arguments; keep one")
+    if flat_options:
+        warnings.warn(f"DyRepHook: DyRep options as hook arguments ({sorted(flat_options)}) are deprecated; "
+                      f"give them as dyrep=dict(...)", DeprecationWarning, stacklevel=3)
+    return {**block, **flat_options}

@@ -167,7 +167,7 @@ def inspect_config(config: str | os.PathLike[str], size: tuple[int, int] | None 
     cfg = load_config(config, cfg_options)
     hook = dyrep_hook_entry(cfg)
     targets = list(targets or (hook or {}).get("targets", DEFAULT_TARGETS))
-    mode = mode or (hook or {}).get("mode", "online")
+    mode = mode or (hook or {}).get("dyrep", {}).get("mode") or (hook or {}).get("mode", "online")
     height, width = size or config_image_size(cfg) or DEFAULT_SIZE
     model = build_model_from_config(cfg)
     model.train()  # as the Runner trains it: frozen stages, norm_eval

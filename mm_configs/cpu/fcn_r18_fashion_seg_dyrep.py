@@ -15,5 +15,6 @@ custom_imports = dict(imports=['dyrep_fx.mm'], allow_failed_imports=False)
 # DyRep grows every 5 of 120 epochs until epoch 100; over these 400 iterations: a step every 20 iterations
 # until iteration 320 (80%), i.e. 16 growth steps of one conv each.
 custom_hooks = [
-    dict(type='DyRepHook', targets=['backbone'], interval=20, until=320, topk=1, mode='online'),
+    dict(type='DyRepHook', targets=['backbone'],
+         dyrep=dict(interval=20, until=320, topk=1, mode='online')),
 ]

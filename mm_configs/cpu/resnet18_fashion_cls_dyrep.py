@@ -18,5 +18,6 @@ custom_imports = dict(imports=['dyrep_fx.mm'], allow_failed_imports=False)
 # until iteration 400 (80%), i.e. 16 growth steps of one conv each. Only the backbone holds convs: the
 # GlobalAveragePooling neck and the LinearClsHead have none, and listing them is refused before training.
 custom_hooks = [
-    dict(type='DyRepHook', targets=['backbone'], interval=25, until=400, topk=1, mode='online'),
+    dict(type='DyRepHook', targets=['backbone'],
+         dyrep=dict(interval=25, until=400, topk=1, mode='online')),
 ]

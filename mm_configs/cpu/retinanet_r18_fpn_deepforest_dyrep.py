@@ -17,6 +17,6 @@ custom_imports = dict(imports=['dyrep_fx.mm'], allow_failed_imports=False)
 # DyRep grows every 5 of 120 epochs until epoch 100; over these 300 iterations: a step every 25 iterations
 # until iteration 240 (80%), i.e. 9 growth steps of one conv each.
 custom_hooks = [
-    dict(type='DyRepHook', targets=['backbone', 'neck', 'bbox_head'], interval=25, until=240, topk=1,
-         mode='online'),
+    dict(type='DyRepHook', targets=['backbone', 'neck', 'bbox_head'],
+         dyrep=dict(interval=25, until=240, topk=1, mode='online')),
 ]

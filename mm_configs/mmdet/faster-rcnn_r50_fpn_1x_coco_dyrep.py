@@ -18,5 +18,6 @@ custom_imports = dict(imports=['dyrep_fx.mm'], allow_failed_imports=False)
 # count runner iterations, so with another total batch size scale `interval` and `until` with the schedule.
 # The frozen stem and stage 1 (frozen_stages=1) never grow; the rest of the backbone and the FPN convs can.
 custom_hooks = [
-    dict(type='DyRepHook', targets=['backbone', 'neck'], interval=3500, until=70000, topk=1, mode='online'),
+    dict(type='DyRepHook', targets=['backbone', 'neck'],
+         dyrep=dict(interval=3500, until=70000, topk=1, mode='online')),
 ]

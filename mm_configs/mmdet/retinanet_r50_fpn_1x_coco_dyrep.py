@@ -19,6 +19,6 @@ custom_imports = dict(imports=['dyrep_fx.mm'], allow_failed_imports=False)
 # The frozen stem and stage 1 (frozen_stages=1) never grow; the rest of the backbone, the FPN convs and the
 # head's convs can (each head conv serves the five pyramid levels as one block).
 custom_hooks = [
-    dict(type='DyRepHook', targets=['backbone', 'neck', 'bbox_head'], interval=3500, until=70000, topk=1,
-         mode='online'),
+    dict(type='DyRepHook', targets=['backbone', 'neck', 'bbox_head'],
+         dyrep=dict(interval=3500, until=70000, topk=1, mode='online')),
 ]

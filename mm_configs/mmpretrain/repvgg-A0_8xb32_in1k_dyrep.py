@@ -21,5 +21,6 @@ _base_ = ['mmpretrain::repvgg/repvgg-A0_8xb32_in1k.py']
 custom_imports = dict(imports=['dyrep_fx.mm'], allow_failed_imports=False)
 # DyRep's schedule matches this one: every 5 of 120 epochs until epoch 100.
 custom_hooks = [
-    dict(type='DyRepHook', targets=['backbone'], by_epoch=True, interval=5, until=100, topk=1, mode='online'),
+    dict(type='DyRepHook', targets=['backbone'], by_epoch=True,
+         dyrep=dict(interval=5, until=100, topk=1, mode='online')),
 ]

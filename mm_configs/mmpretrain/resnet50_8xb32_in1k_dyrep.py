@@ -28,5 +28,6 @@ train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
 # Epochs, as the paper counts them: 20 growth steps, none in the last 20 epochs. DyRep's saliency is read
 # over the whole interval; each step grows one conv (topk=1), then cuts branches that stopped mattering.
 custom_hooks = [
-    dict(type='DyRepHook', targets=['backbone'], by_epoch=True, interval=5, until=100, topk=1, mode='online'),
+    dict(type='DyRepHook', targets=['backbone'], by_epoch=True,
+         dyrep=dict(interval=5, until=100, topk=1, mode='online')),
 ]

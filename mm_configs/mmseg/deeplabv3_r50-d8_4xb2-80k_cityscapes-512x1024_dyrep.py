@@ -19,5 +19,6 @@ custom_imports = dict(imports=['dyrep_fx.mm'], allow_failed_imports=False)
 # 64000 (80% of training), i.e. the same 20 steps. As in the detection configs the heads stay as shipped;
 # the decode head traces too, so targets=['backbone', 'decode_head'] also works.
 custom_hooks = [
-    dict(type='DyRepHook', targets=['backbone'], interval=3200, until=64000, topk=1, mode='online'),
+    dict(type='DyRepHook', targets=['backbone'],
+         dyrep=dict(interval=3200, until=64000, topk=1, mode='online')),
 ]

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .hook_entry import set_hook_options
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "mm_configs"
 
@@ -69,8 +71,8 @@ def small_run(cfg: Any, work_dir: Path, max_iters: int, interval: int | None = N
     for hook in cfg.get("custom_hooks", []):
         if hook["type"] == "DyRepHook":
             if interval is not None:
-                hook.update(interval=interval, until=None)
-            hook.update(hook_options)
+                set_hook_options(hook, interval=interval, until=None)
+            set_hook_options(hook, **hook_options)
     return cfg
 
 

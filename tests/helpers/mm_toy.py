@@ -20,6 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from .hook_entry import set_hook_options
+
 #: Images of TOY_SIZE x TOY_SIZE, one class per quadrant.
 TOY_SIZE, TOY_CLASSES = 16, 4
 
@@ -103,7 +105,8 @@ def toy_cfg(work_dir: Path, iters: int, interval: int, hook_options: dict | None
     from mmengine.config import Config
 
     register_toy()
-    hook = dict(type="DyRepHook", targets=["backbone"], interval=interval, calib_batches=2, deploy=False)
+    hook = set_hook_options(dict(type="DyRepHook", targets=["backbone"], deploy=False,
+                                 dyrep=dict(interval=interval, calib_batches=2)), **(hook_options or {}))
     cfg = dict(
         model=dict(type="ToyClassifier"),
         work_dir=str(work_dir),
@@ -117,7 +120,7 @@ def toy_cfg(work_dir: Path, iters: int, interval: int, hook_options: dict | None
         optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.05, momentum=0.9, weight_decay=1e-4)),
         default_hooks=dict(checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=iters),
                            logger=dict(type="LoggerHook", interval=1)),
-        custom_hooks=[{**hook, **(hook_options or {})}],
+        custom_hooks=[hook],
         randomness=dict(seed=0),
         launcher="none",
         log_level="WARNING",

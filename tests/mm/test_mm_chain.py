@@ -58,7 +58,7 @@ def classifier(fashion_cls_root, tmp_path_factory) -> Path:
     work_dir = tmp_path_factory.mktemp("chain_cls")
     options = ["train_dataloader.batch_size=8", f"train_cfg.max_iters={CLS_ITERS}",
                f"train_cfg.val_interval={CLS_ITERS}", f"default_hooks.checkpoint.interval={CLS_ITERS}",
-               f"custom_hooks.0.interval={CLS_INTERVAL}", "custom_hooks.0.until=None", "log_level=WARNING"]
+               f"custom_hooks.0.dyrep.interval={CLS_INTERVAL}", "custom_hooks.0.dyrep.until=None", "log_level=WARNING"]
     proc = subprocess.run([sys.executable, "-m", "dyrep_fx.cli", "train", CLS_CONFIG, "--work-dir", str(work_dir),
                            "--cfg-options", *options], cwd=ROOT, env={**clean_env(), CLS_ENV: str(fashion_cls_root)},
                           capture_output=True, text=True, timeout=600)

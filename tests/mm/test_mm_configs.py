@@ -41,13 +41,14 @@ def test_config_parses_and_builds(rel):
     if rel.endswith("_dyrep.py"):
         assert len(hooks) == 1 and cfg.custom_imports.imports == ["dyrep_fx.mm"]
         assert not cfg.custom_imports.allow_failed_imports
-        hook = hooks[0]
+        hook, dyrep = hooks[0], hooks[0]["dyrep"]
         # Growth stops at 80% of training (iterations), as DyRep stops at epoch 100 of 120 (epochs).
         if hook.get("by_epoch"):
-            assert (hook["until"], cfg.train_cfg.max_epochs) == (100, 120)
+            assert (dyrep["until"], cfg.train_cfg.max_epochs) == (100, 120)
         else:
-            assert hook["until"] == pytest.approx(0.8 * cfg.train_cfg.get("max_iters", 87960), rel=0.01)
-        assert hook["until"] // hook["interval"] >= 9
+            assert dyrep["until"] == pytest.approx(0.8 * cfg.train_cfg.get("max_iters", 87960), rel=0.01)
+        assert dyrep["until"] // dyrep["interval"] >= 9
+        assert not set(hook) - {"type", "targets", "by_epoch", "dyrep"}  # DyRep's options all in the block
     else:
         assert not hooks
     model = build_model(cfg)

@@ -51,7 +51,7 @@ def tiny_options(root: Path, work_dir: Path, iters: int = ITERS, interval: int =
                  hooks: list | None = None, **more) -> dict:
     """``cfg_options`` that make the CPU config a short quiet run on ``root``, a checkpoint every 3 iterations
     (the last one kept too), validated at the end, its DyRepHook stepping every ``interval`` iterations."""
-    dyrep = dict(type="DyRepHook", targets=["backbone"], interval=interval, until=None, topk=1, mode="online")
+    dyrep = dict(type="DyRepHook", targets=["backbone"], dyrep=dict(interval=interval, until=None, topk=1, mode="online"))
     return {
         "data_root": str(root), "train_dataloader.dataset.data_root": str(root),
         "val_dataloader.dataset.data_root": str(root), "test_dataloader.dataset.data_root": str(root),
