@@ -1,8 +1,13 @@
 """``RepConv2d``: one conv that can grow re-parameterization branches, prune them, and fold back.
 
 The block takes the place of a single ``nn.Conv2d`` at its module path and keeps that conv's
-``weight`` (and ``bias``) Parameter objects as its main kernel, so an un-grown block has the original
+``weight`` (and ``bias``) Parameter objects as its main kernel (:attr:`RepConv2d.main_weight`,
+:attr:`RepConv2d.main_bias`, registered under the conv's names), so an un-grown block has the original
 state_dict keys and the optimizer keeps its state for them.
+
+It is a drop-in for the conv to the user's code: the conv's attributes (``stride``, ``kernel_size``, ...,
+and a subclass's own) read as they did, read-only where they define the function, and ``weight`` /
+``bias`` are the kernel the block computes with (:meth:`RepConv2d.kernel`), not the main kernel.
 
 Modes (see :mod:`dyrep_fx.branches`):
 
@@ -24,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import conv_classes, forward_scope, kernels
 from .assembly import assemble_kernel
@@ -33,7 +39,7 @@ from .defaults import INIT_SCALE
 from .geometry import ConvGeometry
 from .kinds import registry
 
-__all__ = ["RepConv2d", "MODES", "find_blocks"]
+__all__ = ["RepConv2d", "MODES", "find_blocks", "main_parameters", "NoSingleKernelError", "CONV_ATTRIBUTES"]
 
 MODES = ("online", "dbb")
 
@@ -41,6 +47,30 @@ MODES = ("online", "dbb")
 # take them (see RepConv2d.why_not_wrap).
 _BLOCK_NAMES = frozenset({"weight", "bias", "geometry", "mode", "init_scale", "branches", "execution", "recompute",
                           "main_scale", "main_bn", "_template"})
+
+#: The attributes every ``nn.Conv2d`` offers that define its function: a block answers them with the values
+#: of the conv it took the place of, and refuses to set them.
+CONV_ATTRIBUTES = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                   "padding_mode", "transposed", "output_padding")
+# Instance attributes of every Conv2d (the above, hook registries, ...): what a subclass adds is the rest.
+_CONV2D_INSTANCE_NAMES = frozenset(vars(nn.Conv2d(1, 1, 1, device="meta")))
+_MODULE_INSTANCE_NAMES = frozenset(vars(nn.Module()))
+
+
+class NoSingleKernelError(AttributeError):
+    """A grown dbb-mode block read as ``weight`` / ``bias`` while a BatchNorm of it normalises with batch
+    statistics: no single kernel computes the block then.
+
+    An ``AttributeError``, so ``hasattr(block, "weight")`` / ``getattr(block, "weight", None)`` say the
+    block has no kernel now, and a direct read says why.
+    """
+
+
+def _conv_attribute(name: str) -> property:
+    def get(self: RepConv2d) -> Any:
+        return getattr(self.template, name)
+
+    return property(get, doc=f"The ``{name}`` of the conv this block took the place of (read-only).")
 
 
 class RepConv2d(nn.Module):
@@ -67,8 +97,10 @@ class RepConv2d(nn.Module):
         self.geometry = ConvGeometry.from_conv(conv)
         self.mode = mode
         self.init_scale = float(init_scale)
-        self.weight = conv.weight
-        self.bias = conv.bias
+        # The conv's own Parameters are the main kernel, under the conv's names (the state_dict keys stay);
+        # ``weight`` / ``bias`` read on the block are the kernel it computes with (properties below).
+        self._parameters["weight"] = conv.weight
+        self._parameters["bias"] = conv.bias
         self.branches = nn.ModuleDict()
         #: Online mode: how a branch that can run apart (``1x1_kxk``) runs (see :mod:`dyrep_fx.execution`);
         #: not saved.
@@ -115,6 +147,115 @@ class RepConv2d(nn.Module):
                     "its own")
         return None
 
+    # -- drop-in for the conv --------------------------------------------------------------------
+    in_channels = _conv_attribute("in_channels")
+    out_channels = _conv_attribute("out_channels")
+    kernel_size = _conv_attribute("kernel_size")
+    stride = _conv_attribute("stride")
+    padding = _conv_attribute("padding")
+    dilation = _conv_attribute("dilation")
+    groups = _conv_attribute("groups")
+    padding_mode = _conv_attribute("padding_mode")
+    transposed = _conv_attribute("transposed")
+    output_padding = _conv_attribute("output_padding")
+
+    @property
+    def main_weight(self) -> nn.Parameter:
+        """The main kernel Parameter: the conv's own ``weight`` object (state_dict key ``weight``)."""
+        return self._parameters["weight"]
+
+    @property
+    def main_bias(self) -> nn.Parameter | None:
+        """The main bias Parameter (the conv's own ``bias``, or one dbb mode added), or None."""
+        return self._parameters["bias"]
+
+    @property
+    def weight(self) -> Tensor:
+        """The kernel the block computes with, as the conv's ``weight`` would be: see :meth:`kernel`."""
+        return self.kernel()[0]
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The bias the block computes with, as the conv's ``bias`` would be: see :meth:`kernel`."""
+        return self.kernel()[1]
+
+    def kernel(self) -> tuple[Tensor, Tensor | None]:
+        """``(weight, bias)`` of the one conv that computes this block now, differentiable in its parameters.
+
+        * Not grown: the main Parameters themselves (the conv's own objects).
+        * Online mode: the assembled kernel and the main bias, exact in train and eval mode; gradients flow
+          into the main kernel, the scales and the branches.
+        * dbb mode: the fold with every BatchNorm's running statistics (:meth:`equivalent`), exact while
+          every BatchNorm of the block uses them (eval mode). In train mode they normalise with the
+          batch's statistics and no single kernel computes the block: :class:`NoSingleKernelError`.
+
+        A grown block's kernel is computed: writing into it changes nothing (write the block's
+        Parameters, or fold first).
+        """
+        if not self.grown:
+            return self.main_weight, self.main_bias
+        if self.mode == "online":
+            return self._call_kernel(), self.main_bias
+        batch_stats = [name or "main_bn" for name, m in self.named_modules()
+                       if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)]
+        if batch_stats:
+            raise NoSingleKernelError(
+                f"a dbb-mode RepConv2d grown with {self.kinds} has no single weight/bias while its BatchNorms "
+                f"{batch_stats[:3]} normalise with batch statistics (train mode): read block.weight in eval "
+                "mode (the folded kernel), block.main_weight / block.main_bias for the main kernel "
+                "Parameters, or fold the model (dyrep_fx.fold); transform with mode='online' for a kernel "
+                "in train mode too")
+        return self.equivalent()
+
+    def _extra_names(self) -> frozenset[str]:
+        """Public instance attributes the user's conv subclass adds to Conv2d's (answered from the template)."""
+        template = self.__dict__.get("_template")
+        if template is None:
+            return frozenset()
+        return frozenset(k for k in vars(template) if not k.startswith("_") and k not in _CONV2D_INSTANCE_NAMES)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("weight", "bias"):
+            # Its property raised NoSingleKernelError: raise it again rather than let nn.Module answer
+            # with the main kernel Parameter registered under the same name.
+            return self.kernel()[0 if name == "weight" else 1]
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in self._extra_names():
+                return getattr(self.__dict__["_template"], name)
+            raise
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in CONV_ATTRIBUTES:
+            raise AttributeError(
+                f"{name} of a RepConv2d is read-only: it is the {name} of the conv the block took the place "
+                "of, and changing it would change the function; fold the model (dyrep_fx.fold) and change "
+                "the conv")
+        branches = self.__dict__.get("_modules", {}).get("branches")
+        if name in ("weight", "bias") and branches is not None and len(branches) > 0:
+            raise AttributeError(
+                f"cannot set {name} of a RepConv2d grown with {self.kinds}: its {name} is computed from the "
+                f"main kernel and the branches; write main_{name} (the main kernel Parameter), cut the "
+                "branches, or fold the model first")
+        if name in self._extra_names() and name not in self.__dict__:
+            # A subclass's own attribute lives on the template, which folding copies.
+            setattr(self.__dict__["_template"], name, value)
+            return
+        super().__setattr__(name, value)
+
+    @staticmethod
+    def answers(conv: nn.Module, name: str) -> bool:
+        """Whether a block standing in for ``conv`` has the attribute ``name``: the conv's attributes, its
+        parameters, buffers and children, a subclass's own public attributes and the module machinery do;
+        a method of the conv's class the block lacks (e.g. ``_conv_forward``) does not. ``weight`` and
+        ``bias`` are answered with the block's kernel (:meth:`kernel`)."""
+        if hasattr(RepConv2d, name) or name in _MODULE_INSTANCE_NAMES:
+            return True
+        if any(name in d for d in (conv._parameters, conv._buffers, conv._modules)):
+            return True
+        return not name.startswith("_") and name in vars(conv)
+
     # -- structure -------------------------------------------------------------------------------
     @property
     def template(self) -> nn.Conv2d:
@@ -159,10 +300,10 @@ class RepConv2d(nn.Module):
     def equivalent(self) -> tuple[Tensor, Tensor | None]:
         """The exact eval-mode kernel and bias of the whole block (nested blocks included)."""
         if not self.grown:
-            return self.weight, self.bias
+            return self.main_weight, self.main_bias
         if self.mode == "online":
-            return self._online_kernel(), self.bias
-        w_main, b_main = kernels.fuse_bn(self.weight, self.bias, self.main_bn.running_mean,
+            return self._online_kernel(), self.main_bias
+        w_main, b_main = kernels.fuse_bn(self.main_weight, self.main_bias, self.main_bn.running_mean,
                                          self.main_bn.running_var, self.main_bn.weight, self.main_bn.bias,
                                          self.main_bn.eps)
         parts = [b.kernel() for b in self.branches.values()]
@@ -170,7 +311,7 @@ class RepConv2d(nn.Module):
 
     def _online_kernel(self, skip: tuple[str, ...] = ()) -> Tensor:
         terms = [branch.term() for kind, branch in self.branches.items() if kind not in skip]
-        return assemble_kernel(self.weight, self.main_scale, terms)
+        return assemble_kernel(self.main_weight, self.main_scale, terms)
 
     def _call_kernel(self, skip: tuple[str, ...] = ()) -> Tensor:
         """The online kernel for this call, assembled once per forward call of the transformed model
@@ -200,14 +341,14 @@ class RepConv2d(nn.Module):
 
     def _online_forward(self, x: Tensor) -> Tensor:
         apart = [kind for kind, b in self.branches.items() if b.runs_apart(tuple(x.shape), self.execution)]
-        out = self.geometry.conv(x, self._call_kernel(skip=tuple(apart)), self.bias)
+        out = self.geometry.conv(x, self._call_kernel(skip=tuple(apart)), self.main_bias)
         for kind in apart:
             out = out + self.branches[kind](x, None)  # (it pads its intermediate map itself)
         return out
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.grown:
-            return self.geometry.conv(x, self.weight, self.bias)
+            return self.geometry.conv(x, self.main_weight, self.main_bias)
         if self.mode == "online":
             return self._online_forward(x)
         return self._dbb_forward(x)
@@ -218,7 +359,8 @@ class RepConv2d(nn.Module):
         # Other padding modes pad once here and share the copy.
         geom = self.geometry
         xp = None if pads_with_zeros(geom) else geom.pad_input(x)
-        main = geom.conv(x, self.weight, self.bias) if xp is None else geom.conv_valid(xp, self.weight, self.bias)
+        weight, bias = self.main_weight, self.main_bias
+        main = geom.conv(x, weight, bias) if xp is None else geom.conv_valid(xp, weight, bias)
         out = self.main_bn(main)
         for branch in self.branches.values():
             out = out + branch(x, xp, self.recompute)
@@ -242,7 +384,7 @@ class RepConv2d(nn.Module):
         new = []
         for kind in registry.kind_names():
             if kind in kinds:
-                branch = make_branch(kind, self.geometry, self.mode, self.init_scale, self.weight)
+                branch = make_branch(kind, self.geometry, self.mode, self.init_scale, self.main_weight)
                 if self.mode == "online":
                     self._start_at_init_share(branch, target[0])
                 branch.train(self.training)
@@ -268,10 +410,10 @@ class RepConv2d(nn.Module):
             self.rebalance(*target)
             return
         self._remove_main_scale()
-        self.weight.copy_(target[0])
+        self.main_weight.copy_(target[0])
         if target[1] is not None:
             self.ensure_bias()
-            self.bias.copy_(target[1])
+            self.main_bias.copy_(target[1])
 
     @torch.no_grad()
     def rebalance(self, weight: Tensor, bias: Tensor | None) -> None:
@@ -285,12 +427,12 @@ class RepConv2d(nn.Module):
                                               [bias] + [None if b is None else -b for _, b in parts])
         if self.grown:
             self._reset_main_scale()
-        self.weight.copy_(w_rest)
+        self.main_weight.copy_(w_rest)
         if b_rest is not None:
             self.ensure_bias()
-            self.bias.copy_(b_rest)
-        elif self.bias is not None:
-            self.bias.zero_()
+            self.main_bias.copy_(b_rest)
+        elif self.main_bias is not None:
+            self.main_bias.zero_()
 
     def importance(self) -> dict[str, float]:
         """Each branch's importance relative to the main branch (DyRep's Dep criterion compares it to 0.1).
@@ -327,7 +469,7 @@ class RepConv2d(nn.Module):
         conv = copy.copy(template)
         # The copy shares the template's containers: give it its own, in the original order, holding
         # copies of the block's current values (extra state a subclass added included; see __init__).
-        own = {"weight": nn.Parameter(weight.detach().clone(), requires_grad=self.weight.requires_grad),
+        own = {"weight": nn.Parameter(weight.detach().clone(), requires_grad=self.main_weight.requires_grad),
                "bias": None if bias is None else nn.Parameter(bias.detach().clone())}
         conv._parameters = {k: own[k] if k in own else _copy_parameter(self._parameters[k])
                             for k in template._parameters}
@@ -373,7 +515,7 @@ class RepConv2d(nn.Module):
         return self.main_scale if self.mode == "online" else self.main_bn.weight
 
     def _add_main_scale(self) -> None:
-        like = self.weight
+        like = self.main_weight
         if self.mode == "online":
             self.main_scale = nn.Parameter(torch.ones(self.geometry.out_channels, device=like.device,
                                                       dtype=like.dtype))
@@ -399,9 +541,10 @@ class RepConv2d(nn.Module):
 
     def ensure_bias(self) -> None:
         """Give the block a zero bias Parameter if it has none (dbb mode and restored structures need one)."""
-        if self.bias is None:
-            self.bias = nn.Parameter(torch.zeros(self.geometry.out_channels, device=self.weight.device,
-                                                 dtype=self.weight.dtype))
+        if self.main_bias is None:
+            like = self.main_weight
+            self._parameters["bias"] = nn.Parameter(torch.zeros(self.geometry.out_channels, device=like.device,
+                                                                dtype=like.dtype))
 
     def extra_repr(self) -> str:
         g = self.geometry
@@ -412,6 +555,15 @@ class RepConv2d(nn.Module):
 
 def _copy_parameter(param: nn.Parameter | None) -> nn.Parameter | None:
     return None if param is None else nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+
+
+def main_parameters(module: nn.Module) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """The ``(weight, bias)`` Parameters a conv holds: a block's main kernel (:attr:`RepConv2d.main_weight`,
+    :attr:`RepConv2d.main_bias`), a conv's ``weight`` / ``bias``. Library code reads Parameters through
+    this, never a block's computed ``weight``."""
+    if isinstance(module, RepConv2d):
+        return module.main_weight, module.main_bias
+    return module.weight, module.bias
 
 
 def find_blocks(model: nn.Module, outermost: bool = False) -> dict[str, RepConv2d]:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import structure_spec
-from .block import RepConv2d, find_blocks
+from .block import RepConv2d, find_blocks, main_parameters
 from .calibration import calibrate_batchnorms, default_forward
 from .defaults import INIT_SCALE, STD_GATE, THRESHOLD
 from .distributed import broadcast_module, check_same_on_all_ranks
@@ -238,7 +238,7 @@ class DyRep:
         """
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [s.name for s in sites
-                   if s.eligible and id(self.model.get_submodule(s.name).weight) not in held]
+                   if s.eligible and id(main_parameters(self.model.get_submodule(s.name))[0]) not in held]
         if missing:
             log.warning("DyRep: the optimizer lacks the weights of %d growable conv(s) %s; they are still "
                         "scored and grown but this optimizer neither trains nor zeroes them: add them to it, "
@@ -283,7 +283,7 @@ class DyRep:
 
     def _watch(self, names: list[str]) -> None:
         """Score ``names`` over the next interval."""
-        self.saliency.watch([(name, self.model.get_submodule(name).weight) for name in names])
+        self.saliency.watch([(name, main_parameters(self.model.get_submodule(name))[0]) for name in names])
 
     def is_due(self) -> bool:
         """Whether the next :meth:`step` call will change the structure (if anything qualifies)."""
@@ -406,7 +406,7 @@ class DyRep:
                 block = self.model.get_submodule(name)
                 if report.changed:
                     result.grown[name] = list(report.changed[local])
-                    grown[name] = (block, original.weight)
+                    grown[name] = (block, main_parameters(original)[0])
                     new_branches[name] = report.details["new_modules"][local]
         for block, _ in grown.values():
             broadcast_module(block)
@@ -554,7 +554,7 @@ class DyRep:
         """
         structures = state["structures"]
         self._check_structures(structures)
-        sources = {join_name(prefix, name): self.model.get_submodule(join_name(prefix, name)).weight
+        sources = {join_name(prefix, name): main_parameters(self.model.get_submodule(join_name(prefix, name)))[0]
                    for prefix, spec in structures.items() for name in spec["sites"]}
         before = {id(p) for p in self.model.parameters()}
         with self._transaction() as txn:

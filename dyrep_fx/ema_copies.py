@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .block import RepConv2d
+from .block import RepConv2d, main_parameters
 from .distributed import broadcast_module
 from .handle import Handle
 from .passes.base import Transaction
@@ -68,12 +68,12 @@ class EmaCopies:
                 old = ema.get_submodule(name)
                 ema_txn.save(old)
                 ema_txn.record_replacement(name, old)
-                function = old.equivalent() if isinstance(old, RepConv2d) else (old.weight, old.bias)
+                function = old.equivalent() if isinstance(old, RepConv2d) else main_parameters(old)
                 function = tuple(None if t is None else t.detach().clone() for t in function)
                 # EMA copies are often frozen (mmengine's): grow them without the eligibility check.
                 twin.restore_block(local, {"kinds": kinds})
                 block = ema.get_submodule(name)
-                block.requires_grad_(old.weight.requires_grad)
+                block.requires_grad_(main_parameters(old)[0].requires_grad)
                 source = live.get_submodule(name)
                 for kind in kinds:
                     dst, src = block.branches[kind].state_dict(), source.branches[kind].state_dict()

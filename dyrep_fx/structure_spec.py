@@ -30,7 +30,7 @@ def describe(model: nn.Module, mode: str, init_scale: float) -> dict[str, Any]:
     sites: dict[str, Any] = {}
     for name, block in find_blocks(model, outermost=True).items():
         entry = block.structure()
-        entry["bias"] = block.bias is not None
+        entry["bias"] = block.main_bias is not None
         sites[name] = entry
     return {"format": FORMAT, "mode": mode, "init_scale": init_scale, "sites": sites}
 
@@ -101,7 +101,7 @@ def restore_block(model: nn.Module, name: str, entry: dict[str, Any], mode: str,
         set_module(model, name, module)
     if entry.get("kinds"):
         module.grow([k for k in entry["kinds"] if k not in module.branches])
-    if entry.get("bias") and module.bias is None:
+    if entry.get("bias") and module.main_bias is None:
         module.ensure_bias()
     for rel, inner in entry.get("nested", {}).items():
         restore_block(module, rel, inner, mode, init_scale, recompute)

@@ -11,10 +11,12 @@ example inputs, a run-time pass with forward hooks adds shapes and actual call c
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 
-from .block import RepConv2d
+from .block import RepConv2d, main_parameters
 
 __all__ = ["TracedModel", "ConvUse", "trace_model", "TraceFailure", "conv_modules", "set_training_flags"]
 
@@ -53,6 +55,10 @@ class ConvUse:
     #: How the weight (or bias) is used other than by the conv's own forward, if it is: a traced
     #: ``get_attr`` node, or an op seen at run time (e.g. ``conv2d`` called on ``conv.weight`` directly).
     weight_used_outside: str | None = None
+    #: Attributes code other than the conv's own forward read on it (while tracing or running) that a
+    #: block standing in for it answers differently or not at all: ``weight`` / ``bias`` (no single value
+    #: in dbb mode in train mode) and names a block lacks (e.g. a method of the conv's class).
+    attributes_read_outside: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -115,10 +121,39 @@ class _Tracer(fx.Tracer):
             raise
 
 
+_UNWRAPPED: dict[type, type] = {}
+
+
+@contextmanager
+def _unwrapped_forward(root: nn.Module) -> Iterator[None]:
+    """Trace the innermost function of a decorated ``forward``.
+
+    fx reads the signature of the innermost function (``inspect.unwrap``) but calls the decorator's
+    wrapper with it, which fails for a wrapper taking ``(*args, **kwargs)`` (Hugging Face's
+    ``can_return_tuple``: "Proxy object cannot be iterated"). For the trace only, the root's class is a
+    subclass whose ``forward`` is the innermost function (what a decorator adds around it, such as
+    turning the output into a tuple, is no conv call); the class is put back on leaving.
+    """
+    cls = type(root)
+    inner = inspect.unwrap(cls.forward)
+    if inner is cls.forward:
+        yield
+        return
+    if cls not in _UNWRAPPED:
+        _UNWRAPPED[cls] = type(cls.__name__, (cls,), {"forward": inner, "__module__": cls.__module__,
+                                                      "__qualname__": cls.__qualname__})
+    root.__class__ = _UNWRAPPED[cls]
+    try:
+        yield
+    finally:
+        root.__class__ = cls
+
+
 def _trace_once(root: nn.Module, leaf_names: set[str], leaf_types, concrete_args) -> fx.Graph:
     tracer = _Tracer(leaf_names, leaf_types)
     try:
-        return tracer.trace(root, concrete_args=concrete_args)
+        with _unwrapped_forward(root):
+            return tracer.trace(root, concrete_args=concrete_args)
     except Exception as exc:
         exc.failed_in = tracer.failed_in  # type: ignore[attr-defined]
         raise
@@ -201,6 +236,51 @@ class _OutsideUseWatch(TorchFunctionMode):
         return result
 
 
+class _AttributeReadWatch:
+    """Records attribute reads on a model's convs by code other than the conv's own forward.
+
+    The user's code keeps running against a block where the conv was, so what it reads on the conv must
+    be there on the block: names a block does not answer (:meth:`RepConv2d.answers`) and ``weight`` /
+    ``bias`` (computed on a block, see :meth:`RepConv2d.kernel`) are noted per conv. It watches by
+    giving each conv class a recording ``__getattribute__`` while the context is open (taken away on
+    leaving, even on error); ``active`` holds the convs whose own forward is running.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names = {id(m): name for name, m in conv_modules(model).items() if not isinstance(m, RepConv2d)}
+        self.modules = {name: m for name, m in conv_modules(model).items() if not isinstance(m, RepConv2d)}
+        self.active: list[str] = []
+        self.reads: dict[str, list[str]] = {}
+        self._patched: list[type] = []
+
+    def note(self, obj: object, attr: str) -> None:
+        name = self.names.get(id(obj))
+        if name is None or name in self.active or attr in self.reads.get(name, ()):
+            return
+        if attr in ("weight", "bias") or not RepConv2d.answers(self.modules[name], attr):
+            self.reads.setdefault(name, []).append(attr)
+
+    def __enter__(self) -> _AttributeReadWatch:
+        for cls in {type(m) for m in self.modules.values()}:
+            if "__getattribute__" in vars(cls):
+                continue  # (a class with its own __getattribute__ is left alone)
+            nxt = next(vars(c)["__getattribute__"] for c in cls.__mro__[1:] if "__getattribute__" in vars(c))
+
+            def read(obj, attr, _nxt=nxt):
+                if attr[:2] != "__":
+                    self.note(obj, attr)
+                return _nxt(obj, attr)
+
+            cls.__getattribute__ = read
+            self._patched.append(cls)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for cls in self._patched:
+            del cls.__getattribute__
+        self._patched.clear()
+
+
 def _graph_signature(graph: fx.Graph) -> list[tuple[str, str]]:
     return [(n.op, str(n.target)) for n in graph.nodes]
 
@@ -228,7 +308,8 @@ def _concrete_args_for(model: nn.Module, example_inputs: tuple | None) -> dict[s
     return concrete or None
 
 
-def _runtime_facts(model: nn.Module, example_inputs: tuple, convs: dict[str, ConvUse]) -> None:
+def _runtime_facts(model: nn.Module, example_inputs: tuple, convs: dict[str, ConvUse],
+                   reads: _AttributeReadWatch | None = None) -> None:
     """Run the model once (eval mode, no grad, flags restored) counting conv calls and shapes, and
     noting any op that takes a conv's weight outside that conv's own forward (code torch.fx could not
     trace may do so; growing such a conv would change what that op computes)."""
@@ -236,6 +317,9 @@ def _runtime_facts(model: nn.Module, example_inputs: tuple, convs: dict[str, Con
     counts: Counter[str] = Counter()
     owners: dict[int, str] = {}
     watch = _OutsideUseWatch(owners)
+    if reads is None:
+        reads = _AttributeReadWatch(nn.Module())
+    reads.active = watch.active  # a conv's own forward reads what it likes
 
     def enter(name):
         def record(mod, inputs):
@@ -257,12 +341,12 @@ def _runtime_facts(model: nn.Module, example_inputs: tuple, convs: dict[str, Con
         if isinstance(m, (_ConvNd, RepConv2d)):
             handles.append(m.register_forward_pre_hook(enter(name)))
             handles.append(m.register_forward_hook(leave(name)))
-            for p in (m.weight, m.bias):
+            for p in main_parameters(m):
                 if p is not None:
                     owners.setdefault(id(p), name)
     old = set_training_flags(model, False)
     try:
-        with torch.no_grad(), watch:
+        with torch.no_grad(), watch, reads:
             model(*example_inputs)
     finally:
         set_training_flags(model, old)
@@ -295,11 +379,7 @@ def _default_flags(module: nn.Module) -> dict[str, Any] | None:
     (e.g. mmcv's ``ConvModule.forward(x, activate=True, norm=True)``, whose flags would otherwise be
     traced as inputs and fail in ``if activate``.)
     """
-    import inspect
-
-    flags = {p.name: p.default for p in inspect.signature(module.forward).parameters.values()
-             if p.default is not inspect.Parameter.empty and isinstance(p.default, (bool, type(None), int, str))}
-    return flags or None
+    return _input_flags(module, None)
 
 
 def _trace_forest(
@@ -327,6 +407,29 @@ def _trace_forest(
         _record_graph(graph, name, modules, convs, norm_calls)
 
 
+def _input_flags(model: nn.Module, example_inputs: tuple | None) -> dict[str, Any] | None:
+    """The root's flag arguments fixed at their defaults, its inputs left free, for a second try at
+    tracing a root whose forward branches on them (Hugging Face models: ``return_dict``,
+    ``output_hidden_states``, ``labels``; their input is ``model.main_input_name``, e.g. ``pixel_values``,
+    whose ``None`` default is no flag). The inputs are the example inputs' positions, or else the first
+    parameter and ``main_input_name``."""
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    inputs = {p.name for p in positional[:max(len(example_inputs or ()), 1)]}
+    main_input = getattr(model, "main_input_name", None)
+    if isinstance(main_input, str):
+        inputs.add(main_input)
+    flags: dict[str, Any] = {p.name: p.default for p in params
+                             if p.name not in inputs and p.default is not inspect.Parameter.empty
+                             and isinstance(p.default, (bool, type(None), int, str))}
+    # ``**kwargs`` passed on (``self.convnext(pixel_values, **kwargs)``) must be a dict, not a Proxy
+    for p in inspect.signature(model.forward).parameters.values():
+        if p.kind is p.VAR_KEYWORD and flags:
+            flags[f"**{p.name}"] = {}
+    return flags or None
+
+
 def _refuse_torchscript(model: nn.Module) -> None:
     """A TorchScript module (``torch.jit.script`` / ``torch.jit.trace``) hides its convs as compiled
     submodules, which torch.fx cannot trace and which are no ``nn.Conv2d``: say so instead of reporting
@@ -349,6 +452,32 @@ def _scripted_hint(model: nn.Module) -> str:
         return ""
     return (f" (its submodules {scripted[:3]} are TorchScript modules, whose convs torch.fx cannot see; "
             "build them as eager nn.Modules)")
+
+
+def _trace_root(model: nn.Module, leaf_types, concrete_args: dict[str, Any] | None, example_inputs: tuple | None,
+                untraceable: dict[str, str]) -> tuple[fx.Graph | None, dict[str, Any] | None]:
+    """The root's graph and the concrete arguments it traced with, or ``(None, ...)`` with the root's
+    error under ``untraceable[""]``. A root that fails with its arguments free is tried again with its
+    flag arguments at their defaults (:func:`_input_flags`)."""
+    try:
+        return _trace_with_leaf_fallback(model, leaf_types, concrete_args, untraceable), concrete_args
+    except Exception as exc:
+        root_error = f"{type(exc).__name__}: {exc}".split("\n")[0]
+    flags = _input_flags(model, example_inputs) if concrete_args is None else None
+    if flags:
+        retry: dict[str, str] = {}
+        try:
+            graph = _trace_with_leaf_fallback(model, leaf_types, flags, retry)
+        except Exception:
+            graph = None
+        if graph is not None:
+            log.info("%s traced with its arguments %s fixed at their defaults",
+                     type(model).__name__, sorted(flags))
+            untraceable.clear()
+            untraceable.update(retry)
+            return graph, flags
+    untraceable[""] = root_error
+    return None, concrete_args
 
 
 def trace_model(
@@ -374,35 +503,38 @@ def trace_model(
     convs: dict[str, ConvUse] = {}
     norm_calls: dict[str, int] = {}
     old = set_training_flags(model, True)
+    reads = _AttributeReadWatch(model)
     try:
-        try:
-            graph = _trace_with_leaf_fallback(model, leaf_types, concrete_args, untraceable)
-        except Exception as exc:
-            graph = None
-            root_error = f"{type(exc).__name__}: {exc}".split("\n")[0]
-            log.info("the root module does not trace (%s); tracing its children one by one", root_error)
-            untraceable[""] = root_error
-            _trace_forest(model, "", leaf_types, modules, convs, untraceable, norm_calls)
-        differs = False
-        if graph is not None:
-            _record_graph(graph, "", modules, convs, norm_calls)
-            set_training_flags(model, False)
-            try:
-                eval_graph = _trace_once(model, set(untraceable), leaf_types, concrete_args)
-                differs = _graph_signature(eval_graph) != _graph_signature(graph)
-            except Exception:
-                differs = True
-            if differs:
-                log.warning("%s traces to a different graph in eval mode than in train mode",
-                            type(model).__name__)
+        with reads:
+            graph, concrete_args = _trace_root(model, leaf_types, concrete_args, example_inputs, untraceable)
+            if graph is None:
+                log.info("the root module does not trace (%s); tracing its children one by one",
+                         untraceable[""])
+                _trace_forest(model, "", leaf_types, modules, convs, untraceable, norm_calls)
+            differs = False
+            if graph is not None:
+                _record_graph(graph, "", modules, convs, norm_calls)
+                set_training_flags(model, False)
+                try:
+                    eval_graph = _trace_once(model, set(untraceable), leaf_types, concrete_args)
+                    differs = _graph_signature(eval_graph) != _graph_signature(graph)
+                except Exception:
+                    differs = True
+                if differs:
+                    log.warning("%s traces to a different graph in eval mode than in train mode",
+                                type(model).__name__)
     finally:
         set_training_flags(model, old)
     if example_inputs is not None:
-        _runtime_facts(model, tuple(example_inputs), convs)
-    if graph is None and not convs:
+        _runtime_facts(model, tuple(example_inputs), convs, reads)
+    for name, attrs in reads.reads.items():
+        convs.setdefault(name, ConvUse()).attributes_read_outside = list(attrs)
+    if graph is None and not any(use.calls or use.runtime_calls for use in convs.values()):
         raise TraceFailure(
             f"nothing of {type(model).__name__} could be traced by torch.fx: {untraceable.get('')}. "
-            "Pass leaf_modules=[...] for custom layers, or example_inputs for tuple arguments."
+            f"Pass example_inputs=(x,) with an input x for {type(model).__name__}.forward (its calls are then "
+            "counted at run time), leaf_modules=[...] for custom layers, or concrete_args={...} fixing the "
+            "forward's flag arguments."
         )
     return TracedModel(convs=convs, untraceable=untraceable, root_traced=graph is not None,
                        graph_differs_in_eval=differs, norm_calls=norm_calls, graph=graph)

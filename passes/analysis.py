@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..block import RepConv2d
+from ..block import RepConv2d, main_parameters
 from ..tracing import ConvUse, TracedModel, conv_modules
 from .base import PassReport
 
@@ -66,7 +66,7 @@ def _describe(name: str, module: nn.Module, depth: int) -> Site:
         name=name, module_type=type(module).__name__, in_channels=conv.in_channels,
         out_channels=conv.out_channels, kernel_size=tuple(conv.kernel_size), stride=tuple(conv.stride),
         padding=conv.padding, dilation=tuple(conv.dilation), groups=conv.groups,
-        bias=module.bias is not None, depth=depth,
+        bias=main_parameters(module)[1] is not None, depth=depth,
     )
 
 
@@ -81,7 +81,7 @@ def _owners(model: nn.Module) -> dict[int, list[str]]:
 
 
 def _shared_with(site: Site, module: nn.Module, owners: dict[int, list[str]]) -> str | None:
-    for p in (module.weight, module.bias):
+    for p in main_parameters(module):
         if p is None:
             continue
         others = [o for o in owners.get(id(p), []) if o != site.name and not o.startswith(site.name + ".")]
@@ -114,6 +114,25 @@ def _why_not_called(name: str, use: ConvUse | None, traced: TracedModel) -> str 
     return None
 
 
+def _why_not_drop_in(use: ConvUse | None, mode: str) -> str | None:
+    """Why a block could not stand in for the conv to the code around it, or None.
+
+    The model's own code keeps running against the block: an attribute it read on the conv (outside the
+    conv's forward, seen while tracing or running) that a block lacks would fail at the first forward
+    after growth, and ``weight`` / ``bias`` have no single value in a grown dbb-mode block in train mode.
+    """
+    reads = getattr(use, "attributes_read_outside", None) or []
+    missing = [a for a in reads if a not in ("weight", "bias")]
+    if missing:
+        return (f"code outside its forward reads {missing} of it, which a RepConv2d standing in for it does "
+                "not have")
+    kernel = [a for a in reads if a in ("weight", "bias")]
+    if kernel and mode == "dbb":
+        return (f"code outside its forward reads its {kernel[0]}, which a grown dbb-mode block has no single "
+                "value of in train mode (its BatchNorms normalise with batch statistics); use mode='online'")
+    return None
+
+
 def _why_not(site: Site, module: nn.Module, use: ConvUse | None, traced: TracedModel, mode: str,
              owners: dict[int, list[str]] | None = None) -> str | None:
     """The first reason the site cannot grow, or None."""
@@ -126,17 +145,17 @@ def _why_not(site: Site, module: nn.Module, use: ConvUse | None, traced: TracedM
     if site.depth >= MAX_DEPTH:
         return f"nested {site.depth} deep; growth stops at depth {MAX_DEPTH - 1}"
     if site.depth == 0:
-        why = _why_not_called(site.name, use, traced)
+        why = _why_not_called(site.name, use, traced) or _why_not_drop_in(use, mode)
         if why is not None:
             return why
     shared = _shared_with(site, module, owners or {})
     if shared is not None:
         return f"its weight is shared with {shared!r} (tied weights); growing it would change that module too"
-    if not module.weight.requires_grad:
+    if not main_parameters(module)[0].requires_grad:
         return "frozen (weight.requires_grad is False, e.g. mmdet frozen_stages)"
     if parametrize.is_parametrized(module):
         return "its weight is parametrized (torch.nn.utils.parametrize); remove the parametrization first"
-    if mode == "dbb" and site.depth == 0 and module.bias is None and site.next_bn is None:
+    if mode == "dbb" and site.depth == 0 and main_parameters(module)[1] is None and site.next_bn is None:
         return ("dbb mode gives the conv a bias, and its output does not feed only a BatchNorm that could "
                 "absorb it at fold time; use mode='online'")
     return None

@@ -26,7 +26,7 @@ def run(traced: TracedModel, model: nn.Module) -> PassReport:
     absorb: dict[str, str] = {}
     for name in names:
         block = get_module(model, name)
-        if block.template.bias is None and block.bias is not None:
+        if block.template.bias is None and block.main_bias is not None:
             use = traced.convs.get(name)
             if use is None or use.next_bn is None:
                 raise PassError(f"block {name!r} carries a bias its original conv lacks and does not feed "

@@ -123,9 +123,9 @@ def run_sequence(cfg: ConvCfg, mode: str, train: bool, dtype: torch.dtype, tol: 
             assert folded.training == train
             fold_err = rel_err(folded(x), out)
             assert fold_err <= tol, f"{history}: fold differs by {fold_err:.2e}"
-        assert blk.weight is weight, f"{history}: main kernel Parameter replaced"
+        assert blk.main_weight is weight, f"{history}: main kernel Parameter replaced"
         if bias is not None:
-            assert blk.bias is bias, f"{history}: bias Parameter replaced"
+            assert blk.main_bias is bias, f"{history}: bias Parameter replaced"
         for b, _ in all_blocks(blk):
             assert b.training == train
 
@@ -436,7 +436,7 @@ def test_parameters_state_dict_and_to_conv(mode, cfg, data, seed):
     assert set(blk.state_dict()) == keys
     assert {n for n, _ in blk.named_parameters()} == {n for n, _ in conv.named_parameters()}
     blk.grow(draw_subset(data, blk.available_kinds(), "kinds"))
-    assert blk.weight is weight and (bias is None or blk.bias is bias)
+    assert blk.main_weight is weight and (bias is None or blk.main_bias is bias)
     assert any(id(p) == id(weight) for p in blk.parameters())
     shuffle_state(blk)
     x = cfg.input()
@@ -454,7 +454,7 @@ def test_parameters_state_dict_and_to_conv(mode, cfg, data, seed):
     with torch.no_grad():
         assert rel_err(folded(x), blk(x)) <= F64_TOL
     blk.cut(blk.kinds)
-    assert blk.weight is weight and (bias is None or blk.bias is bias)
+    assert blk.main_weight is weight and (bias is None or blk.main_bias is bias)
     if mode == "online":
         assert set(blk.state_dict()) == keys
         assert {n for n, _ in blk.named_parameters()} == {n for n, _ in conv.named_parameters()}

@@ -223,7 +223,7 @@ def test_online_importance_is_the_branch_share_of_the_block_kernel():
     block.grow(["1x1", "identity"])
     with torch.no_grad():
         block.main_scale.uniform_(0.5, 1.5)
-        block.weight.normal_()
+        block.main_weight.normal_()
         pw = block.branches["1x1"]
         pw.conv.weight.normal_()
         pw.scale.uniform_(0.01, 0.2)
@@ -233,7 +233,7 @@ def test_online_importance_is_the_branch_share_of_the_block_kernel():
     k_id = torch.zeros(6, 6, 3, 3, dtype=torch.float64)
     k_id[range(6), range(6), 1, 1] = block.branches["identity"].scale
 
-    whole = (block.main_scale[:, None, None, None] * block.weight + k_pw + k_id).detach()
+    whole = (block.main_scale[:, None, None, None] * block.main_weight + k_pw + k_id).detach()
 
     def share(k):
         return float(k.flatten(1).norm(dim=1).mean() / whole.flatten(1).norm(dim=1).mean())

@@ -154,7 +154,7 @@ def padded_input_forward(blk: RepConv2d, x: torch.Tensor) -> torch.Tensor:
     """The dbb block as first written: every branch on the explicitly padded input, BatchNorms as modules."""
     geom = blk.geometry
     xp = geom.pad_input(x)
-    out = blk.main_bn(geom.conv_valid(xp, blk.weight, blk.bias))
+    out = blk.main_bn(geom.conv_valid(xp, blk.main_weight, blk.main_bias))
     for kind, br in blk.branches.items():
         if kind == "identity":
             y = br.bn(x)

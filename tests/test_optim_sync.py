@@ -14,6 +14,7 @@ from helpers.nets import SmallNet
 from torch import nn
 
 import dyrep_fx
+from dyrep_fx.block import main_parameters
 
 # float64 / tiny convs on CPU: one intra-op thread is much faster than two here.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,7 +130,7 @@ def test_optimizer_and_scheduler_follow_structure(opt_name, sched_name, mode):
                 if p.dim() <= 1:
                     assert where[id(p)] == 2, name
                 else:
-                    assert where[id(p)] == where_before[id(getattr(model, site_of(name)).weight)], name
+                    assert where[id(p)] == where_before[id(main_parameters(getattr(model, site_of(name)))[0])], name
         gone = {i: n for i, n in removed_candidates.items() if i not in {id(p) for p in after.values()}}
         if unit == 3:
             assert result.cut and gone, "the forced cut removes parameters"
@@ -192,7 +193,7 @@ def test_custom_group_chooser():
     new = [n for n, p in model.named_parameters() if n.startswith(site + ".") and n != f"{site}.weight"]
     assert sorted(n for n, _, _ in calls) == sorted(new)
     for _name, param, source in calls:
-        assert source is model.get_submodule(site).weight  # the kernel of the conv it grew from
+        assert source is model.get_submodule(site).main_weight  # the kernel of the conv it grew from
         assert any(param is p for p in opt.param_groups[3]["params"])
     assert len(opt.param_groups[3]["params"]) == len(new)
     train(model, opt, 1, start=1)
