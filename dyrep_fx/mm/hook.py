@@ -59,7 +59,7 @@ from .dyrep_options import DYREP_OPTIONS, build_dyrep_options, default_of
 from .fold_checkpoint import fold_targets
 from .inputs import capture_target_inputs, mm_forward, side_loader
 from .optim import cover_new_groups, paramwise_chooser
-from .wrappers import rebuild_ddp, unwrap
+from .wrappers import rewrap_runner_model, unwrap
 
 __all__ = ["DyRepHook", "dyrep_block"]
 
@@ -244,8 +244,8 @@ class DyRepHook(Hook):
 
     def _rewrap(self, runner) -> None:
         """DDP registers parameters at construction: rebuild the wrapper after a structural change
-        (:func:`~dyrep_fx.mm.wrappers.rebuild_ddp`), its train step compiled again under ``compile``."""
-        compiled = rebuild_ddp(runner)
+        (:func:`~dyrep_fx.mm.wrappers.rewrap_runner_model`), its train step compiled again under ``compile``."""
+        compiled = rewrap_runner_model(runner)
         if compiled is None:
             return
         again = f"; compiled its {', '.join(compiled)} again" if compiled else ""

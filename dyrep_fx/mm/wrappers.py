@@ -3,14 +3,15 @@ and keep what mmengine's ``compile`` did to the old wrapper."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from mmengine.model import is_model_wrapper
 from torch import nn
 
-__all__ = ["COMPILED_STEPS", "compile_options", "rebuild_ddp", "recompile_steps", "unwrap"]
+from ..distributed import rewrap_ddp
+
+__all__ = ["COMPILED_STEPS", "compile_options", "rewrap_runner_model", "recompile_steps", "unwrap"]
 
 #: The methods mmengine 0.10.7's Runner compiles when the config sets ``compile``: ``Runner.train``
 #: replaces ``runner.model.train_step`` on the instance by ``torch.compile(runner.model.train_step,
@@ -53,19 +54,21 @@ def recompile_steps(old: nn.Module, new: nn.Module, compile_cfg: Any) -> list[st
     return names
 
 
-def rebuild_ddp(runner: Any) -> list[str] | None:
+def rewrap_runner_model(runner: Any) -> list[str] | None:
     """After a structural change, give ``runner`` a new DDP wrapper around its model; None if it has none.
 
-    DDP registers parameters at construction, so it must be rebuilt. The new wrapper comes from the
-    config's ``model_wrapper_cfg`` as the runner built the first one (``Runner.wrap_model``); it
-    broadcasts rank 0's parameters and buffers, which the controller has already made identical. Returns
-    the names of the steps compiled again on it (:func:`recompile_steps`).
+    DDP registers parameters at construction, so it must be rebuilt: the one way to do it is
+    :func:`dyrep_fx.distributed.rewrap_ddp` (the wrapper's class and settings as the runner built it from
+    ``model_wrapper_cfg``, ``MMDistributedDataParallel``'s ``detect_anomalous_params`` too); it
+    broadcasts rank 0's parameters and buffers, which the controller has already made identical. The
+    steps mmengine compiled on the old wrapper are compiled on the new one; their names are returned
+    (:func:`recompile_steps`).
     """
     old = runner.model
     if not isinstance(old, nn.parallel.DistributedDataParallel):
         return None
-    wrapper_cfg = copy.deepcopy(runner.cfg.get("model_wrapper_cfg"))
-    new = runner.wrap_model(wrapper_cfg, unwrap(old))
+    extra = {"detect_anomalous_params": old.detect_anomalous_params} if hasattr(old, "detect_anomalous_params") else {}
+    new = rewrap_ddp(old, **extra)
     compiled = recompile_steps(old, new, runner.cfg.get("compile"))
     runner.model = new
     return compiled
