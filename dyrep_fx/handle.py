@@ -14,7 +14,6 @@ through a handle, so the state has one reader and one writer.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,7 +26,7 @@ from . import forward_scope, passes, structure_spec
 from .block import MODES, RepConv2d, find_blocks
 from .defaults import INIT_SCALE
 from .passes.analysis import Site
-from .passes.base import PassError, PassReport, Transaction
+from .passes.base import PassError, PassReport, Transaction, transaction_for
 from .passes.dep import CutCriterion, DepCriterion, Verdict
 from .tracing import TracedModel, trace_model
 
@@ -149,18 +148,22 @@ class Handle:
         return passes.dep.judge_blocks(self.module, criterion, protect)
 
     # -- rewrites ------------------------------------------------------------------------------------
-    def grow(self, names: Iterable[str] | None = None, kinds: Iterable[str] | None = None) -> PassReport:
-        """Grow ``kinds`` at ``names`` (see :func:`dyrep_fx.grow`); all or nothing."""
+    def grow(self, names: Iterable[str] | None = None, kinds: Iterable[str] | None = None,
+             txn: Transaction | None = None, prefix: str = "") -> PassReport:
+        """Grow ``kinds`` at ``names`` (see :func:`dyrep_fx.grow`); all or nothing, in ``txn`` when given
+        (a transaction over this module, or over a parent model of which it is the submodule ``prefix``)."""
         report = passes.rep.run(self.traced, self.module, names=names, kinds=kinds, mode=self.mode,
-                                init_scale=self.init_scale, recompute=self.recompute)
+                                init_scale=self.init_scale, recompute=self.recompute, txn=txn, prefix=prefix)
         for name in report.changed:
             log.info("grow %s: %s", name, report.describe(name))
         return report
 
-    def cut(self, cuts: Mapping[str, Sequence[str]] | None = None,
-            criterion: CutCriterion | None = None) -> PassReport:
-        """Cut ``{block: kinds}``, or what ``criterion`` selects when ``cuts`` is None; exact in eval mode."""
-        report = passes.dep.run(self.traced, self.module, cuts=cuts, criterion=criterion or DepCriterion())
+    def cut(self, cuts: Mapping[str, Sequence[str]] | None = None, criterion: CutCriterion | None = None,
+            txn: Transaction | None = None) -> PassReport:
+        """Cut ``{block: kinds}``, or what ``criterion`` selects when ``cuts`` is None; exact in eval mode;
+        all or nothing, in ``txn`` when given (over this module or a parent model)."""
+        report = passes.dep.run(self.traced, self.module, cuts=cuts, criterion=criterion or DepCriterion(),
+                                txn=txn)
         for name in report.changed:
             log.info("cut %s: %s", name, report.describe(name))
         return report
@@ -193,8 +196,7 @@ class Handle:
         The changes are recorded in ``txn``, which may be a parent model's (this module being its submodule
         ``prefix``) so that one rollback undoes several targets; without one, all or nothing on its own.
         """
-        # A caller's transaction stays open (nullcontext): its owner decides about the rollback.
-        with Transaction(self.module) if txn is None else contextlib.nullcontext(txn) as active:
+        with transaction_for(self.module, txn) as active:
             structure_spec.restore(self.module, spec, active, self.init_scale, prefix, self.recompute)
 
     def restore_block(self, name: str, entry: dict[str, Any]) -> None:

@@ -18,7 +18,8 @@ from torch import nn
 from .block import RepConv2d, find_blocks
 from .geometry import ConvGeometry
 from .kinds import registry
-from .passes.base import PassError, Transaction, get_module, set_module
+from .passes.base import PassError, Transaction, get_module
+from .passes.rep import grow_site
 
 __all__ = ["FORMAT", "describe", "check", "check_format", "check_entry", "restore", "restore_block"]
 
@@ -92,15 +93,12 @@ def _inner_geometries(entry: dict[str, Any], outer: ConvGeometry) -> dict[str, C
 def restore_block(model: nn.Module, name: str, entry: dict[str, Any], mode: str, init_scale: float,
                   recompute: bool = False) -> None:
     """Rebuild the block ``entry`` describes at ``name``, nested blocks included; no eligibility check
-    (e.g. on a frozen EMA copy). Branch values are fresh until a state_dict loads."""
+    (e.g. on a frozen EMA copy). Branch values are fresh until a state_dict loads. Grows through
+    :func:`dyrep_fx.passes.rep.grow_site`, as the rep pass does."""
+    present = get_module(model, name)
+    missing = [k for k in entry.get("kinds", []) if not (isinstance(present, RepConv2d) and k in present.branches)]
+    grow_site(model, name, missing, mode=mode, init_scale=init_scale, recompute=recompute)
     module = get_module(model, name)
-    if not isinstance(module, RepConv2d):
-        if not isinstance(module, nn.Conv2d):
-            raise PassError(f"structure names {name!r}, which is a {type(module).__name__}, not a Conv2d")
-        module = RepConv2d(module, mode=mode, init_scale=init_scale, recompute=recompute)
-        set_module(model, name, module)
-    if entry.get("kinds"):
-        module.grow([k for k in entry["kinds"] if k not in module.branches])
     if entry.get("bias") and module.main_bias is None:
         module.ensure_bias()
     for rel, inner in entry.get("nested", {}).items():

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["PassReport", "PassError", "get_module", "set_module", "Transaction"]
+__all__ = ["PassReport", "PassError", "get_module", "set_module", "Transaction", "transaction_for"]
 
 
 class PassError(ValueError):
@@ -129,6 +130,12 @@ class Transaction:
                 errors.append(str(exc))
         if errors:
             raise PassError("could not undo every change: " + "; ".join(errors))
+
+
+def transaction_for(model: nn.Module, txn: Transaction | None = None) -> AbstractContextManager[Transaction]:
+    """The context a pass rewrites ``model`` in: the caller's ``txn`` (left open: its owner decides about
+    the rollback, and records nothing twice), or a transaction of the pass's own over ``model``."""
+    return Transaction(model) if txn is None else nullcontext(txn)
 
 
 @torch.no_grad()

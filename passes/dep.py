@@ -19,7 +19,7 @@ from torch import nn
 from ..block import find_blocks
 from ..defaults import STD_GATE, THRESHOLD
 from ..tracing import TracedModel
-from .base import PassError, PassReport, Transaction, get_module
+from .base import PassError, PassReport, Transaction, get_module, transaction_for
 
 __all__ = ["Verdict", "CutCriterion", "DepCriterion", "judge", "select_cuts", "judge_blocks", "plan", "run"]
 
@@ -122,8 +122,10 @@ def run(
     cuts: Mapping[str, Sequence[str]] | None = None,
     criterion: CutCriterion = DepCriterion(),
     protect: Sequence[str] = (),
+    txn: Transaction | None = None,
 ) -> PassReport:
-    """Cut ``cuts`` (``{site: kinds}``), or what the criterion selects; exact in eval mode, all or nothing.
+    """Cut ``cuts`` (``{site: kinds}``), or what the criterion selects; exact in eval mode, all or nothing:
+    in the caller's ``txn`` (over ``model`` or a parent model), else in its own.
 
     Inner blocks are cut before the blocks that contain them, so a cut never discards learned
     nested structure that the criterion keeps.
@@ -131,10 +133,10 @@ def run(
     todo = plan(model, cuts, criterion, protect)
     report = PassReport("dep")
     report.details["importance"] = {name: b.importance() for name, b in find_blocks(model).items()}
-    with Transaction(model) as txn:  # all or nothing: any failure puts everything back
+    with transaction_for(model, txn) as active:  # any failure puts everything back
         for name in sorted(todo, key=lambda n: -n.count(".")):
             block = get_module(model, name)
-            txn.save(block)
+            active.save(block)
             block.cut(todo[name])
             report.changed[name] = list(todo[name])
     return report

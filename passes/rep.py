@@ -15,11 +15,12 @@ from torch import nn
 from ..block import RepConv2d
 from ..defaults import INIT_SCALE
 from ..kinds.registry import kind_names
+from ..target_names import join_name
 from ..tracing import TracedModel
 from .analysis import Site, analyse
-from .base import PassError, PassReport, Transaction, get_module
+from .base import PassError, PassReport, Transaction, get_module, set_module, transaction_for
 
-__all__ = ["plan", "run", "check_kind_names"]
+__all__ = ["plan", "run", "grow_site", "check_kind_names"]
 
 
 def check_kind_names(kinds: Iterable[str]) -> list[str]:
@@ -76,6 +77,29 @@ def plan(
     return result
 
 
+def grow_site(model: nn.Module, name: str, kinds: Sequence[str], *, mode: str, init_scale: float = INIT_SCALE,
+              recompute: bool = False, txn: Transaction | None = None, prefix: str = "") -> list[nn.Module]:
+    """Grow ``kinds`` at ``name``: the one way a conv becomes a block (the rep pass, structure restores and
+    EMA copies all grow here). A conv is replaced, at the same qualified name, by a
+    :class:`~dyrep_fx.block.RepConv2d` that reuses its Parameters; a block grows more branches. The
+    function is kept; nothing is checked (:func:`plan` checks the rep pass's sites; restores check their
+    spec). With ``txn``, over ``model`` or over a parent model of which ``model`` is the submodule
+    ``prefix``, the site's tree and its replacement are recorded there. Returns the new branches.
+    """
+    module = get_module(model, name)
+    if txn is not None:
+        txn.save(module)
+    if not isinstance(module, RepConv2d):
+        if not isinstance(module, nn.Conv2d):
+            raise PassError(f"{name!r} is a {type(module).__name__}, not a Conv2d: it cannot grow branches")
+        block = RepConv2d(module, mode=mode, init_scale=init_scale, recompute=recompute)
+        set_module(model, name, block)
+        if txn is not None:  # recorded once the block took the conv's place
+            txn.record_replacement(join_name(prefix, name), module)
+        module = block
+    return module.grow(kinds)
+
+
 def run(
     traced: TracedModel,
     model: nn.Module,
@@ -85,22 +109,21 @@ def run(
     mode: str = "online",
     init_scale: float = INIT_SCALE,
     recompute: bool = False,
+    txn: Transaction | None = None,
+    prefix: str = "",
 ) -> PassReport:
-    """Grow ``kinds`` at ``names`` (see :func:`plan`); all or nothing."""
+    """Grow ``kinds`` at ``names`` (see :func:`plan`); all or nothing: in the caller's ``txn`` (over
+    ``model``, or over a parent model of which ``model`` is the submodule ``prefix``), else in its own."""
     todo = plan(analyse(traced, model, mode), names, kinds)
     report = PassReport("rep")
     new_modules: dict[str, list[nn.Module]] = {}
-    with Transaction(model) as txn:  # all or nothing: any failure puts everything back
+    with transaction_for(model, txn) as active:  # any failure puts everything back
         for name, site_kinds in todo.items():
             if not site_kinds:
                 report.skipped[name] = "every applicable branch is already present"
                 continue
-            module = get_module(model, name)
-            txn.save(module)
-            if not isinstance(module, RepConv2d):
-                module = RepConv2d(module, mode=mode, init_scale=init_scale, recompute=recompute)
-                txn.replace(name, module)
-            new_modules[name] = module.grow(site_kinds)
+            new_modules[name] = grow_site(model, name, site_kinds, mode=mode, init_scale=init_scale,
+                                          recompute=recompute, txn=active, prefix=prefix)
             report.changed[name] = list(site_kinds)
     report.details["new_modules"] = new_modules
     return report
