@@ -27,7 +27,7 @@ from .block import MODES, RepConv2d, find_blocks
 from .defaults import INIT_SCALE
 from .passes.analysis import Site
 from .passes.base import PassError, PassReport, Transaction, transaction_for
-from .passes.dep import CutCriterion, DepCriterion, Verdict
+from .passes.dep import CutCriterion, DepCriterion
 from .tracing import TracedModel, trace_model
 
 __all__ = ["Handle", "DyRepState", "STATE_ATTR"]
@@ -143,8 +143,9 @@ class Handle:
         """Every block by qualified name (nested ones included)."""
         return find_blocks(self.module)
 
-    def judge(self, criterion: CutCriterion, protect: Sequence[str] = ()) -> dict[str, Verdict]:
-        """The Dep criterion's verdict on every block except those in ``protect``."""
+    def judge(self, criterion: CutCriterion, protect: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+        """``criterion``'s verdict on every block except those in ``protect``, with the importances it
+        judged, as plain data (:func:`dyrep_fx.passes.dep.judge_blocks`)."""
         return passes.dep.judge_blocks(self.module, criterion, protect)
 
     # -- rewrites ------------------------------------------------------------------------------------

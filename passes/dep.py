@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from ..defaults import STD_GATE, THRESHOLD
 from ..tracing import TracedModel
 from .base import PassError, PassReport, Transaction, get_module, transaction_for
 
-__all__ = ["Verdict", "CutCriterion", "DepCriterion", "judge", "select_cuts", "judge_blocks", "plan", "run"]
+__all__ = ["Verdict", "CutCriterion", "DepCriterion", "judge_blocks", "plan", "run"]
 
 
 @dataclass(frozen=True)
@@ -77,21 +77,20 @@ class DepCriterion:
         return Verdict(cut, std, below if cut else f"no branch {below}")
 
 
-def judge(importance: Mapping[str, float], criterion: CutCriterion = DepCriterion()) -> Verdict:
-    """``criterion.judge(importance)``: DyRep's verdict on one block."""
-    return criterion.judge(importance)
-
-
-def select_cuts(importance: Mapping[str, float], criterion: CutCriterion = DepCriterion()) -> list[str]:
-    """The kinds ``criterion`` cuts from one block."""
-    return criterion.judge(importance).cut
-
-
 def judge_blocks(model: nn.Module, criterion: CutCriterion = DepCriterion(),
-                 protect: Sequence[str] = ()) -> dict[str, Verdict]:
-    """The verdict on every block of ``model`` except those in ``protect``."""
-    return {name: criterion.judge(b.importance()) for name, b in find_blocks(model).items()
-            if name not in protect}
+                 protect: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """The one place blocks are judged: every block of ``model`` (but those in ``protect``) with its
+    importances and the criterion's verdict on them, as plain data for plans, histories and logs:
+    ``{block: {"importance": {kind: value}, "cut": [kinds], "std": x, "reason": text}}``."""
+    judged = {}
+    for name, block in find_blocks(model).items():
+        if name in protect:
+            continue
+        importance = block.importance()
+        verdict = criterion.judge(importance)  # a user criterion's verdict may be any object with these three
+        judged[name] = {"importance": importance, "cut": list(verdict.cut), "std": float(verdict.std),
+                        "reason": str(verdict.reason)}
+    return judged
 
 
 def plan(model: nn.Module, cuts: Mapping[str, Sequence[str]] | None = None,
@@ -103,7 +102,7 @@ def plan(model: nn.Module, cuts: Mapping[str, Sequence[str]] | None = None,
     blocks = find_blocks(model)
     if cuts is None:
         verdicts = judge_blocks(model, criterion, protect)
-        return {name: v.cut for name, v in verdicts.items() if v.cut}
+        return {name: v["cut"] for name, v in verdicts.items() if v["cut"]}
     checked: dict[str, list[str]] = {}
     for name, kinds in cuts.items():
         if name not in blocks:

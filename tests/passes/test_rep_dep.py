@@ -1,4 +1,4 @@
-"""``passes.rep`` (grow) and ``passes.dep`` (cut, and DyRep's cut criterion ``select_cuts``)."""
+"""``passes.rep`` (grow) and ``passes.dep`` (cut, DyRep's cut criterion ``DepCriterion`` and ``judge_blocks``)."""
 
 from __future__ import annotations
 
@@ -112,15 +112,15 @@ def test_rep_run_refuses_ineligible_and_changes_nothing():
     ({"1x1": 0.06, "prior": 0.09, "1xk": 0.0}, ["1xk"]),          # 0.06, 0.09 < 0.1 but above the mean 0.05
     ({"a": 0.01, "b": 0.02, "c": 0.9, "d": 0.8}, ["a", "b"]),
 ])
-def test_select_cuts_criterion(importance, expected):
-    assert dep.select_cuts(importance) == expected
+def test_dep_criterion_cuts(importance, expected):
+    assert dep.DepCriterion().judge(importance).cut == expected
 
 
-def test_select_cuts_parameters():
+def test_dep_criterion_parameters():
     imp = {"1x1": 0.15, "prior": 0.6, "1xk": 0.7}
-    assert dep.select_cuts(imp) == []
-    assert dep.select_cuts(imp, dep.DepCriterion(threshold=0.2)) == ["1x1"]
-    assert dep.select_cuts(imp, dep.DepCriterion(std_gate=0.5, threshold=0.2)) == []
+    assert dep.DepCriterion().judge(imp).cut == []
+    assert dep.DepCriterion(threshold=0.2).judge(imp).cut == ["1x1"]
+    assert dep.DepCriterion(std_gate=0.5, threshold=0.2).judge(imp).cut == []
 
 
 # -- dep: run -------------------------------------------------------------------------------------------
@@ -149,6 +149,28 @@ def test_dep_run_with_criterion(mode):
     assert torch.equal(model.a.branches["1xk"].gamma().detach(), kept_1xk)
     # a second run finds nothing more to cut in a (spread, but nothing below 0.1), nothing in b
     assert dep.run(traced(model), model).changed == {}
+
+
+class CutTheWeakest:
+    """A user criterion returning its own verdict type (duck-typed: cut, std, reason)."""
+
+    def judge(self, importance):
+        weakest = min(importance, key=importance.get)
+        return type("MyVerdict", (), {"cut": (weakest,), "std": 1, "reason": 7})()
+
+
+def test_judge_blocks_gives_every_block_its_importances_and_the_criterion_s_verdict_as_plain_data():
+    model = build()
+    dyrep_fx.grow(model, ["a", "b"], ["1x1", "prior"])
+    set_importance(model.a, {"1x1": 0.01, "prior": 0.5})
+    set_importance(model.b, {"1x1": 0.3, "prior": 0.3})
+    judged = dyrep_fx.Handle.of(model).judge(dep.DepCriterion())
+    assert judged["a"]["importance"] == {"1x1": pytest.approx(0.01), "prior": pytest.approx(0.5)}
+    assert judged["a"]["cut"] == ["1x1"] and judged["b"]["cut"] == []
+    assert judged["b"]["reason"].startswith("std") and isinstance(judged["b"]["std"], float)
+    assert list(dep.judge_blocks(model, dep.DepCriterion(), protect=["a"])) == ["b"]
+    mine = dep.judge_blocks(model, CutTheWeakest())["a"]
+    assert (mine["cut"], mine["std"], mine["reason"]) == (["1x1"], 1.0, "7")
 
 
 def test_dep_run_named_cuts_inner_before_outer():
