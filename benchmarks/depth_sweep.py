@@ -60,6 +60,15 @@ DYREP_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dyrep_online_per_weight": ("dyrep_online", {"metric": "snip_per_weight"}),
     "dyrep_online_random": ("dyrep_online", {"metric": "random"}),
     "dyrep_dbb": ("dyrep_dbb", {}),
+    # Issue 31: grow when it pays. ``start50``: half the candidate sites grown at the first iteration
+    # (scored at initialisation), then the usual steps; ``start100``: every site grown from the start,
+    # nothing grown after (``topk=0``), Dep cuts as usual (the reverse path); ``topk3``: three sites per
+    # step. Each ``*_random`` is the same schedule with random sites (the control for the site choice).
+    "dyrep_start50_per_weight": ("dyrep_online", {"grow_at_start": 0.5, "metric": "snip_per_weight"}),
+    "dyrep_start50_random": ("dyrep_online", {"grow_at_start": 0.5, "metric": "random"}),
+    "dyrep_start100": ("dyrep_online", {"grow_at_start": 1.0, "topk": 0}),
+    "dyrep_topk3_per_weight": ("dyrep_online", {"topk": 3, "metric": "snip_per_weight"}),
+    "dyrep_topk3_random": ("dyrep_online", {"topk": 3, "metric": "random"}),
 }
 #: Ablations: sweep variant -> (the demo's variant, what changes the built model before training).
 ABLATIONS: dict[str, tuple[str, Callable[[nn.Module], Any]]] = {

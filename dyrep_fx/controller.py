@@ -37,6 +37,7 @@ from torch import nn
 from . import structure_spec
 from .block import RepConv2d, find_blocks, main_parameters
 from .calibration import calibrate_batchnorms, default_forward
+from .cost_model import DEFAULT_COST_MODEL, CostModel, structure_budget
 from .defaults import INIT_SCALE, STD_GATE, THRESHOLD
 from .distributed import broadcast_module, check_same_on_all_ranks
 from .ema_copies import EmaCopies, join_name, restore_targets, split_name
@@ -135,7 +136,18 @@ class DyRep:
             convs' weights is accepted with a logged warning naming them (their saliency would be stale).
         interval: a step is due every ``interval`` calls of :meth:`step` (paper: 5 epochs).
         until: no growth or cut after this many calls (paper: 100 of 120 epochs); ``None`` = never stop.
-        topk: sites grown per step (paper: 1).
+        topk: sites grown per step (paper: 1); ``0`` grows nothing after the first step (with
+            ``grow_at_start=1.0``: start fully grown and only cut, the reverse path).
+        budget: the largest predicted training-step time of the grown structure, as a multiple of the
+            plain network's (e.g. ``1.2``), by the execution cost model (:mod:`dyrep_fx.cost_model`; online
+            mode only). Sites are then ranked by score per unit of predicted added cost and grown while the
+            structure fits; cuts decided in the same step make room first. Needs the sites' shapes: pass
+            ``example_inputs`` (a batch of the training batch size, whose cost is predicted). ``None``: no cap.
+        cost_model: the :class:`~dyrep_fx.cost_model.CostModel` the budget predicts with.
+        grow_at_start: the fraction of the candidate sites grown at the first :meth:`step` call, scored on
+            that first iteration's gradients, i.e. at initialisation (what SNIP was defined for); then the
+            usual steps every ``interval`` units. ``0`` (default): the paper's schedule, the first step after
+            ``interval`` units. ``1.0`` grows every candidate from the start.
         kinds: branch kinds to grow where they apply (default: DyRep's set; ``None``: every kind).
         metric: the scorer: ``"snip"`` (default), ``"snip_per_weight"`` (no preference for large layers:
             the same accuracy with half the added parameters in the depth sweep's stage 2),
@@ -169,6 +181,9 @@ class DyRep:
         interval: int = 5,
         until: int | None = None,
         topk: int = 1,
+        grow_at_start: float = 0.0,
+        budget: float | None = None,
+        cost_model: CostModel = DEFAULT_COST_MODEL,
         kinds: Iterable[str] | None = DYREP_KINDS,
         metric: str | Scorer = DEFAULT_METRIC,
         candidates: CandidateRule | Callable[[Site, nn.Module], bool] | None = None,
@@ -190,6 +205,16 @@ class DyRep:
     ) -> None:
         if interval < 1:
             raise ValueError("interval must be >= 1")
+        if topk < 0:
+            raise ValueError(f"topk must be >= 0 (sites grown per step), got {topk}")
+        if not 0.0 <= grow_at_start <= 1.0:
+            raise ValueError(f"grow_at_start is a fraction of the candidate sites in [0, 1], got {grow_at_start}")
+        if budget is not None and not budget >= 1.0:
+            raise ValueError(f"budget is a step-time ratio to the plain network (>= 1.0, e.g. 1.2), got {budget}")
+        if budget is not None and mode != "online":
+            raise ValueError("budget predicts online blocks' cost (dyrep_fx.cost_model); dbb mode runs every "
+                             "branch as its own convolution and BatchNorm, which it does not model: use "
+                             "mode='online' or budget=None")
         kinds = None if kinds is None else check_kind_names(kinds)
         #: Which growable sites are offered (:mod:`dyrep_fx.policies`).
         self.candidate_rule = _candidate_rule(candidates, nested, pointwise)
@@ -216,6 +241,9 @@ class DyRep:
         self._warn_missing_weights(optimizer, sites)
         self.optimizer = optimizer
         self.interval, self.until, self.topk = interval, until, topk
+        self.grow_at_start = grow_at_start
+        #: Predicts the structure's step time for ``budget`` (:mod:`dyrep_fx.cost_model`); ``None``: no cap.
+        self.budget = None if budget is None else structure_budget(self.model, sites, budget, cost_model)
         self.kinds = kinds
         self.calib_loader, self.calib_batches, self.forward_fn = calib_loader, calib_batches, forward_fn
         self.group_chooser = group_chooser
@@ -288,7 +316,20 @@ class DyRep:
     def is_due(self) -> bool:
         """Whether the next :meth:`step` call will change the structure (if anything qualifies)."""
         unit = self.units + 1
+        if self._is_start_step():
+            return True
         return unit % self.interval == 0 and (self.until is None or unit <= self.until)
+
+    def _is_start_step(self) -> bool:
+        """Whether the next step is the ``grow_at_start`` one: the first unit, before any other step."""
+        return self.grow_at_start > 0 and self.units == 0 and self.steps_done == 0
+
+    def growth_count(self, growable: int) -> int:
+        """How many of ``growable`` candidate sites the next step grows: ``topk``, or at the start step
+        ``grow_at_start`` of them (rounded, at least one)."""
+        if self._is_start_step():
+            return min(growable, max(1, round(self.grow_at_start * growable)))
+        return min(growable, self.topk)
 
     # -- the step: decide, then apply ------------------------------------------------------------------
     def step(self) -> StepResult:
@@ -305,6 +346,17 @@ class DyRep:
         self.units += 1
         return result
 
+    def predicted_step_ratio(self) -> float | None:
+        """The current structure's predicted training-step time over the plain network's (with a budget)."""
+        if self.budget is None:
+            return None
+        return self.budget.ratio(self.budget.added(self._all_blocks()))
+
+    def _all_blocks(self) -> dict[str, RepConv2d]:
+        """Every grown block of every target, by its name relative to the model."""
+        return {join_name(prefix, local): block for prefix, target in self.targets.items()
+                for local, block in target.blocks().items()}
+
     def decide(self) -> StepPlan:
         """The plan for the next step: the ``topk`` best-scored candidates to grow, and what the cut
         criterion cuts from the blocks as they are now; changes nothing (one analysis of the model).
@@ -314,19 +366,45 @@ class DyRep:
         """
         scores = self.saliency.mean(self.steps_done)
         verdicts = self._judge_blocks()
+        cut = {name: v["cut"] for name, v in verdicts.items() if v["cut"]}
         return StepPlan(unit=self.units + 1, step=self.steps_done, seed=self._step_seed(),
-                        grow=self._choose_growth(scores, self.sites()),
-                        cut={name: v["cut"] for name, v in verdicts.items() if v["cut"]},
+                        grow=self._choose_growth(scores, self.sites(), cut),
+                        cut=cut,
                         scores=scores, verdicts=verdicts)
 
-    def _choose_growth(self, scores: dict[str, float], sites: list[Site]) -> dict[str, list[str]]:
-        """``{site: kinds}`` for the ``topk`` highest scores among the scored sites that can still grow
-        (ties: by name); the kinds are the controller's that the site takes."""
+    def _choose_growth(self, scores: dict[str, float], sites: list[Site],
+                       cut: dict[str, list[str]]) -> dict[str, list[str]]:
+        """``{site: kinds}`` for the :meth:`growth_count` highest scores among the scored sites that can still grow
+        (ties: by name); the kinds are the controller's that the site takes. With a budget, sites are ranked by
+        score per unit of predicted added cost and taken while the structure (after the step's ``cut``) fits."""
         growable = {s.name: s for s in sites if self._growable(s)}
-        ranked = sorted(((v, n) for n, v in scores.items() if n in growable), key=lambda t: (-t[0], t[1]))
-        chosen = [n for _, n in ranked][: self.topk]
-        wanted = {name: growable[name].kinds if self.kinds is None else self.kinds for name in chosen}
-        return {name: [k for k in wanted[name] if k in growable[name].kinds] for name in chosen}
+        wanted = {name: growable[name].kinds if self.kinds is None else self.kinds for name in growable}
+        kinds = {name: [k for k in wanted[name] if k in growable[name].kinds] for name in growable}
+        count = self.growth_count(sum(1 for n in scores if n in growable))
+        if self.budget is None:
+            ranked = sorted(((v, n) for n, v in scores.items() if n in growable), key=lambda t: (-t[0], t[1]))
+            return {name: kinds[name] for _, name in ranked[:count]}
+        return self._fit_budget(scores, kinds, count, cut)
+
+    def _fit_budget(self, scores: dict[str, float], kinds: dict[str, list[str]], count: int,
+                    cut: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Up to ``count`` sites by score per unit of predicted added cost, while the structure fits the
+        budget; the cuts of the same step make room first."""
+        assert self.budget is not None
+        blocks = self._all_blocks()
+        spent = self.budget.added(blocks) - sum(self.budget.saving(n, blocks[n], k) for n, k in cut.items()
+                                                if n in blocks)
+        costs = {name: self.budget.growth(name, kinds[name]) for name in kinds if name in scores}
+        ranked = sorted(((scores[n] / c, n) for n, c in costs.items() if c is not None and c > 0),
+                        key=lambda t: (-t[0], t[1]))
+        chosen: dict[str, list[str]] = {}
+        for _, name in ranked:
+            if len(chosen) == count:
+                break
+            if self.budget.ratio(spent + costs[name]) <= self.budget.limit:
+                chosen[name] = kinds[name]
+                spent += costs[name]
+        return chosen
 
     def _judge_blocks(self) -> dict[str, dict[str, Any]]:
         """Every block's importances and the cut criterion's verdict on them, as plain data."""
@@ -475,6 +553,8 @@ class DyRep:
         event = {"unit": plan.unit, "step": done, "grown": result.grown, "cut": result.cut,
                  "branches": counts, "scores": [[name, value] for name, value in ranked],
                  "candidates": len(result.saliency), "verdicts": result.verdicts}
+        if self.budget is not None:
+            event["predicted_step_ratio"] = self.predicted_step_ratio()
         self.history.append(event)
         log.info("DyRep step %d (unit %d): %s; %s; top %s scores: %s", done, plan.unit,
                  _describe_changes(result.grown, "grew") or "grew nothing",
