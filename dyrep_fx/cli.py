@@ -159,6 +159,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))  # torch.distributed.launch's argument
     try:
+        from .mm.checkpoint import CheckpointError
         from .mm.train import TrainConfigError, train_from_config
     except ImportError as exc:
         print(f"error: dyrep-fx train needs OpenMMLab's mmengine and the config's package (mmdet, mmseg...) "
@@ -168,19 +169,37 @@ def _train(args: argparse.Namespace) -> int:
         runner = train_from_config(args.config, work_dir=args.work_dir, resume=args.resume,
                                    cfg_options=args.cfg_options, launcher=args.launcher, amp=args.amp,
                                    auto_scale_lr=args.auto_scale_lr)
-    except TrainConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (TrainConfigError, CheckpointError) as exc:
+        return _error(args, exc)
     if runner.rank == 0:
         print(f"dyrep-fx train: finished at iteration {runner.iter} (epoch {runner.epoch}); "
               f"work dir {runner.work_dir}")
     return 0
 
 
-def _fold(args: argparse.Namespace) -> int:
-    from .mm.fold_checkpoint import fold_checkpoint
+def _error(args: argparse.Namespace, exc: Exception) -> int:
+    """Print ``exc`` as one ``error:`` line on stderr and return exit code 2; with ``--debug``, re-raise
+    it instead (the whole traceback)."""
+    if getattr(args, "debug", False):
+        raise exc
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
-    out = fold_checkpoint(args.config, args.checkpoint, args.out, use_ema=args.ema)
+
+def _fold(args: argparse.Namespace) -> int:
+    try:
+        from .mm.checkpoint import CheckpointError
+        from .mm.fold_checkpoint import fold_checkpoint
+        from .mm.train import TrainConfigError
+    except ImportError as exc:
+        print(f"error: dyrep-fx fold needs OpenMMLab's mmengine and the config's package (mmdet, mmseg...) "
+              f"({exc}); install dyrep_fx[mm]", file=sys.stderr)
+        return 2
+    try:
+        out = fold_checkpoint(args.config, args.checkpoint, args.out, use_ema=args.ema)
+    except (CheckpointError, TrainConfigError) as exc:
+        return _error(args, exc)
     print(f"folded checkpoint written to {out}")
     return 0
 
@@ -189,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``dyrep-fx``."""
     parser = argparse.ArgumentParser(prog="dyrep-fx", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the whole traceback instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="plain vs DyRep vs DBB-all on real Fashion-MNIST (the main job)")
@@ -249,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="'pytorch' under torchrun (one process per rank)")
     train.add_argument("--local-rank", "--local_rank", type=int, dest="local_rank",
                        help=argparse.SUPPRESS)  # torch.distributed.launch passes it
+    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="on an error, show the whole traceback instead of one line")
     train.set_defaults(func=_train)
 
     fold = sub.add_parser("fold", help="fold a DyRepHook training checkpoint into the config's plain model")
@@ -256,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     fold.add_argument("checkpoint")
     fold.add_argument("-o", "--out", required=True, help="where to write the folded checkpoint")
     fold.add_argument("--ema", action="store_true", help="fold the EMA weights of the checkpoint")
+    fold.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                      help="on an error, show the whole traceback instead of one line")
     fold.set_defaults(func=_fold)
     return parser
 

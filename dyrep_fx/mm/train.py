@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from .checkpoint import check_checkpoint_file
+
 __all__ = [
     "TrainConfigError",
     "resolve_config_path",
@@ -136,6 +138,7 @@ def prepare_train_config(
 
     Raises:
         TrainConfigError: what cannot be honoured, with the reason.
+        CheckpointError: the checkpoint to resume is empty, truncated, text, or not written by torch.save.
     """
     missing = [key for key in TRAIN_KEYS if not cfg.get(key)]
     if missing:
@@ -162,6 +165,10 @@ def prepare_train_config(
     elif resume is not None:
         if "://" not in resume and not Path(resume).is_file():
             raise TrainConfigError(f"checkpoint to resume not found: {resume}")
+        if "://" not in resume:
+            # a missing, truncated or non-checkpoint file: CheckpointError before the run starts (nothing is
+            # unpickled here: the config's DyRepHook may not trust the file)
+            check_checkpoint_file(resume)
         cfg.resume, cfg.load_from = True, resume
     if launcher == "pytorch" and not torch.cuda.is_available():
         wrapper = dict(cfg.get("model_wrapper_cfg") or {"type": "MMDistributedDataParallel"})
@@ -226,6 +233,7 @@ def train_from_config(
 
     Raises:
         TrainConfigError: before training, for a config or setting that cannot be trained.
+        CheckpointError: before training, for a checkpoint to resume that cannot be one (its bytes alone).
     """
     cfg = load_config(config, cfg_options)
     prepare_train_config(cfg, config, work_dir=work_dir, resume=resume, launcher=launcher, amp=amp,
