@@ -65,9 +65,10 @@ class StepPlan:
         return not self.grow and not self.cut
 
     def decision(self) -> dict[str, Any]:
-        """What must be the same on every rank before anything changes: the sites to grow (in order) and
-        the cuts, as plain data."""
-        return {"grow": list(self.grow), "cut": {name: list(kinds) for name, kinds in self.cut.items()}}
+        """What must be the same on every rank before anything changes: the sites to grow (in order) with
+        their kinds, and the cuts, as plain data."""
+        return {"grow": [[name, list(kinds)] for name, kinds in self.grow.items()],
+                "cut": {name: list(kinds) for name, kinds in self.cut.items()}}
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as plain, JSON-ready data (:meth:`from_dict` reads it back)."""

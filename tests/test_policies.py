@@ -177,7 +177,7 @@ def test_the_plan_is_frozen_plain_data():
     data = plan.to_dict()
     assert StepPlan.from_dict(data) == plan
     assert pickle.loads(pickle.dumps(plan)) == plan and copy.deepcopy(plan) == plan
-    assert plan.decision() == {"grow": list(plan.grow), "cut": {}}
+    assert plan.decision() == {"grow": [[name, list(kinds)] for name, kinds in plan.grow.items()], "cut": {}}
     result = ctl.apply(plan)
     assert result.plan is plan and result.grown == data["grow"]
     with pytest.raises(ValueError, match="decided at step 0"):
@@ -255,3 +255,14 @@ def test_the_readme_example_of_your_own_policies_runs():
     ctl, plan = scope["ctl"], scope["plan"]
     assert ctl.candidates() == ["conv2"] and isinstance(plan, StepPlan)
     assert scope["CutTheWeakest"]().judge({"a": 0.1, "b": 0.3}).cut == ["a"]
+
+
+def test_ranks_compare_the_kinds_of_a_growth_too():
+    """Two ranks about to grow the same site with different kinds decided differently."""
+    mine = StepPlan(unit=1, step=0, seed=0, grow={"conv1": ("1x1", "prior")})
+    other = StepPlan(unit=1, step=0, seed=0, grow={"conv1": ("1x1",)})
+    assert mine.decision() != other.decision()
+    assert mine.decision() == StepPlan.from_dict(mine.to_dict()).decision()
+    assert StepPlan(unit=1, step=0, seed=0, grow={"a": ("1x1",), "b": ("1x1",)}).decision() != \
+        StepPlan(unit=1, step=0, seed=0, grow={"b": ("1x1",), "a": ("1x1",)}).decision()  # the order too
+
