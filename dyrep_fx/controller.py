@@ -40,10 +40,10 @@ from .calibration import calibrate_batchnorms, default_forward
 from .cost_model import DEFAULT_COST_MODEL, CostModel, structure_budget
 from .defaults import INIT_SCALE, STD_GATE, THRESHOLD
 from .distributed import broadcast_module, check_same_on_all_ranks
-from .ema_copies import EmaCopies, join_name, restore_targets, split_name
+from .ema_copies import EmaCopies, restore_targets
 from .geometry import DYREP_KINDS
 from .handle import Handle
-from .optim_sync import GroupChooser, apply_layout, default_group, layout, restore_point, sync_optimizer
+from .optim_sync import GroupChooser, apply_layout, default_group, layout, optimizer_rollback, sync_optimizer
 from .passes.analysis import Site
 from .passes.base import PassError, Transaction
 from .passes.dep import CutCriterion, DepCriterion
@@ -51,6 +51,7 @@ from .passes.rep import check_kind_names
 from .policies import NESTED_POLICIES, CandidateRule, DyRepCandidates, as_candidate_rule, check_cut_criterion
 from .saliency import DEFAULT_METRIC, SaliencyCollector, Scorer, metric_name
 from .step_plan import StepPlan
+from .target_names import join_name, split_name
 
 __all__ = ["DyRep", "StepResult", "StepPlan", "DYREP_KINDS", "NESTED_POLICIES"]
 
@@ -408,14 +409,8 @@ class DyRep:
 
     def _judge_blocks(self) -> dict[str, dict[str, Any]]:
         """Every block's importances and the cut criterion's verdict on them, as plain data."""
-        verdicts = {}
-        for prefix, target in self.targets.items():
-            for local, block in target.blocks().items():
-                importance = block.importance()
-                verdict = self.criterion.judge(importance)
-                verdicts[join_name(prefix, local)] = {"importance": importance, "cut": list(verdict.cut),
-                                                       "std": float(verdict.std), "reason": str(verdict.reason)}
-        return verdicts
+        return {join_name(prefix, local): verdict for prefix, target in self.targets.items()
+                for local, verdict in target.judge(self.criterion).items()}
 
     def _step_seed(self) -> int:
         digest = hashlib.sha256(f"{self.seed}:{self.steps_done}".encode()).digest()
@@ -459,7 +454,7 @@ class DyRep:
             # Registered first, undone last: the watched weights are the restored model's.
             txn.on_rollback(lambda: self._rewatch(watched, interval))
             txn.on_rollback(lambda: self.candidate_rule.load_state_dict(rule_state))
-            txn.on_rollback(restore_point(self.optimizer))
+            txn.on_rollback(optimizer_rollback(self.optimizer))
             yield txn
 
     def _rewatch(self, names: list[str], interval: dict[str, Any]) -> None:

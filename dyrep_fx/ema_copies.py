@@ -19,7 +19,7 @@ from .block import RepConv2d, main_parameters
 from .distributed import broadcast_module
 from .handle import Handle
 from .passes.base import Transaction
-from .target_names import join_name, split_name  # noqa: F401  (join_name: controller.py's import, until its split)
+from .target_names import split_name
 
 __all__ = ["EmaCopies", "restore_targets"]
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["GroupChooser", "default_group", "sync_optimizer", "layout", "apply_layout", "restore_point"]
+__all__ = ["GroupChooser", "default_group", "sync_optimizer", "layout", "apply_layout", "optimizer_rollback"]
 
 #: ``chooser(optimizer, model, param_name, param, source_weight) -> group index``.
 GroupChooser = Callable[[torch.optim.Optimizer, nn.Module, str, nn.Parameter, nn.Parameter | None], int]
@@ -107,9 +107,10 @@ def apply_layout(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict
         optimizer.add_param_group({**options, "params": [params[n] for n in names]})
 
 
-def restore_point(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
-    """A function that puts ``optimizer`` back as it is now: how many groups, each group's Parameters, and
-    which Parameters have state (what :func:`sync_optimizer` and :func:`apply_layout` change).
+def optimizer_rollback(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """A rollback snapshot: a function that puts ``optimizer`` back as it is now: how many groups, each
+    group's Parameters, and which Parameters have state (what :func:`sync_optimizer` and
+    :func:`apply_layout` change).
 
     For a :class:`~dyrep_fx.passes.base.Transaction`'s ``on_rollback``: the state values themselves are
     not copied, since these functions only drop or keep them.

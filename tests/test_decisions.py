@@ -273,13 +273,13 @@ def test_dbb_importance_is_the_last_batchnorm_gamma_ratio():
 
 # -- the Dep verdict ---------------------------------------------------------------------------------
 def test_dep_verdicts_say_why():
-    gate = dep.judge({"1x1": 0.011, "1xk": 0.012, "kx1": 0.013})
+    gate = dep.DepCriterion().judge({"1x1": 0.011, "1xk": 0.012, "kx1": 0.013})
     assert gate.cut == [] and "<= gate 0.02" in gate.reason and gate.std == pytest.approx(0.001)
-    high = dep.judge({"1x1": 0.5, "1xk": 0.2, "kx1": 0.9})
+    high = dep.DepCriterion().judge({"1x1": 0.5, "1xk": 0.2, "kx1": 0.9})
     assert high.cut == [] and "no branch below both the mean" in high.reason
-    cut = dep.judge({"1x1": 0.01, "1xk": 0.5, "kx1": 0.05})
+    cut = dep.DepCriterion().judge({"1x1": 0.01, "1xk": 0.5, "kx1": 0.05})
     assert cut.cut == ["1x1", "kx1"] and "below both" in cut.reason
-    assert dep.judge({"1x1": 0.01}).reason == "fewer than two branches"
+    assert dep.DepCriterion().judge({"1x1": 0.01}).reason == "fewer than two branches"
 
 
 def test_every_step_records_scores_importances_and_verdicts(caplog):
