@@ -2,7 +2,7 @@
 
 For each model and input: the plain model's convolution multiply-adds per forward, what the online
 ``1x1_kxk`` branches add (merged into the kernel, run as convolutions, and what the per-call plan of
-:mod:`dyrep_fx.execution` picks), and the parameter counts (the optimizer and the kernel assembly touch every
+:mod:`dyrep_fx.kinds.composed` picks), and the parameter counts (the optimizer and the kernel assembly touch every
 parameter once or a few times per step, whatever the batch). Counting, not timing: runs in seconds.
 
 The **MAC floor** of a variant (:func:`mac_floor`, printed by ``train_cost.py`` beside every time ratio)
@@ -32,7 +32,7 @@ from common import write_json  # noqa: E402
 from variants import VARIANTS, build  # noqa: E402
 
 import dyrep_fx  # noqa: E402
-from dyrep_fx.execution import composed_costs, run_composed_as_convs  # noqa: E402
+from dyrep_fx.kinds.composed import ComposedBranch, composed_costs, run_composed_as_convs  # noqa: E402
 
 #: The benchmark inputs: ``label: (batch, size)`` (train_cost.py measures the same).
 INPUTS = {"8x224": (8, 224), "32x32": (32, 32)}
@@ -69,7 +69,7 @@ def composed_macs(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
         h.remove()
     merged = convs = planned = 0
     for name, block in blocks.items():
-        if "1x1_kxk" not in block.branches:
+        if ComposedBranch.kind not in block.branches:
             continue
         # a nested block that the plan merges is never called; its merge is all it costs
         shape = shapes.get(name, (1, block.geometry.in_channels, 1, 1))

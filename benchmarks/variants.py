@@ -99,7 +99,7 @@ def build(model_name: str, variant: str, sites: int = 16, nested: int = 4, seed:
         for name in chosen:
             kinds = [k for k in DYREP_KINDS if k in next(s.kinds for s in dyrep_fx.sites(model) if s.name == name)]
             dyrep_fx.grow(model, [name], kinds)
-        inner = [f"{n}.branches.1x1_kxk.conv2" for n in chosen[:nested]]
+        inner = [f"{n}.{rel}" for n in chosen[:nested] for rel in model.get_submodule(n).inner_convs()]
         for name in inner:
             kinds = [k for k in DYREP_KINDS if k in next(s.kinds for s in dyrep_fx.sites(model) if s.name == name)]
             dyrep_fx.grow(model, [name], kinds)

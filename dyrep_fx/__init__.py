@@ -31,8 +31,8 @@ from .api import blocks, cut, fold, fuse_bn, grow, restore, sites, structure, tr
 from .block import MODES, RepConv2d
 from .calibration import calibrate, calibrated
 from .controller import DyRep, StepResult
-from .geometry import BRANCH_KINDS, DBB_KINDS, DYREP_KINDS, OREPA_KINDS
 from .handle import Handle
+from .kinds import BRANCH_KINDS, DBB_KINDS, DYREP_KINDS, OREPA_KINDS
 from .passes.dep import CutCriterion, DepCriterion
 from .policies import CandidateRule, DyRepCandidates
 from .step_plan import StepPlan

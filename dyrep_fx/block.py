@@ -9,7 +9,7 @@ It is a drop-in for the conv to the user's code: the conv's attributes (``stride
 and a subclass's own) read as they did, read-only where they define the function, and ``weight`` /
 ``bias`` are the kernel the block computes with (:meth:`RepConv2d.kernel`), not the main kernel.
 
-Modes (see :mod:`dyrep_fx.branches`):
+Modes (see :mod:`dyrep_fx.kinds.branch`):
 
 * ``online`` (default, OREPA): ``W = main_scale * weight + sum_b scale_b * K_b``; one convolution per
   forward (on small feature maps the ``1x1_kxk`` branch runs as two convolutions instead, which is
@@ -33,11 +33,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import conv_classes, forward_scope, kernels
 from .assembly import assemble_kernel
-from .branches import Branch, make_branch
 from .dbb_ops import pads_with_zeros
 from .defaults import INIT_SCALE
 from .geometry import ConvGeometry
-from .kinds import registry
+from .kinds import applicable_kinds, registry
+from .kinds.branch import Branch
 
 __all__ = ["RepConv2d", "MODES", "find_blocks", "main_parameters", "NoSingleKernelError", "CONV_ATTRIBUTES"]
 
@@ -274,7 +274,7 @@ class RepConv2d(nn.Module):
 
     def available_kinds(self) -> list[str]:
         """Kinds that apply to this conv and are not present yet."""
-        return [k for k in self.geometry.kinds() if k not in self.branches]
+        return [k for k in applicable_kinds(self.geometry) if k not in self.branches]
 
     def inner_convs(self) -> dict[str, nn.Module]:
         """The growable convs inside branches, by relative module path (for nested growth)."""
@@ -384,7 +384,7 @@ class RepConv2d(nn.Module):
         new = []
         for kind in registry.kind_names():
             if kind in kinds:
-                branch = make_branch(kind, self.geometry, self.mode, self.init_scale, self.main_weight)
+                branch = registry.get_kind(kind).make(self.geometry, self.mode, self.init_scale, self.main_weight)
                 if self.mode == "online":
                     self._start_at_init_share(branch, target[0])
                 branch.train(self.training)

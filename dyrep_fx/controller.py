@@ -41,8 +41,8 @@ from .cost_model import DEFAULT_COST_MODEL, CostModel, structure_budget
 from .defaults import INIT_SCALE, STD_GATE, THRESHOLD
 from .distributed import broadcast_module, check_same_on_all_ranks
 from .ema_copies import EmaCopies, restore_targets
-from .geometry import DYREP_KINDS
 from .handle import Handle
+from .kinds import DYREP_KINDS
 from .optim_sync import GroupChooser, apply_layout, default_group, layout, optimizer_rollback, sync_optimizer
 from .passes.analysis import Site
 from .passes.base import PassError, Transaction

@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from .block import RepConv2d
-from .execution import CONV_MAC_COST, composed_costs, run_composed_as_convs
+from .execution import CONV_MAC_COST
 from .geometry import ConvGeometry
 from .kinds import registry
+from .kinds.composed import composed_costs, run_composed_as_convs
 
 __all__ = ["Budget", "CostModel", "DEFAULT_COST_MODEL", "SiteShape", "meta_branch", "predicted_ratio", "site_shape",
            "structure_budget"]

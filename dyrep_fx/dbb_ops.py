@@ -6,12 +6,14 @@ gradient. Three stages keep less:
 
 * :class:`_PaddedMapBatchNorm`: a 1x1 stage's BatchNorm over its output padded by the block's padding
   (DBB's pad-with-bias condition) keeps the unpadded map, not the padded one;
-* :class:`_FixedFilter`: the fixed average / prior filter keeps nothing of its input;
+* :class:`_FixedFilter`: a fixed per-channel filter (an average, a frequency prior) keeps nothing of its input;
 * :class:`_PointwiseNorm` (a block's ``recompute`` setting): a 1x1 stage and its norm keep only the
   stage's input, which the block keeps anyway, and run the 1x1 conv again in backward.
 
 Each equals its plain formulation in value, gradients and running statistics (tests/test_memory.py);
-:func:`pointwise_norm` falls back to the plain modules wherever that cannot be guaranteed cheaply.
+:func:`pointwise_norm` falls back to the plain modules wherever that cannot be guaranteed cheaply. And
+:func:`window_conv` runs a conv of a sub-window of the block's window on the unpadded input, padding (or
+cropping) inside the convolution instead of keeping a padded copy.
 """
 
 from __future__ import annotations
@@ -22,12 +24,39 @@ from torch import Tensor, nn
 
 from .geometry import ConvGeometry
 
-__all__ = ["pads_with_zeros", "pointwise_norm", "fixed_filter"]
+__all__ = ["pads_with_zeros", "pointwise_norm", "fixed_filter", "window_edges", "window_conv"]
 
 
 def pads_with_zeros(geom: ConvGeometry) -> bool:
     """Whether the conv pads with zeros: then its branches read the unpadded input (``xp`` is ``None``)."""
     return geom.same_from_input or geom.padding_mode == "zeros"
+
+
+def window_edges(geom: ConvGeometry, map_size: tuple[int, int], size: tuple[int, int],
+                 offset: tuple[int, int]) -> list[int]:
+    """Top, bottom, left and right edge of a ``size`` kernel's window at ``offset`` relative to the unpadded
+    map: positive pads it, negative crops it."""
+    (top, bottom), (left, right) = geom.pads_for(map_size)
+    (kh, kw), (dh, dw) = geom.kernel_size, geom.dilation
+    return [top - offset[0] * dh, bottom - (kh - size[0] - offset[0]) * dh,
+            left - offset[1] * dw, right - (kw - size[1] - offset[1]) * dw]
+
+
+def window_conv(geom: ConvGeometry, x: Tensor, weight: Tensor, size: tuple[int, int],
+                offset: tuple[int, int]) -> Tensor:
+    """``geom.window(zero-padded x)`` convolved with ``weight``, without a padded copy of ``x`` where possible.
+
+    The window's edges, relative to ``x``, are the block's pads less the taps the ``size`` kernel skips:
+    a negative one crops ``x`` (a view), and equal ones on both sides go to the convolution itself,
+    which then keeps ``x`` for backward (the layer before keeps it anyway).
+    """
+    edges = window_edges(geom, (x.shape[-2], x.shape[-1]), size, offset)
+    crop_t, crop_b, crop_l, crop_r = (max(-e, 0) for e in edges)
+    x = x[..., crop_t: x.shape[-2] - crop_b, crop_l: x.shape[-1] - crop_r]
+    pad_t, pad_b, pad_l, pad_r = (max(e, 0) for e in edges)
+    if pad_t == pad_b and pad_l == pad_r:
+        return F.conv2d(x, weight, None, geom.stride, (pad_t, pad_l), geom.dilation, geom.groups)
+    return geom.conv_valid(F.pad(x, (pad_l, pad_r, pad_t, pad_b)), weight)
 
 
 def _col(v: Tensor) -> Tensor:

@@ -18,29 +18,7 @@ from torch import Tensor, nn
 from . import kernels
 from .conv_classes import SAME_FROM_INPUT, padding_rule
 
-__all__ = ["ConvGeometry", "BRANCH_KINDS", "DBB_KINDS", "OREPA_KINDS", "DYREP_KINDS",  # noqa: F822 (see __getattr__)
-           "LARGE_KERNEL_KINDS"]
-
-#: The named kind tuples, read from the registry (:mod:`dyrep_fx.kinds`) when first asked for:
-#: ``BRANCH_KINDS`` every kind registered by then, in canonical order; ``DBB_KINDS`` DBB's branch set beside
-#: the kxk kernel (the static baseline DyRep compares to); ``OREPA_KINDS`` OREPA's linear set (DBB's plus the
-#: frequency prior); ``DYREP_KINDS`` what ``DyRep`` grows (DyRep's DBB variant, the main kxk being the block's
-#: own kernel; OREPA's ``prior`` is opt-in through ``kinds=``); ``LARGE_KERNEL_KINDS`` the RepLKNet /
-#: UniRepLKNet / MobileOne kinds, which only large depthwise kernels take (``grow()``'s default includes
-#: them there; DyRep through ``kinds=DYREP_KINDS + LARGE_KERNEL_KINDS``).
-_KIND_TUPLES = {"BRANCH_KINDS": None, "DBB_KINDS": "dbb", "OREPA_KINDS": "orepa", "DYREP_KINDS": "dyrep",
-                "LARGE_KERNEL_KINDS": "large_kernel"}
-
-
-def __getattr__(name: str) -> tuple[str, ...]:
-    # (module-level names computed on access: the registry loads the kinds, which import this module)
-    if name not in _KIND_TUPLES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from .kinds import registry
-
-    set_name = _KIND_TUPLES[name]
-    return registry.kind_names() if set_name is None else registry.kinds_in(set_name)
-
+__all__ = ["ConvGeometry"]
 
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
@@ -124,16 +102,6 @@ class ConvGeometry:
         """Offset that centres a ``size`` kernel in this conv's window."""
         return (kernels.embed_offset(self.kernel_size[0], size[0]),
                 kernels.embed_offset(self.kernel_size[1], size[1]))
-
-    def applicable_kinds(self) -> dict[str, str | None]:
-        """Every registered branch kind mapped to ``None`` when it applies here, else to the reason it does not."""
-        from .kinds import registry
-
-        return {name: registry.get_kind(name).applies(self) for name in registry.kind_names()}
-
-    def kinds(self) -> list[str]:
-        """The branch kinds that can be made exact for this conv, in canonical order."""
-        return [k for k, why in self.applicable_kinds().items() if why is None]
 
     # -- running convolutions in this geometry ------------------------------------------------
     def pads_for(self, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .block import RepConv2d, find_blocks
 from .geometry import ConvGeometry
-from .kinds import registry
+from .kinds import applicable_kinds, registry
 from .passes.base import PassError, Transaction, get_module
 from .passes.rep import grow_site
 
@@ -77,10 +77,10 @@ def check_entry(model: nn.Module, name: str, entry: dict[str, Any]) -> None:
 
 
 def _check_kinds(entry: dict[str, Any], geometry: ConvGeometry, where: str) -> None:
-    bad = [k for k in entry.get("kinds", []) if k not in geometry.kinds()]
+    bad = [k for k in entry.get("kinds", []) if k not in applicable_kinds(geometry)]
     if bad:
         raise PassError(f"structure grows {bad} at {where!r}, which does not take them "
-                        f"(it takes {geometry.kinds()})")
+                        f"(it takes {applicable_kinds(geometry)})")
 
 
 def _inner_geometries(entry: dict[str, Any], outer: ConvGeometry) -> dict[str, ConvGeometry]:

@@ -22,6 +22,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..block import RepConv2d, main_parameters
+from ..geometry import ConvGeometry
+from ..kinds import applicable_kinds
 from ..tracing import ConvUse, TracedModel, conv_modules
 from .base import PassReport
 
@@ -180,9 +182,7 @@ def analyse(traced: TracedModel, model: nn.Module, mode: str = "online") -> list
             site.grown = module.kinds
             site.kinds = module.available_kinds() if site.eligible else []
         elif site.eligible:
-            from ..geometry import ConvGeometry
-
-            site.kinds = ConvGeometry.from_conv(module).kinds()
+            site.kinds = applicable_kinds(ConvGeometry.from_conv(module))
         sites.append(site)
         if isinstance(module, RepConv2d):
             for rel, inner in module.inner_convs().items():

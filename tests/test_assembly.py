@@ -11,7 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dyrep_fx import kernels
-from dyrep_fx.assembly import ComposedTerm, FilterTerm, WindowTerm, assemble_kernel
+from dyrep_fx.assembly import assemble_kernel
+from dyrep_fx.kinds.composed import ComposedTerm
+from dyrep_fx.kinds.filtered import FilterTerm
+from dyrep_fx.kinds.window_term import WindowTerm
 
 
 def rand(*shape: int, grad: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:

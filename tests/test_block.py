@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dyrep_fx.block import RepConv2d
 from dyrep_fx.execution import EXECUTIONS
-from dyrep_fx.geometry import BRANCH_KINDS
+from dyrep_fx.kinds import BRANCH_KINDS
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 

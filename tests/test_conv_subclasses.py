@@ -23,9 +23,9 @@ from helpers.numerics import randomise, randomise_bns, rel_err
 from torch import nn
 
 import dyrep_fx
-from dyrep_fx import block as block_module
 from dyrep_fx import conv_classes
 from dyrep_fx.block import RepConv2d
+from dyrep_fx.kinds import BranchKind
 from dyrep_fx.passes import PassError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -361,16 +361,16 @@ def test_growth_failing_midway_leaves_the_model_untouched(mode, bias, monkeypatc
     want = outputs(model, xs)
     before = snapshot(model)
 
-    real = block_module.make_branch
+    real = BranchKind.make
     calls = []
 
     def failing(kind, *args, **kwargs):
-        calls.append(kind)
+        calls.append(kind.name)
         if len(calls) == 5:  # conv: 1x1_avg, kx1; conv2: 1x1_avg, kx1; conv3: 1x1_avg -> fails
             raise RuntimeError("injected failure")
         return real(kind, *args, **kwargs)
 
-    monkeypatch.setattr(block_module, "make_branch", failing)
+    monkeypatch.setattr(BranchKind, "make", failing)
     with pytest.raises(RuntimeError, match="injected failure"):
         dyrep_fx.grow(model, ["conv", "conv2", "conv3"], ["1x1_avg", "kx1"])
     assert len(calls) == 5

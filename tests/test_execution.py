@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from dyrep_fx.execution import composed_costs, run_composed_as_convs
 from dyrep_fx.geometry import ConvGeometry
+from dyrep_fx.kinds.composed import composed_costs, run_composed_as_convs
 
 
 def geometry(channels: int, groups: int = 1, stride: int = 1) -> ConvGeometry:

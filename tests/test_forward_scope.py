@@ -18,7 +18,7 @@ from torch import nn
 import dyrep_fx
 from dyrep_fx import forward_scope
 from dyrep_fx.block import RepConv2d, find_blocks
-from dyrep_fx.execution import run_composed_as_convs
+from dyrep_fx.kinds.composed import run_composed_as_convs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

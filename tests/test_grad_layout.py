@@ -19,6 +19,7 @@ from torch import nn
 
 from dyrep_fx.block import RepConv2d
 from dyrep_fx.geometry import ConvGeometry
+from dyrep_fx.kinds import applicable_kinds
 
 #: (in, out, kernel, stride, padding, groups): 1x1 and kxk sites, grouped and depthwise.
 CONVS = {
@@ -43,7 +44,7 @@ def cases() -> list:
     """(conv, kinds) pairs: each kind that applies to the conv alone, then every kind with nesting (None)."""
     out = []
     for conv in CONVS:
-        kinds = ConvGeometry.from_conv(make_conv(conv)).kinds()
+        kinds = applicable_kinds(ConvGeometry.from_conv(make_conv(conv)))
         out += [pytest.param(conv, [k], id=f"{conv}-{k}") for k in kinds]
         out.append(pytest.param(conv, None, id=f"{conv}-all_nested"))
     return out

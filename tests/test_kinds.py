@@ -18,22 +18,28 @@ from test_block import EXACT_MODES, run_sequence
 from torch import Tensor, nn
 
 import dyrep_fx
-from dyrep_fx.assembly import Term, WindowTerm
+from dyrep_fx.assembly import Term
 from dyrep_fx.block import RepConv2d
-from dyrep_fx.branches import Branch
-from dyrep_fx.geometry import (
+from dyrep_fx.geometry import ConvGeometry
+from dyrep_fx.kernels import channel_norms, embed_kernel
+from dyrep_fx.kinds import (
     BRANCH_KINDS,
     DBB_KINDS,
     DYREP_KINDS,
     LARGE_KERNEL_KINDS,
     OREPA_KINDS,
-    ConvGeometry,
+    BranchKind,
+    applicable_kinds,
+    get_kind,
+    kind_names,
+    register_kind,
+    unregister_kind,
 )
-from dyrep_fx.kernels import channel_norms, embed_kernel
-from dyrep_fx.kinds import BranchKind, get_kind, kind_names, register_kind, unregister_kind
+from dyrep_fx.kinds.branch import Branch
 from dyrep_fx.kinds.dilated import dilated_specs
 from dyrep_fx.kinds.parallel import parallel_kind
 from dyrep_fx.kinds.small_kernel import small_kernel_kind
+from dyrep_fx.kinds.window_term import WindowTerm
 
 SLOW_OK = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 F64_TOL = 1e-10
@@ -83,7 +89,7 @@ def test_the_library_kinds_keep_their_order_and_sets():
 ])
 def test_large_kernel_kinds_apply_where_the_geometry_calls_for_them(conv, takes):
     geometry = ConvGeometry.from_conv(conv)
-    assert all((k in geometry.kinds()) == takes for k in LARGE)
+    assert all((k in applicable_kinds(geometry)) == takes for k in LARGE)
     blk = RepConv2d(conv)
     if not takes:
         with pytest.raises(ValueError, match="does not apply.*needs a"):

@@ -27,7 +27,8 @@ from torch import nn
 
 from dyrep_fx import dbb_ops
 from dyrep_fx.block import RepConv2d
-from dyrep_fx.geometry import LARGE_KERNEL_KINDS, ConvGeometry
+from dyrep_fx.geometry import ConvGeometry
+from dyrep_fx.kinds import LARGE_KERNEL_KINDS
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 DBB = ("1x1", "1x1_kxk", "1x1_avg")

@@ -2,29 +2,27 @@
 
 A kind is a :class:`BranchKind`: its name (the key of its branch in ``block.branches``, hence in state_dict
 keys and structure JSON), where it applies (``applies(geometry)``: ``None`` or the reason it does not), its
-module (a :class:`~dyrep_fx.branches.Branch` subclass, which also holds its online term, its dbb-mode
+module (a :class:`~dyrep_fx.kinds.branch.Branch` subclass, which also holds its online term, its dbb-mode
 forward and its nested convs), its place in the canonical order and the named default sets it joins.
 Nothing else in the library names a kind by string: blocks, geometry, structure specs and the controller
 read this registry.
 
-The library's own kinds are registered by :mod:`dyrep_fx.kinds.builtin`, loaded on the first look-up (a
-kind's module imports the block machinery, which reads this registry: loading them lazily breaks the
-cycle). A user kind is one :func:`register_kind` call; :func:`unregister_kind` takes it away again.
+Each of the library's kinds registers itself in its own module of :mod:`dyrep_fx.kinds`, and the package
+imports them all, so the registry is complete once ``dyrep_fx.kinds`` is imported (importing this module
+imports its package first). A user kind is one :func:`register_kind` call; :func:`unregister_kind` takes it
+away again.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from torch import Tensor
+from torch import Tensor
 
-    from ..branches import Branch
-    from ..geometry import ConvGeometry
+from ..geometry import ConvGeometry
+from .branch import Branch
 
 __all__ = ["BranchKind", "applies_everywhere", "register_kind", "unregister_kind", "get_kind", "kind_names", "kinds_in", "KIND_SETS"]
 
@@ -66,14 +64,6 @@ class BranchKind:
 
 _KINDS: dict[str, BranchKind] = {}
 _SEQUENCE: dict[str, int] = {}
-_builtin_loaded = False
-
-
-def _ensure_builtin() -> None:
-    global _builtin_loaded
-    if not _builtin_loaded:
-        _builtin_loaded = True  # (set first: the builtin modules register through this module)
-        importlib.import_module("dyrep_fx.kinds.builtin")
 
 
 def register_kind(kind: BranchKind) -> BranchKind:
@@ -102,7 +92,6 @@ def unregister_kind(name: str) -> None:
 
 
 def _ordered() -> list[BranchKind]:
-    _ensure_builtin()
     return sorted(_KINDS.values(), key=lambda k: (k.order, _SEQUENCE[k.name]))
 
 
@@ -120,7 +109,6 @@ def kinds_in(set_name: str) -> tuple[str, ...]:
 
 def get_kind(name: str) -> BranchKind:
     """The kind ``name``; ``KeyError`` naming the registered kinds when there is none."""
-    _ensure_builtin()
     try:
         return _KINDS[name]
     except KeyError:

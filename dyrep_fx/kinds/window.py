@@ -6,7 +6,7 @@ through a footprint of ``r * (k - 1) + 1`` block taps centred in the window; its
 window is its kernel with ``r - 1`` zeros inserted between taps, zero-padded to the window. The branch is
 their sum:
 
-* online: ``scale * sum_j embedded_j``, one :class:`~dyrep_fx.assembly.WindowTerm` over the largest footprint
+* online: ``scale * sum_j embedded_j``, one :class:`~dyrep_fx.kinds.window_term.WindowTerm` over the largest footprint
   (a single undilated conv is its own term, a leaf: the cheapest case);
 * dbb: ``bn(sum_j conv_j(x))``; convs of the same size and dilation run as one conv of their summed kernel
   (the same function and gradients, one conv's multiply-adds). One BatchNorm per branch keeps DyRep's
@@ -20,9 +20,11 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from .. import kernels
-from ..assembly import Term, WindowTerm
-from ..branches import Branch, fuse_with_bn, window_edges
+from ..assembly import Term
+from ..dbb_ops import window_edges
 from ..geometry import ConvGeometry
+from .branch import Branch, fuse_with_bn
+from .window_term import WindowTerm
 
 __all__ = ["SummedWindowBranch", "footprint", "large_depthwise"]
 
@@ -93,7 +95,6 @@ class SummedWindowBranch(Branch):
 
     def raw_kernel(self) -> Tensor:
         return kernels.embed_kernel(self._span_kernel(), self.geom.kernel_size, self._offset(self.span))
-
 
     def term(self) -> Term:
         if len(self.convs) == 1 and self.specs[0][1] == 1:
