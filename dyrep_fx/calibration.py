@@ -76,6 +76,22 @@ def calibrate_batchnorms(
     return used
 
 
+def calibrate_new_branches(model: nn.Module, grown: dict[str, nn.Module], new_branches: dict[str, list[nn.Module]],
+                           loader: Iterable, batches: int, forward_fn: Callable[[nn.Module, Any], Any]) -> int:
+    """dbb mode, after growth: fit the new branches' BatchNorms on ``batches`` of ``loader``, then re-balance
+    each grown block so its function is unchanged; surviving branches keep their trained statistics.
+    Returns the batches used (0 when nothing grew)."""
+    if not grown:
+        return 0
+    functions = {name: tuple(t.detach().clone() if t is not None else None for t in block.equivalent())
+                 for name, block in grown.items()}
+    bns = [m for branches in new_branches.values() for b in branches for m in b.modules() if isinstance(m, _BatchNorm)]
+    used = calibrate_batchnorms(model, bns, loader, batches, forward_fn)
+    for name, block in grown.items():
+        block.rebalance(*functions[name])
+    return used
+
+
 def training_batchnorms(model: nn.Module) -> list[_BatchNorm]:
     """The BatchNorms of ``model`` that train: in training mode and tracking running statistics (one kept
     in eval mode while the model trains, e.g. mmdet's ``norm_eval``, is frozen and left alone)."""

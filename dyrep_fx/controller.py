@@ -34,30 +34,37 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import structure_spec
-from .block import RepConv2d, find_blocks, main_parameters
-from .calibration import calibrate_batchnorms, default_forward
-from .cost_model import DEFAULT_COST_MODEL, CostModel, structure_budget
+from .block import RepConv2d, main_parameters
+from .calibration import calibrate_new_branches, default_forward
+from .checkpoint_state import CheckpointState
+from .cost_model import DEFAULT_COST_MODEL, Budget, CostModel, structure_budget
 from .defaults import INIT_SCALE, STD_GATE, THRESHOLD
 from .distributed import broadcast_module, check_same_on_all_ranks
-from .ema_copies import EmaCopies, restore_targets
+from .ema_copies import EmaCopies
 from .handle import Handle
 from .kinds import DYREP_KINDS
-from .optim_sync import GroupChooser, apply_layout, default_group, layout, optimizer_rollback, sync_optimizer
+from .optim_sync import GroupChooser, default_group, optimizer_rollback, sync_after_change
 from .passes.analysis import Site
-from .passes.base import PassError, Transaction
+from .passes.base import Transaction
 from .passes.dep import CutCriterion, DepCriterion
 from .passes.rep import check_kind_names
-from .policies import NESTED_POLICIES, CandidateRule, DyRepCandidates, as_candidate_rule, check_cut_criterion
+from .policies import (
+    NESTED_POLICIES,
+    CandidateRule,
+    DyRepCandidates,
+    GrowthSelection,
+    TopScores,
+    WithinBudget,
+    as_candidate_rule,
+    check_cut_criterion,
+)
 from .saliency import DEFAULT_METRIC, SaliencyCollector, Scorer, metric_name
+from .step_history import history_entry, log_step
 from .step_plan import StepPlan
 from .target_names import join_name, split_name
 
 __all__ = ["DyRep", "StepResult", "StepPlan", "DYREP_KINDS", "NESTED_POLICIES"]
 
-
-#: Candidate scores kept per step in ``history`` (the best first).
-TOP_SCORES = 5
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +90,6 @@ class StepResult:
     def changed(self) -> bool:
         """True when the structure changed (DDP wrappers must then be rebuilt)."""
         return bool(self.grown or self.cut)
-
-
-def _describe_changes(changes: dict[str, list[str]], verb: str) -> str:
-    return "; ".join(f"{verb} {name} {kinds}" for name, kinds in changes.items())
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -127,7 +130,68 @@ def _cut_criterion(criterion: CutCriterion | None, std_gate: float, threshold: f
     return check_cut_criterion(criterion)
 
 
-class DyRep:
+def _check_schedule(interval: int, topk: int, grow_at_start: float, budget: float | None, mode: str) -> None:
+    """Refuse schedule settings that cannot work, naming the setting and what it takes."""
+    if interval < 1:
+        raise ValueError("interval must be >= 1")
+    if topk < 0:
+        raise ValueError(f"topk must be >= 0 (sites grown per step), got {topk}")
+    if not 0.0 <= grow_at_start <= 1.0:
+        raise ValueError(f"grow_at_start is a fraction of the candidate sites in [0, 1], got {grow_at_start}")
+    if budget is not None and not budget >= 1.0:
+        raise ValueError(f"budget is a step-time ratio to the plain network (>= 1.0, e.g. 1.2), got {budget}")
+    if budget is not None and mode != "online":
+        raise ValueError("budget predicts online blocks' cost (dyrep_fx.cost_model); dbb mode runs every "
+                         "branch as its own convolution and BatchNorm, which it does not model: use "
+                         "mode='online' or budget=None")
+
+
+def _target_handles(roots: dict[str, nn.Module], example_inputs: tuple | dict[str, tuple] | None, mode: str,
+                    init_scale: float, recompute: bool) -> dict[str, Handle]:
+    """One handle per target root (transformed here unless it was), all in one mode."""
+    handles = {}
+    for prefix, root in roots.items():
+        if Handle.is_transformed(root):
+            handles[prefix] = Handle.of(root)
+        else:
+            inputs = example_inputs.get(prefix) if isinstance(example_inputs, dict) else example_inputs
+            handles[prefix] = Handle.transform(root, inputs, mode, init_scale=init_scale, recompute=recompute)
+    modes = {target.mode for target in handles.values()}
+    if len(modes) != 1:
+        raise ValueError(f"targets were transformed in different modes: {sorted(modes)}")
+    return handles
+
+
+def _warn_missing_weights(model: nn.Module, optimizer: torch.optim.Optimizer, sites: list[Site]) -> None:
+    """Warn when the optimizer lacks some growable convs' weights.
+
+    Only a warning: training part of a network with this optimizer is legitimate, but such a conv's
+    gradient is never zeroed or applied by it, so its saliency is stale and its new branches would
+    train while its own kernel does not.
+    """
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [s.name for s in sites
+               if s.eligible and id(main_parameters(model.get_submodule(s.name))[0]) not in held]
+    if missing:
+        log.warning("DyRep: the optimizer lacks the weights of %d growable conv(s) %s; they are still "
+                    "scored and grown but this optimizer neither trains nor zeroes them: add them to it, "
+                    "or freeze them (requires_grad=False) to keep them out of DyRep",
+                    len(missing), missing[:5])
+
+
+def _growth_selection(growth: GrowthSelection | None, budget: Budget | None) -> GrowthSelection:
+    """The user's selection, or DyRep's: the top scores, within ``budget`` when there is one."""
+    if growth is None:
+        return TopScores() if budget is None else WithinBudget(budget)
+    if budget is not None:
+        raise ValueError("budget configures the default growth selection; with growth=... the selection you "
+                         "pass decides (give it the budget instead, e.g. WithinBudget)")
+    if not isinstance(growth, GrowthSelection):
+        raise TypeError(f"growth must be a dyrep_fx.policies.GrowthSelection, got {type(growth).__name__}")
+    return growth
+
+
+class DyRep(CheckpointState):
     """Dynamic re-parameterization during training (DyRep, CVPR 2022) for a transformed model.
 
     Args:
@@ -145,6 +209,9 @@ class DyRep:
             structure fits; cuts decided in the same step make room first. Needs the sites' shapes: pass
             ``example_inputs`` (a batch of the training batch size, whose cost is predicted). ``None``: no cap.
         cost_model: the :class:`~dyrep_fx.cost_model.CostModel` the budget predicts with.
+        growth: the growth selection, a :class:`~dyrep_fx.policies.GrowthSelection` (which scored candidates
+            grow); default :class:`~dyrep_fx.policies.TopScores`, or
+            :class:`~dyrep_fx.policies.WithinBudget` with ``budget``.
         grow_at_start: the fraction of the candidate sites grown at the first :meth:`step` call, scored on
             that first iteration's gradients, i.e. at initialisation (what SNIP was defined for); then the
             usual steps every ``interval`` units. ``0`` (default): the paper's schedule, the first step after
@@ -185,6 +252,7 @@ class DyRep:
         grow_at_start: float = 0.0,
         budget: float | None = None,
         cost_model: CostModel = DEFAULT_COST_MODEL,
+        growth: GrowthSelection | None = None,
         kinds: Iterable[str] | None = DYREP_KINDS,
         metric: str | Scorer = DEFAULT_METRIC,
         candidates: CandidateRule | Callable[[Site, nn.Module], bool] | None = None,
@@ -204,18 +272,7 @@ class DyRep:
         targets: Iterable[str] | None = None,
         recompute: bool = False,
     ) -> None:
-        if interval < 1:
-            raise ValueError("interval must be >= 1")
-        if topk < 0:
-            raise ValueError(f"topk must be >= 0 (sites grown per step), got {topk}")
-        if not 0.0 <= grow_at_start <= 1.0:
-            raise ValueError(f"grow_at_start is a fraction of the candidate sites in [0, 1], got {grow_at_start}")
-        if budget is not None and not budget >= 1.0:
-            raise ValueError(f"budget is a step-time ratio to the plain network (>= 1.0, e.g. 1.2), got {budget}")
-        if budget is not None and mode != "online":
-            raise ValueError("budget predicts online blocks' cost (dyrep_fx.cost_model); dbb mode runs every "
-                             "branch as its own convolution and BatchNorm, which it does not model: use "
-                             "mode='online' or budget=None")
+        _check_schedule(interval, topk, grow_at_start, budget, mode)
         kinds = None if kinds is None else check_kind_names(kinds)
         #: Which growable sites are offered (:mod:`dyrep_fx.policies`).
         self.candidate_rule = _candidate_rule(candidates, nested, pointwise)
@@ -226,25 +283,17 @@ class DyRep:
                  for prefix in ([""] if targets is None else list(targets))}
         _refuse_foreign_optimizer(optimizer, roots)  # before transforming: a refusal changes nothing
         #: One handle per target, by its qualified name ("" is the whole model).
-        self.targets: dict[str, Handle] = {}
-        for prefix, root in roots.items():
-            if Handle.is_transformed(root):
-                self.targets[prefix] = Handle.of(root)
-            else:
-                inputs = example_inputs.get(prefix) if isinstance(example_inputs, dict) else example_inputs
-                self.targets[prefix] = Handle.transform(root, inputs, mode, init_scale=init_scale,
-                                                        recompute=recompute)
-        modes = {target.mode for target in self.targets.values()}
-        if len(modes) != 1:
-            raise ValueError(f"targets were transformed in different modes: {sorted(modes)}")
-        self.mode = modes.pop()
+        self.targets: dict[str, Handle] = _target_handles(roots, example_inputs, mode, init_scale, recompute)
+        self.mode = next(iter(self.targets.values())).mode
         sites = self.sites()
-        self._warn_missing_weights(optimizer, sites)
+        _warn_missing_weights(self.model, optimizer, sites)
         self.optimizer = optimizer
         self.interval, self.until, self.topk = interval, until, topk
         self.grow_at_start = grow_at_start
         #: Predicts the structure's step time for ``budget`` (:mod:`dyrep_fx.cost_model`); ``None``: no cap.
         self.budget = None if budget is None else structure_budget(self.model, sites, budget, cost_model)
+        #: Which scored candidates grow (:mod:`dyrep_fx.policies`).
+        self.growth = _growth_selection(growth, self.budget)
         self.kinds = kinds
         self.calib_loader, self.calib_batches, self.forward_fn = calib_loader, calib_batches, forward_fn
         self.group_chooser = group_chooser
@@ -257,22 +306,6 @@ class DyRep:
         self.emas = EmaCopies(self.targets)
         self.saliency = SaliencyCollector(optimizer, metric, seed=seed)
         self._watch(self._candidates(sites))
-
-    def _warn_missing_weights(self, optimizer: torch.optim.Optimizer, sites: list[Site]) -> None:
-        """Warn when the optimizer lacks some growable convs' weights.
-
-        Only a warning: training part of a network with this optimizer is legitimate, but such a conv's
-        gradient is never zeroed or applied by it, so its saliency is stale and its new branches would
-        train while its own kernel does not.
-        """
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [s.name for s in sites
-                   if s.eligible and id(main_parameters(self.model.get_submodule(s.name))[0]) not in held]
-        if missing:
-            log.warning("DyRep: the optimizer lacks the weights of %d growable conv(s) %s; they are still "
-                        "scored and grown but this optimizer neither trains nor zeroes them: add them to it, "
-                        "or freeze them (requires_grad=False) to keep them out of DyRep",
-                        len(missing), missing[:5])
 
     @property
     def births(self) -> dict[str, dict[str, Any]]:
@@ -359,8 +392,9 @@ class DyRep:
                 for local, block in target.blocks().items()}
 
     def decide(self) -> StepPlan:
-        """The plan for the next step: the ``topk`` best-scored candidates to grow, and what the cut
-        criterion cuts from the blocks as they are now; changes nothing (one analysis of the model).
+        """The plan for the next step: the candidates the growth selection picks from the interval's scores
+        (``topk`` of them), and what the cut criterion cuts from the blocks as they are now; changes
+        nothing (one analysis of the model).
 
         Blocks grown by the plan are judged at the next step (their branches start with equal scales);
         growing a block's inner kxk conv leaves the importances of the block's branches as they are.
@@ -368,44 +402,16 @@ class DyRep:
         scores = self.saliency.mean(self.steps_done)
         verdicts = self._judge_blocks()
         cut = {name: v["cut"] for name, v in verdicts.items() if v["cut"]}
-        return StepPlan(unit=self.units + 1, step=self.steps_done, seed=self._step_seed(),
-                        grow=self._choose_growth(scores, self.sites(), cut),
-                        cut=cut,
+        kinds = self._growable_kinds(self.sites())
+        count = self.growth_count(sum(1 for name in scores if name in kinds))
+        grow = self.growth.choose(scores, kinds, count, cut, self._all_blocks())
+        return StepPlan(unit=self.units + 1, step=self.steps_done, seed=self._step_seed(), grow=grow, cut=cut,
                         scores=scores, verdicts=verdicts)
 
-    def _choose_growth(self, scores: dict[str, float], sites: list[Site],
-                       cut: dict[str, list[str]]) -> dict[str, list[str]]:
-        """``{site: kinds}`` for the :meth:`growth_count` highest scores among the scored sites that can still grow
-        (ties: by name); the kinds are the controller's that the site takes. With a budget, sites are ranked by
-        score per unit of predicted added cost and taken while the structure (after the step's ``cut``) fits."""
-        growable = {s.name: s for s in sites if self._growable(s)}
-        wanted = {name: growable[name].kinds if self.kinds is None else self.kinds for name in growable}
-        kinds = {name: [k for k in wanted[name] if k in growable[name].kinds] for name in growable}
-        count = self.growth_count(sum(1 for n in scores if n in growable))
-        if self.budget is None:
-            ranked = sorted(((v, n) for n, v in scores.items() if n in growable), key=lambda t: (-t[0], t[1]))
-            return {name: kinds[name] for _, name in ranked[:count]}
-        return self._fit_budget(scores, kinds, count, cut)
-
-    def _fit_budget(self, scores: dict[str, float], kinds: dict[str, list[str]], count: int,
-                    cut: dict[str, list[str]]) -> dict[str, list[str]]:
-        """Up to ``count`` sites by score per unit of predicted added cost, while the structure fits the
-        budget; the cuts of the same step make room first."""
-        assert self.budget is not None
-        blocks = self._all_blocks()
-        spent = self.budget.added(blocks) - sum(self.budget.saving(n, blocks[n], k) for n, k in cut.items()
-                                                if n in blocks)
-        costs = {name: self.budget.growth(name, kinds[name]) for name in kinds if name in scores}
-        ranked = sorted(((scores[n] / c, n) for n, c in costs.items() if c is not None and c > 0),
-                        key=lambda t: (-t[0], t[1]))
-        chosen: dict[str, list[str]] = {}
-        for _, name in ranked:
-            if len(chosen) == count:
-                break
-            if self.budget.ratio(spent + costs[name]) <= self.budget.limit:
-                chosen[name] = kinds[name]
-                spent += costs[name]
-        return chosen
+    def _growable_kinds(self, sites: list[Site]) -> dict[str, list[str]]:
+        """Each growable site with the kinds it would grow: the controller's kinds that it takes."""
+        return {s.name: [k for k in (s.kinds if self.kinds is None else self.kinds) if k in s.kinds]
+                for s in sites if self._growable(s)}
 
     def _judge_blocks(self) -> dict[str, dict[str, Any]]:
         """Every block's importances and the cut criterion's verdict on them, as plain data."""
@@ -438,7 +444,8 @@ class DyRep:
             self.emas.grow(self.model, result.grown, txn)
             self._cut(plan, txn, result)
             self.emas.cut(result.cut, txn)
-            self._sync_optimizer(before, {name: weight for name, (_, weight) in grown.items()})
+            sync_after_change(self.optimizer, self.model, before,
+                              {name: weight for name, (_, weight) in grown.items()}, self.group_chooser)
         self.steps_done += 1
         self._record(plan, result)
         self._watch(self.candidates())
@@ -483,8 +490,10 @@ class DyRep:
                     new_branches[name] = report.details["new_modules"][local]
         for block, _ in grown.values():
             broadcast_module(block)
-        result.calibrated_batches = self._calibrate({name: block for name, (block, _) in grown.items()},
-                                                    new_branches)
+        if self.mode == "dbb" and self.calib_loader is not None:
+            result.calibrated_batches = calibrate_new_branches(
+                self.model, {name: block for name, (block, _) in grown.items()}, new_branches,
+                self.calib_loader, self.calib_batches, self.forward_fn)
         for name, (block, _) in grown.items():
             self.candidate_rule.on_grown(name, block, plan.step)
         return grown
@@ -507,58 +516,13 @@ class DyRep:
             # A cut folds each rank's own BatchNorm statistics into the kernel: make the ranks agree.
             broadcast_module(block)
 
-    def _calibrate(self, grown: dict[str, RepConv2d], new_branches: dict[str, list[nn.Module]]) -> int:
-        """dbb mode: fit the new branches' BatchNorms on data, then re-balance so the function is unchanged.
-
-        Surviving branches keep their trained statistics.
-        """
-        if self.mode != "dbb" or not grown or self.calib_loader is None:
-            return 0
-        functions = {name: tuple(t.detach().clone() if t is not None else None for t in block.equivalent())
-                     for name, block in grown.items()}
-        bns = [m for branches in new_branches.values() for b in branches for m in b.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        used = calibrate_batchnorms(self.model, bns, self.calib_loader, self.calib_batches, self.forward_fn)
-        for name, block in grown.items():
-            block.rebalance(*functions[name])
-        return used
-
-    def _sync_optimizer(self, before: set[int], sources: dict[str, nn.Parameter]) -> None:
-        """Drop the optimizer's dead Parameters and add the new ones of the blocks at ``sources``
-        (``{site: the conv weight it grew from}``, which picks each new Parameter's group)."""
-        order = {id(p): i for i, p in enumerate(self.model.parameters())}
-        new: dict[int, tuple[str, nn.Parameter, nn.Parameter]] = {}
-        for site, weight in sources.items():
-            try:
-                block = self.model.get_submodule(site)
-            except AttributeError:  # inside a branch cut in the same step: its Parameters are gone
-                continue
-            for name, p in block.named_parameters(prefix=site):
-                if id(p) in order and id(p) not in before:
-                    new.setdefault(id(p), (name, p, weight))
-        # In the model's order, as a fresh optimizer would hold them.
-        sync_optimizer(self.optimizer, self.model, sorted(new.values(), key=lambda t: order[id(t[1])]),
-                       self.group_chooser)
-
     def _record(self, plan: StepPlan, result: StepResult) -> None:
-        """Append the plan and what it changed to ``history``, and log it."""
-        counts = {name: len(b.kinds) for name, b in find_blocks(self.model).items()}
-        done = plan.step + 1  # history and log count the steps taken, this one included
-        ranked = sorted(result.saliency.items(), key=lambda t: (-t[1], t[0]))[:TOP_SCORES]
-        event = {"unit": plan.unit, "step": done, "grown": result.grown, "cut": result.cut,
-                 "branches": counts, "scores": [[name, value] for name, value in ranked],
-                 "candidates": len(result.saliency), "verdicts": result.verdicts}
+        """Append the plan and what it changed to ``history``, and log it (:mod:`dyrep_fx.step_history`)."""
+        entry = history_entry(plan, result.grown, result.cut, result.saliency, result.verdicts, self.model)
         if self.budget is not None:
-            event["predicted_step_ratio"] = self.predicted_step_ratio()
-        self.history.append(event)
-        log.info("DyRep step %d (unit %d): %s; %s; top %s scores: %s", done, plan.unit,
-                 _describe_changes(result.grown, "grew") or "grew nothing",
-                 _describe_changes(result.cut, "cut") or "cut nothing", metric_name(self.saliency.metric),
-                 ", ".join(f"{n} {v:.4g}" for n, v in ranked) or "no candidates")
-        for name, verdict in result.verdicts.items():
-            importance = ", ".join(f"{k} {v:.3g}" for k, v in verdict["importance"].items())
-            log.info("DyRep step %d: block %s importance {%s}, std %.3g: %s%s", done, name,
-                     importance, verdict["std"], "cut " if verdict["cut"] else "kept: ", verdict["reason"])
+            entry["predicted_step_ratio"] = self.predicted_step_ratio()
+        self.history.append(entry)
+        log_step(log, entry, metric_name(self.saliency.metric))
 
     # -- EMA copies ------------------------------------------------------------------------------
     def attach_ema(self, ema_module: nn.Module) -> None:
@@ -569,102 +533,6 @@ class DyRep:
         (:mod:`dyrep_fx.ema_copies`).
         """
         self.emas.attach(_unwrap(ema_module))
-
-    # -- checkpoints -----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Plain data: the structure, counters, history (the applied plans), the candidate rule's records,
-        the interval saliency and the optimizer layout."""
-        return {
-            "structures": {prefix: target.structure() for prefix, target in self.targets.items()},
-            "units": self.units,
-            "steps_done": self.steps_done,
-            "history": self.history,
-            "candidate_rule": self.candidate_rule.state_dict(),
-            "saliency": self.saliency.state_dict(),
-            "optimizer_layout": layout(self.optimizer, self.model),
-        }
-
-    @staticmethod
-    def _candidate_rule_state(state: dict[str, Any]) -> dict[str, Any]:
-        """The candidate rule's saved records; a state saved before rules were pluggable kept the default
-        rule's birth records under ``"births"``."""
-        if "candidate_rule" in state:
-            return state["candidate_rule"]
-        return {"births": state.get("births", {})}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Rebuild the saved structure on this (fresh) model and restore counters and optimizer layout.
-
-        Load the model's and optimizer's own state dicts after this call. A state that does not fit
-        (other targets, mode, sites, branch kinds, optimizer parameters or watched sites) raises a
-        ``ValueError`` naming what differs, and leaves the model, its EMA copies and the optimizer as
-        they were.
-        """
-        structures = state["structures"]
-        self._check_structures(structures)
-        with self._transaction() as txn:
-            self._restore_everywhere(structures, txn)
-            apply_layout(self.optimizer, self.model, state["optimizer_layout"])
-            self.candidate_rule.load_state_dict(self._candidate_rule_state(state))
-            # The watched set as saved: the nesting gate reads branch values not loaded yet.
-            growable = {s.name for s in self.sites() if self._growable(s)}
-            self._watch([n for n in state["saliency"]["names"] if n in growable])
-            self.saliency.load_state_dict(state["saliency"])
-        self.units = state["units"]
-        self.steps_done = state["steps_done"]
-        self.history = list(state["history"])
-
-    def load_structure(self, state: dict[str, Any]) -> None:
-        """Rebuild the structure of a saved :meth:`state_dict` and start the schedule over (fine-tuning
-        from a grown checkpoint, where :meth:`load_state_dict` is for resuming).
-
-        The blocks are rebuilt on this (fresh) model and its EMA copies, so the checkpoint's grown weights
-        load afterwards. What belonged to the run that saved the state is dropped: ``units`` and
-        ``steps_done`` are 0 (the first step is due after ``interval`` units again), ``history`` and the
-        candidate rule's records are empty (the loaded blocks count as grown outside this controller),
-        and the interval saliency starts empty over the current candidates. The saved optimizer layout is
-        ignored: the new Parameters join this optimizer's groups as grown ones do (``group_chooser``), so
-        do not load the saved optimizer state after this call. A state that does not fit (other targets,
-        mode, sites or branch kinds) raises a ``ValueError`` and changes nothing.
-        """
-        structures = state["structures"]
-        self._check_structures(structures)
-        sources = {join_name(prefix, name): main_parameters(self.model.get_submodule(join_name(prefix, name)))[0]
-                   for prefix, spec in structures.items() for name in spec["sites"]}
-        before = {id(p) for p in self.model.parameters()}
-        with self._transaction() as txn:
-            self._restore_everywhere(structures, txn)
-            self._sync_optimizer(before, sources)
-            self.candidate_rule.reset()
-            self._watch(self.candidates())
-        self.units = self.steps_done = 0
-        self.history = []
-
-    def _restore_everywhere(self, structures: dict[str, dict[str, Any]], txn: Transaction) -> None:
-        """Rebuild the checked ``structures`` on the live model and every attached EMA copy, in ``txn``."""
-        restore_targets(self.targets, structures, txn)
-        self.emas.restore(structures, txn)
-
-    def _check_structures(self, structures: dict[str, dict[str, Any]]) -> None:
-        """Everything :func:`dyrep_fx.restore` would refuse, for every target, before any target changes."""
-        saved, here = set(structures), set(self.targets)
-        if saved != here:
-            raise ValueError(f"checkpoint structure is for targets {sorted(saved)}, this controller has "
-                             f"{sorted(here)} (only in the checkpoint: {sorted(saved - here)}, only here: "
-                             f"{sorted(here - saved)})")
-        for prefix, target in self.targets.items():
-            spec, where = structures[prefix], f"target {prefix or 'model'!r}"
-            if target.blocks() and target.structure()["sites"] != spec["sites"]:
-                raise ValueError(f"{where} already has a different grown structure; "
-                                 "load into a freshly built model")
-            if spec.get("format") != structure_spec.FORMAT or spec.get("mode") != self.mode:
-                raise ValueError(f"checkpoint structure of {where} is a {spec.get('format')!r} in "
-                                 f"{spec.get('mode')!r} mode; this controller takes "
-                                 f"{structure_spec.FORMAT!r} in {self.mode!r} mode")
-            try:
-                target.check_structure(spec)
-            except PassError as exc:
-                raise PassError(f"checkpoint structure of {where}: {exc}") from exc
 
     def close(self) -> None:
         """Remove the optimizer hook."""

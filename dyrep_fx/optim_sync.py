@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["GroupChooser", "default_group", "sync_optimizer", "layout", "apply_layout", "optimizer_rollback"]
+__all__ = ["GroupChooser", "default_group", "sync_optimizer", "sync_after_change", "layout", "apply_layout",
+           "optimizer_rollback"]
 
 #: ``chooser(optimizer, model, param_name, param, source_weight) -> group index``.
 GroupChooser = Callable[[torch.optim.Optimizer, nn.Module, str, nn.Parameter, nn.Parameter | None], int]
@@ -72,6 +73,25 @@ def sync_optimizer(
         where[id(param)] = index
         added.append(name)
     return {"added": added, "removed": [str(removed)]}
+
+
+def sync_after_change(optimizer: torch.optim.Optimizer, model: nn.Module, before: set[int],
+                      sources: dict[str, nn.Parameter], chooser: GroupChooser = default_group) -> None:
+    """After a structure change: drop the optimizer's dead Parameters and add the new ones (not in
+    ``before``, the ids of the model's Parameters before the change) of the blocks at ``sources``
+    (``{site: the conv weight it grew from}``, which picks each new Parameter's group), in the model's
+    order, as a fresh optimizer would hold them."""
+    order = {id(p): i for i, p in enumerate(model.parameters())}
+    new: dict[int, tuple[str, nn.Parameter, nn.Parameter]] = {}
+    for site, weight in sources.items():
+        try:
+            block = model.get_submodule(site)
+        except AttributeError:  # inside a branch cut in the same step: its Parameters are gone
+            continue
+        for name, p in block.named_parameters(prefix=site):
+            if id(p) in order and id(p) not in before:
+                new.setdefault(id(p), (name, p, weight))
+    sync_optimizer(optimizer, model, sorted(new.values(), key=lambda t: order[id(t[1])]), chooser)
 
 
 def _plain(value):

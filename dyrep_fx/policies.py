@@ -1,6 +1,6 @@
 """The policies a DyRep step decides with: public objects, each replaceable on its own.
 
-A step's decision (:meth:`dyrep_fx.DyRep.decide`) asks three policies, kept apart from the analysis
+A step's decision (:meth:`dyrep_fx.DyRep.decide`) asks four policies, kept apart from the analysis
 they read (the :class:`~dyrep_fx.passes.analysis.Site` list) and from the code that carries a decision out
 (:meth:`dyrep_fx.DyRep.apply`):
 
@@ -10,7 +10,9 @@ they read (the :class:`~dyrep_fx.passes.analysis.Site` list) and from the code t
   ``DyRep(candidates=...)``, a :class:`CandidateRule` or a callable ``(site, model) -> bool``;
   :class:`DyRepCandidates` is the default (kernel size and the nesting gate, with the gate's records);
 * the **cut criterion** judges each block's branch importances: ``DyRep(criterion=...)``, any object
-  with ``judge(importance) -> Verdict`` (:class:`CutCriterion`); :class:`DepCriterion` is the default.
+  with ``judge(importance) -> Verdict`` (:class:`CutCriterion`); :class:`DepCriterion` is the default;
+* the **growth selection** picks which scored candidates grow, with which kinds: ``DyRep(growth=...)``, a
+  :class:`GrowthSelection`; :class:`TopScores` is the default, :class:`WithinBudget` with ``budget``.
 
 A user-written candidate rule and cut criterion::
 
@@ -33,17 +35,18 @@ the controller's branch kinds): a rule narrows that set, it cannot widen it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from .block import RepConv2d
+from .cost_model import Budget
 from .passes.analysis import Site
 from .passes.dep import CutCriterion, DepCriterion, Verdict
 
 __all__ = ["CandidateRule", "DyRepCandidates", "FunctionCandidates", "as_candidate_rule", "check_cut_criterion",
-           "NESTED_POLICIES",
+           "NESTED_POLICIES", "GrowthSelection", "TopScores", "WithinBudget",
            "CutCriterion", "DepCriterion", "Verdict"]
 
 #: How :class:`DyRepCandidates` offers the inner kxk convs of grown branches.
@@ -172,3 +175,60 @@ def check_cut_criterion(criterion: Any) -> CutCriterion:
         raise TypeError(f"criterion must have a judge(importance) -> Verdict method (like DepCriterion), "
                         f"got {type(criterion).__name__}")
     return criterion
+
+
+class GrowthSelection:
+    """Which of the scored candidates a DyRep step grows: the fourth policy, beside the scorer, the
+    candidate rule and the cut criterion; subclass it and write :meth:`choose`.
+
+    :class:`TopScores` is DyRep's; ``DyRep(budget=...)`` selects with :class:`WithinBudget`.
+    """
+
+    def choose(self, scores: Mapping[str, float], kinds: Mapping[str, list[str]], count: int,
+               cut: Mapping[str, Sequence[str]], blocks: Mapping[str, RepConv2d]) -> dict[str, list[str]]:
+        """``{site: kinds}`` to grow, best first: at most ``count`` of the sites in both ``scores`` (the
+        interval's saliency) and ``kinds`` (each growable site with the kinds it would take), given the cuts
+        the same step makes and the grown ``blocks`` now (names relative to the model)."""
+        raise NotImplementedError(f"{type(self).__name__} must define choose(scores, kinds, count, cut, blocks)")
+
+
+class TopScores(GrowthSelection):
+    """DyRep's selection: the ``count`` highest scores among the growable sites (ties: by name)."""
+
+    def choose(self, scores: Mapping[str, float], kinds: Mapping[str, list[str]], count: int,
+               cut: Mapping[str, Sequence[str]], blocks: Mapping[str, RepConv2d]) -> dict[str, list[str]]:
+        """The best-scored growable sites."""
+        ranked = sorted(((v, n) for n, v in scores.items() if n in kinds), key=lambda t: (-t[0], t[1]))
+        return {name: kinds[name] for _, name in ranked[:count]}
+
+    def __repr__(self) -> str:
+        return "TopScores()"
+
+
+class WithinBudget(GrowthSelection):
+    """Growth under a cap on the structure's predicted step time (:class:`~dyrep_fx.cost_model.Budget`):
+    sites ranked by score per unit of predicted added cost, taken while the structure fits; the cuts of
+    the same step make room first."""
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+
+    def choose(self, scores: Mapping[str, float], kinds: Mapping[str, list[str]], count: int,
+               cut: Mapping[str, Sequence[str]], blocks: Mapping[str, RepConv2d]) -> dict[str, list[str]]:
+        """Up to ``count`` sites by score per unit of added cost, while the structure fits the budget."""
+        budget = self.budget
+        spent = budget.added(dict(blocks)) - sum(budget.saving(n, blocks[n], k) for n, k in cut.items() if n in blocks)
+        costs = {name: budget.growth(name, kinds[name]) for name in kinds if name in scores}
+        ranked = sorted(((scores[n] / c, n) for n, c in costs.items() if c is not None and c > 0),
+                        key=lambda t: (-t[0], t[1]))
+        chosen: dict[str, list[str]] = {}
+        for _, name in ranked:
+            if len(chosen) == count:
+                break
+            if budget.ratio(spent + costs[name]) <= budget.limit:
+                chosen[name] = kinds[name]
+                spent += costs[name]
+        return chosen
+
+    def __repr__(self) -> str:
+        return f"WithinBudget(limit={self.budget.limit:g})"

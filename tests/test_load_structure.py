@@ -17,7 +17,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import dyrep_fx
-from dyrep_fx import controller, structure_spec
+from dyrep_fx import optim_sync, structure_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -146,13 +146,13 @@ def test_load_structure_failing_midway_puts_values_back(grown, where, monkeypatc
     before = snapshot(model, opt, ema.module)
 
     if where == "optimizer":
-        real_sync = controller.sync_optimizer
+        real_sync = optim_sync.sync_optimizer
 
         def sync_then_fail(*args, **kwargs):
             real_sync(*args, **kwargs)  # the groups changed: the undo must restore them
             raise RuntimeError("injected failure")
 
-        monkeypatch.setattr(controller, "sync_optimizer", sync_then_fail)
+        monkeypatch.setattr(optim_sync, "sync_optimizer", sync_then_fail)
     else:
         real_grow, calls = structure_spec.restore_block, []
         fail_at = per_model if where == "live model" else 2 * per_model

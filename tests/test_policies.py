@@ -20,9 +20,9 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import dyrep_fx
-from dyrep_fx import controller
+from dyrep_fx import optim_sync
 from dyrep_fx.passes.dep import Verdict
-from dyrep_fx.policies import CandidateRule, DyRepCandidates
+from dyrep_fx.policies import CandidateRule, DyRepCandidates, GrowthSelection, TopScores
 from dyrep_fx.step_plan import StepPlan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -203,7 +203,7 @@ def test_a_step_failing_midway_puts_everything_back(where, monkeypatch):
                             "counters": [ctl.units, ctl.steps_done, len(ctl.history)]})
     groups = [list(g["params"]) for g in opt.param_groups]
     fail_in = {"growth": (dyrep_fx.Handle, "grow"), "ema growth": (dyrep_fx.Handle, "restore_block"),
-               "optimizer": (controller, "sync_optimizer")}[where]
+               "optimizer": (optim_sync, "sync_optimizer")}[where]
     real = getattr(*fail_in)
 
     def call_then_fail(*args, **kwargs):
@@ -265,4 +265,35 @@ def test_ranks_compare_the_kinds_of_a_growth_too():
     assert mine.decision() == StepPlan.from_dict(mine.to_dict()).decision()
     assert StepPlan(unit=1, step=0, seed=0, grow={"a": ("1x1",), "b": ("1x1",)}).decision() != \
         StepPlan(unit=1, step=0, seed=0, grow={"b": ("1x1",), "a": ("1x1",)}).decision()  # the order too
+
+
+class LowestScores(GrowthSelection):
+    """A user's growth selection: the lowest scores, one kind each."""
+
+    def choose(self, scores, kinds, count, cut, blocks):
+        ranked = sorted((v, n) for n, v in scores.items() if n in kinds)
+        return {name: kinds[name][:1] for _, name in ranked[:count]}
+
+
+def test_a_user_growth_selection_decides_what_grows():
+    model, opt, ctl = make(interval=1, topk=2, growth=LowestScores())
+    train(model, opt, 1)
+    plan = ctl.decide()
+    assert list(plan.grow) == sorted(plan.scores, key=plan.scores.get)[:2]
+    assert all(len(kinds) == 1 for kinds in plan.grow.values())
+    assert ctl.apply(plan).grown == {name: list(kinds) for name, kinds in plan.grow.items()}
+
+
+def test_top_scores_takes_the_best_growable_sites_ties_by_name():
+    kinds = {"a": ["1x1"], "b": ["1x1", "prior"], "c": ["1x1"]}
+    scores = {"b": 2.0, "a": 2.0, "c": 1.0, "not_growable": 9.0}
+    assert TopScores().choose(scores, kinds, 2, {}, {}) == {"a": ["1x1"], "b": ["1x1", "prior"]}
+    assert list(TopScores().choose(scores, kinds, 5, {}, {})) == ["a", "b", "c"]
+
+
+def test_a_growth_selection_is_refused_beside_a_budget_or_when_it_is_none():
+    with pytest.raises(ValueError, match="budget configures the default growth selection"):
+        make(growth=TopScores(), budget=1.5, example_inputs=(batch(0)[0],))
+    with pytest.raises(TypeError, match="growth must be a dyrep_fx.policies.GrowthSelection, got function"):
+        make(growth=lambda *a: {})
 

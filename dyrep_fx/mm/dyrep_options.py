@@ -9,7 +9,8 @@ builds the three policies from config entries the way mmengine builds everything
         interval=1000, until=20000,
         candidates=dict(type='OnlyLayer3'),                    # a CandidateRule
         criterion=dict(type='CutTheWeakest', margin=0.01),     # anything with judge(importance) -> Verdict
-        metric=dict(type='GradTimesWeight')))]                 # a callable (weight, grad) -> tensor
+        metric=dict(type='GradTimesWeight'),                   # a callable (weight, grad) -> tensor
+        growth=dict(type='TopScores')))]                       # a GrowthSelection
 
 where ``my_policies`` registers its classes in :data:`POLICIES`
 (``@dyrep_fx.mm.POLICIES.register_module()``). A policy entry is
@@ -34,7 +35,7 @@ from mmengine.registry import Registry
 
 from ..controller import DyRep
 from ..passes.dep import DepCriterion
-from ..policies import DyRepCandidates, as_candidate_rule, check_cut_criterion
+from ..policies import DyRepCandidates, GrowthSelection, TopScores, as_candidate_rule, check_cut_criterion
 from ..saliency import METRICS
 
 __all__ = ["POLICIES", "DYREP_OPTIONS", "SET_BY_THE_HOOK", "HOOK_DEFAULTS", "build_dyrep_options",
@@ -44,6 +45,7 @@ __all__ = ["POLICIES", "DYREP_OPTIONS", "SET_BY_THE_HOOK", "HOOK_DEFAULTS", "bui
 POLICIES = Registry("dyrep_fx policy", scope="dyrep_fx")
 POLICIES.register_module(module=DyRepCandidates)
 POLICIES.register_module(module=DepCriterion)
+POLICIES.register_module(module=TopScores)
 
 #: ``DyRep`` arguments the hook supplies from the Runner (model, optimizer, data, targets): not config options.
 SET_BY_THE_HOOK = ("model", "optimizer", "targets", "example_inputs", "calib_loader", "forward_fn",
@@ -125,6 +127,13 @@ def _check_metric(scorer: Any) -> Any:
                     f"got {type(scorer).__name__}")
 
 
+def _check_growth(selection: Any) -> GrowthSelection:
+    if isinstance(selection, GrowthSelection):
+        return selection
+    raise TypeError(f"a growth selection is a dyrep_fx.policies.GrowthSelection, got {type(selection).__name__}")
+
+
 #: The options that are policies, each with the check its built object must pass.
 _POLICY_CHECKS: dict[str, Callable[[Any], Any]] = {
-    "candidates": as_candidate_rule, "criterion": check_cut_criterion, "metric": _check_metric}
+    "candidates": as_candidate_rule, "criterion": check_cut_criterion, "metric": _check_metric,
+    "growth": _check_growth}

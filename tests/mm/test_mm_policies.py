@@ -114,3 +114,11 @@ def test_options_as_hook_arguments_still_work_with_a_deprecation_warning():
     assert old.dyrep_options == new.dyrep_options
     with pytest.raises(ValueError, match=r"\['interval'\] given both"):
         DyRepHook(interval=7, dyrep=dict(interval=8))
+
+
+def test_the_growth_selection_is_a_policy_from_config_too():
+    from dyrep_fx.policies import TopScores
+
+    assert isinstance(DyRepHook(dyrep=dict(growth=dict(type="TopScores"))).dyrep_options["growth"], TopScores)
+    with pytest.raises(ValueError, match=r"dyrep.growth=\{'type': 'DepCriterion'\} does not build.*GrowthSelection"):
+        DyRepHook(dyrep=dict(growth=dict(type="DepCriterion")))
