@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import multiprocessing
 import statistics
@@ -39,6 +40,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,7 +49,9 @@ from accuracy_study import median_ratio, paired, recipe_record  # noqa: E402
 from branch_norm import normalise_every_path  # noqa: E402
 from common import machine, write_json  # noqa: E402
 
-from dyrep_fx_examples.demo import DemoConfig, run_variant  # noqa: E402
+import dyrep_fx  # noqa: E402
+from dyrep_fx.cost_model import Budget, structure_budget  # noqa: E402
+from dyrep_fx_examples.demo import REGIME_DYREP, REGIME_FIGURES, DemoConfig, make_net, run_variant  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sweep"
 DEPTHS = (10, 20, 30, 40)
@@ -70,13 +74,20 @@ DYREP_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dyrep_topk3_per_weight": ("dyrep_online", {"topk": 3, "metric": "snip_per_weight"}),
     "dyrep_topk3_random": ("dyrep_online", {"topk": 3, "metric": "random"}),
 }
+#: The DyRep variants in online mode (the cost model's mode).
+ONLINE_DYREP = tuple(v for v, (demo, _) in DYREP_VARIANTS.items() if demo == "dyrep_online")
 #: Ablations: sweep variant -> (the demo's variant, what changes the built model before training).
 ABLATIONS: dict[str, tuple[str, Callable[[nn.Module], Any]]] = {
     "rep_all_online_wn": ("rep_all_online", normalise_every_path),
 }
 VARIANTS = STATIC_VARIANTS + tuple(ABLATIONS) + tuple(DYREP_VARIANTS)
-#: The control each DyRep variant is paired with besides plain.
+#: The control each DyRep variant is paired with besides plain: the same schedule at random sites.
 RANDOM_CONTROL = "dyrep_online_random"
+RANDOM_CONTROLS: dict[str, str] = {
+    "dyrep_online": RANDOM_CONTROL, "dyrep_online_per_weight": RANDOM_CONTROL,
+    "dyrep_start50_per_weight": "dyrep_start50_random",
+    "dyrep_topk3_per_weight": "dyrep_topk3_random",
+}
 #: The pilot's recipe; ``net`` is set per depth.
 RECIPE = DemoConfig(epochs=6, train_limit=30000, test_limit=None, batch_size=128, lr=0.1, weight_decay=1e-4,
                     width=8, net="depth10", augment=True, threads=1, progress=False)
@@ -191,6 +202,41 @@ def grown_order(run: dict[str, Any], first: int = 5) -> list[str]:
     return [name for event in run.get("branch_history", []) for name in event["grown"]][:first]
 
 
+@functools.cache
+def _depth_budget(depth: int) -> Budget:
+    """The cost model over the sweep net at ``depth``, traced with a batch of the recipe's size."""
+    recipe = recipe_for(depth)
+    model = make_net(recipe.width, net=recipe.net)
+    dyrep_fx.transform(model, example_inputs=(torch.zeros(recipe.batch_size, 1, 28, 28),))
+    return structure_budget(model, dyrep_fx.sites(model))
+
+
+def structure_cost(depth: int, structure: dict[str, list[str]]) -> float:
+    """The predicted step time over plain's of the sweep net at ``depth`` with ``structure`` (``{site:
+    kinds}``; nested blocks, which the cost model has no shapes for, count nothing)."""
+    budget = _depth_budget(depth)
+    added = sum(budget.growth(name, kinds) or 0.0 for name, kinds in structure.items())
+    return budget.ratio(added)
+
+
+def training_ratios(run: dict[str, Any], depth: int) -> dict[str, float]:
+    """A DyRep run's predicted step-time ratio to plain at the end of training and its mean over the
+    training iterations (what a user pays), replaying its grow and cut events."""
+    structure: dict[str, list[str]] = {}
+    total = run.get("total_iterations") or 1
+    weighted, last_unit, ratio = 0.0, 0, 1.0
+    for event in run.get("events", []):
+        weighted += ratio * (event["unit"] - last_unit)
+        last_unit = event["unit"]
+        for name, kinds in event["grown"].items():
+            structure[name] = structure.get(name, []) + list(kinds)
+        for name, kinds in event["cut"].items():
+            structure[name] = [k for k in structure.get(name, []) if k not in kinds]
+        ratio = structure_cost(depth, {n: k for n, k in structure.items() if k})
+    weighted += ratio * (total - last_unit)
+    return {"mean": weighted / total, "end": ratio}
+
+
 def ceiling(runs_at_depth: dict[str, dict[int, dict[str, Any]]]) -> str | None:
     """The static variant with the largest mean paired gain over plain at one depth (3 seeds or more): the
     accuracy a DyRep run could reach by growing everything from the start."""
@@ -238,8 +284,14 @@ def summarise(runs: dict[int, dict[str, dict[int, dict[str, Any]]]]) -> dict[str
                 "depth": depth, "variant": variant, "seeds": sorted(mine),
                 "acc_mean": statistics.fmean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                 "vs_plain": paired(mine, plain) if variant != "plain" else None,
-                "vs_random": paired(mine, runs[depth].get(RANDOM_CONTROL, {}))
-                if variant in DYREP_VARIANTS and variant != RANDOM_CONTROL else None,
+                "vs_random": paired(mine, runs[depth].get(RANDOM_CONTROLS[variant], {}))
+                if variant in RANDOM_CONTROLS else None,
+                "random_control": RANDOM_CONTROLS.get(variant),
+                # the cost model is online mode's: a dbb-mode run is placed at its end structure only
+                "predicted_mean_ratio": statistics.fmean(training_ratios(r, depth)["mean"] for r in mine.values())
+                if variant in ONLINE_DYREP else None,
+                "predicted_end_ratio": statistics.fmean(training_ratios(r, depth)["end"] for r in mine.values())
+                if variant in ONLINE_DYREP else None,
                 "vs_ceiling": paired(mine, runs[depth][best])
                 if variant in DYREP_VARIANTS and best is not None else None,
                 "ceiling": best if variant in DYREP_VARIANTS else None,
@@ -326,22 +378,47 @@ def stage_two_markdown(summary: dict[str, Any], depth: int, cost: dict[str, Any]
     site choice better than random sites. ``cost``: :func:`load_cost`'s step times (side by side)."""
     lines = ["| variant | seeds | test acc % (mean ± std) | Δ vs plain | Δ vs ceiling | Δ vs random sites "
              "| training params × plain (peak) | step CPU time × plain (side by side; DyRep: end of training) "
-             "| sites grown first (seed 0) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| DyRep: mean over training (est.) | sites grown first (seed 0) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in _stage_two_rows(summary, depth):
         first = r.get("grown_first") or {}
         order = ", ".join(first.get(0, first.get("0", []))) if first else ""
         lines.append(f"| {r['variant']} | {len(r['seeds'])} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} "
                      f"| {_fmt_pair(r['vs_plain'])} | {_fmt_pair(r.get('vs_ceiling'))} "
                      f"| {_fmt_pair(r.get('vs_random'))} | {_fmt_ratio(r.get('params_training_peak_vs_plain'))} "
-                     f"| {_fmt_ratio(_step_ratio(cost, r['variant']))} | {order} |")
+                     f"| {_fmt_ratio(_step_ratio(cost, r['variant']))} "
+                     f"| {_fmt_ratio(mean_step_ratio(r, cost)) if r['variant'] in DYREP_VARIANTS else ''} "
+                     f"| {order} |")
     return "\n".join(lines)
 
 
+def mean_step_ratio(row: dict[str, Any], cost: dict[str, Any] | None) -> float | None:
+    """A DyRep variant's step time over plain's averaged over training, from its end structure's
+    side-by-side measurement scaled by the cost model's mean over the end (what a user pays: a run
+    grown late pays little of its end cost). Static variants: their measured ratio."""
+    end = _step_ratio(cost, row["variant"])
+    if end is None or row.get("predicted_mean_ratio") is None:
+        return end
+    pred_mean, pred_end = row["predicted_mean_ratio"], row["predicted_end_ratio"]
+    if pred_end <= 1.0:
+        return end
+    return 1.0 + (end - 1.0) * (pred_mean - 1.0) / (pred_end - 1.0)
+
+
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The best gain at or below each cost: ``(cost, gain)`` steps through the points that raise it."""
+    steps: list[tuple[float, float]] = []
+    for cost_, gain in sorted(points):
+        if not steps or gain > steps[-1][1]:
+            steps.append((cost_, gain))
+    return steps
+
+
 def plot_stage_two(summary: dict[str, Any], depth: int, path: Path, cost: dict[str, Any] | None) -> bool:
-    """Gain over plain (± 2 SE) against training step time (× plain's, side by side: ``cost``), one point
-    per variant at ``depth``: DyRep's accuracy for its cost beside the static variants'. False without
-    ``cost``."""
+    """The accuracy-cost frontier at ``depth``: gain over plain (± 2 SE) against training step time
+    (× plain's, side by side: ``cost``). Static variants are squares and their frontier (the best gain at
+    or below each cost) a step line; each DyRep setting is a circle at its mean step time over training,
+    a hollow mark at its end-of-training structure's. False without ``cost``."""
     if cost is None:
         return False
     import matplotlib
@@ -350,23 +427,36 @@ def plot_stage_two(summary: dict[str, Any], depth: int, path: Path, cost: dict[s
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 5.2))
+    static = [(1.0, 0.0)]
     for i, r in enumerate(_stage_two_rows(summary, depth)):
-        ratio = _step_ratio(cost, r["variant"])
-        if r["vs_plain"] is None or ratio is None:
+        end = _step_ratio(cost, r["variant"])
+        if r["vs_plain"] is None or end is None:
             continue
-        dyrep = r["variant"] in DYREP_VARIANTS
-        ax.errorbar([ratio], [r["vs_plain"]["mean"]], yerr=[2 * r["vs_plain"]["se"]], marker="o" if dyrep else "s",
-                    capsize=3, color=f"C{i}", label=f"{r['variant']} ({len(r['vs_plain']['seeds'])} seeds)")
+        gain, err = r["vs_plain"]["mean"], 2 * r["vs_plain"]["se"]
+        label = f"{r['variant']} ({len(r['vs_plain']['seeds'])} seeds)"
+        if r["variant"] not in DYREP_VARIANTS:
+            static.append((end, gain))
+            ax.errorbar([end], [gain], yerr=[err], marker="s", capsize=3, color=f"C{i % 10}", label=label)
+            continue
+        mean = mean_step_ratio(r, cost)
+        ax.plot([mean, end], [gain, gain], color=f"C{i % 10}", lw=0.8, alpha=0.6)
+        ax.plot([end], [gain], marker="o", mfc="none", color=f"C{i % 10}")
+        ax.errorbar([mean], [gain], yerr=[err], marker="o", capsize=3, color=f"C{i % 10}", label=label)
+    steps = frontier(static)
+    xs = [c for c, _ in steps] + [max(c for c, _ in static) * 1.05]
+    ax.step(xs, [g for _, g in steps] + [steps[-1][1]], where="post", color="k", lw=1.2, ls="--",
+            label="static frontier (best gain at or below a cost)")
     ax.axhline(0.0, color="grey", lw=1)
     ax.set_xscale("log")
     # plain numbers on the log axis ("2", not "2 x 10^0")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.legend(fontsize=7)
-    ax.set(xlabel="training step CPU time × plain's (side by side; DyRep: its structure at the end)",
+    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set(xlabel="training step CPU time × plain's (side by side; DyRep: filled = mean over training, "
+                  "hollow = end structure)",
            ylabel="test accuracy − plain (points, ± 2 SE)",
-           title=f"Stage 2 at {depth} convs: DyRep (circles) against static variants (squares)")
+           title=f"{depth} convs: accuracy against training cost, DyRep (circles) and static (squares)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -430,6 +520,34 @@ def plot_calibration(runs: dict[int, dict[str, dict[int, dict[str, Any]]]], dept
     return True
 
 
+def regime_variant() -> str | None:
+    """The sweep variant that trains the main job's DyRep setting (``REGIME_DYREP``, online)."""
+    return next((v for v, (demo, options) in DYREP_VARIANTS.items()
+                 if demo == "dyrep_online" and options == REGIME_DYREP), None)
+
+
+def regime_figures(summary: dict[str, Any], cost: dict[str, Any] | None, depth: int = 20) -> dict[str, Any]:
+    """What the main job prints beside its single run: at ``depth``, per demo variant (plain, DyRep with
+    the main job's setting, ``orepa_all``) the paired gain over plain, the site choice against random
+    sites, and the step-time ratios."""
+    rows = {r["variant"]: r for r in summary["rows"] if r["depth"] == depth}
+    names = {"plain": "plain", "dyrep": regime_variant(), "orepa_all": "orepa_all"}
+    variants = {}
+    for demo_name, variant in names.items():
+        row = rows.get(variant)
+        if row is None:
+            continue
+        variants[f"{demo_name} ({variant})" if demo_name != variant else demo_name] = {
+            "vs_plain": {"mean": 0.0, "se": 0.0} if variant == "plain" else row["vs_plain"],
+            "vs_random": row.get("vs_random"),
+            "step_ratio": _step_ratio(cost, variant) or 1.0,
+            "mean_step_ratio": mean_step_ratio(row, cost) if variant in DYREP_VARIANTS else None}
+    plain = rows["plain"]
+    return {"depth": depth, "seeds": len(plain["seeds"]), "variants": variants,
+            "recipe": f"{RECIPE.epochs} epochs on {RECIPE.train_limit // 1000}k images",
+            "plain_spread": plain["acc_std"], "plot": f"benchmarks/results/sweep/stage2_depth{depth}.png"}
+
+
 def report(results: Path) -> dict[str, Any]:
     """Write ``summary.json``, ``tables.md``, ``sweep.png``, ``calibration.png`` (30 convs) and
     ``stage2_depthN.png`` (each depth with DyRep runs) next to the runs; return the summary."""
@@ -452,6 +570,8 @@ def report(results: Path) -> dict[str, Any]:
         plot_calibration(runs, 30, results / "calibration.png")
         for depth, cost in costs.items():
             plot_stage_two(summary, depth, results / f"stage2_depth{depth}.png", cost)
+        if results == RESULTS and 20 in costs:  # the committed sweep, not a smoke or test folder
+            write_json(REGIME_FIGURES, regime_figures(summary, costs[20]))
     return summary
 
 

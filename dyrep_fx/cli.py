@@ -15,7 +15,7 @@ __all__ = ["main"]
 def _demo(args: argparse.Namespace) -> int:
     from dyrep_fx_examples.demo import DemoConfig, run_demo, write_report
 
-    config = DemoConfig.quick() if args.quick else DemoConfig()
+    config = DemoConfig.quick() if args.quick else DemoConfig.regime()
     for key in ("epochs", "train_limit", "test_limit", "mode", "seed", "width", "out"):
         value = getattr(args, key)
         if value is not None:
@@ -44,7 +44,32 @@ def _demo(args: argparse.Namespace) -> int:
             print(f"  [{run['variant']}] final structure before folding:")
             print(_structure_lines(run["final_structure"]))
     print(f"report: {json_path}\nplot:   {png_path}")
+    if not args.quick:
+        print(_regime_lines(config))
     return 0
+
+
+def _regime_lines(config) -> str:
+    """The committed paired figures of the regime beside the single run: what one run can and cannot show."""
+    from dyrep_fx_examples.demo import regime_figures
+
+    figures = regime_figures()
+    if figures is None:
+        return "(the depth sweep's committed figures are not installed: see benchmarks/README.md)"
+    lines = [f"\nThe same net over {figures['seeds']} paired seeds (depth sweep, {figures['recipe']}; "
+             f"this run: {config.epochs} epochs on {config.train_limit} images, one seed):",
+             "| variant | gain over plain (points ± SE) | vs random sites | step time × plain (mean over training) |",
+             "|---|---|---|---|"]
+    for name, row in figures["variants"].items():
+        gain = row["vs_plain"]
+        lines.append(f"| {name} | {gain['mean']:+.2f} ± {gain['se']:.2f} | "
+                     + (f"{row['vs_random']['mean']:+.2f} ± {row['vs_random']['se']:.2f}" if row.get("vs_random") else "")
+                     + f" | {row['step_ratio']:.2f}" + (f" ({row['mean_step_ratio']:.2f})" if row.get("mean_step_ratio") else "")
+                     + " |")
+    lines.append(f"One run is one seed: plain's accuracy alone spreads by {figures['plain_spread']:.1f} points "
+                 "(std over seeds), so a single run's differences of that size say nothing; the paired "
+                 f"figures above do. Frontier plot: {figures['plot']}")
+    return "\n".join(lines)
 
 
 def _demo_table(report: dict) -> str:

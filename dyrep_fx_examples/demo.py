@@ -40,7 +40,7 @@ from dyrep_fx import DBB_KINDS, DYREP_KINDS, OREPA_KINDS, DyRep, api, calibrate
 
 from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist_loaders, random_crop_flip
 
-__all__ = ["DemoConfig", "make_net", "multiply_adds", "NET_LAYOUTS", "dyrep_schedule", "epoch_timing", "run_variant", "run_demo", "plot_report", "VARIANTS", "VARIANT_RECIPES"]
+__all__ = ["DemoConfig", "REGIME_DYREP", "REGIME_VARIANTS", "regime_figures", "make_net", "multiply_adds", "NET_LAYOUTS", "dyrep_schedule", "epoch_timing", "run_variant", "run_demo", "plot_report", "VARIANTS", "VARIANT_RECIPES"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,15 @@ VARIANT_RECIPES: dict[str, tuple[str | None, tuple[str, ...] | None]] = {
     "rep_all_online": ("online", DYREP_KINDS),
     "rep_all_dbb": ("dbb", DYREP_KINDS),
 }
+
+
+#: The committed paired figures of the depth sweep at 20 convs that the main job prints beside its run
+#: (written by ``benchmarks/depth_sweep.py --report``).
+REGIME_FIGURES = Path(__file__).with_name("regime_figures.json")
+#: The variants the main job trains.
+REGIME_VARIANTS = ("plain", "dyrep", "orepa_all")
+#: DyRep's setting in the main job: the best measured at 20 convs (``benchmarks/README.md``, issue 31).
+REGIME_DYREP: dict[str, Any] = {"grow_at_start": 0.5, "metric": "snip_per_weight"}
 
 
 @dataclass
@@ -85,6 +94,17 @@ class DemoConfig:
     progress: bool = True
     out: str = "out/demo"
     dyrep_options: dict[str, Any] = field(default_factory=dict)  # more DyRep(...) arguments
+
+    @classmethod
+    def regime(cls, **overrides: Any) -> DemoConfig:
+        """The main job's setting (``dyrep-fx demo``): the depth sweep's 20-conv shortcut-free net, where
+        re-parameterization pays (:data:`REGIME_DYREP` for DyRep), on a shorter recipe that trains plain,
+        DyRep and ``orepa_all`` in about 4 minutes on 2 cores (two runs at a time, one thread each)."""
+        base = dict(epochs=3, train_limit=20000, test_limit=None, batch_size=128, lr=0.1, weight_decay=1e-4,
+                    width=8, net="depth20", augment=True, threads=1, variants=REGIME_VARIANTS,
+                    dyrep_options=dict(REGIME_DYREP))
+        base.update(overrides)
+        return cls(**base)
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -234,8 +254,11 @@ def run_variant(variant: str, config: DemoConfig,
     ctl = None
     if static_kinds is None:
         interval, until = dyrep_schedule(config, steps_per_epoch)
+        options = dict(config.dyrep_options)
+        if options.get("budget") is not None:  # the cost model reads the sites' shapes at the training batch
+            options.setdefault("example_inputs", (torch.zeros(config.batch_size, 1, 28, 28),))
         ctl = DyRep(model, optimizer, interval=interval, until=until, mode=mode, calib_loader=train_loader,
-                    seed=config.seed, **config.dyrep_options)
+                    seed=config.seed, **options)
     # Augmentation draws from its own generator: the same batches for every variant of a seed.
     augment = torch.Generator().manual_seed(config.seed + 7919) if config.augment else None
     fill = -FASHION_MNIST_MEAN / FASHION_MNIST_STD
@@ -329,13 +352,15 @@ def epoch_timing(epochs: list[dict[str, Any]]) -> dict[str, Any]:
             "machine_loaded": share is not None and share > 0.25}
 
 
-def run_demo(config: DemoConfig) -> dict[str, Any]:
-    """Run every variant of ``config`` in its own fresh process; return the report."""
-    results = []
+def run_demo(config: DemoConfig, jobs: int | None = None) -> dict[str, Any]:
+    """Run every variant of ``config`` in its own fresh process, ``jobs`` at a time (default: as many as
+    the cores hold at ``config.threads`` each); return the report with the runs in ``config.variants``'
+    order."""
+    jobs = jobs or max(1, min(len(config.variants), (os.cpu_count() or 1) // max(1, config.threads)))
     ctx = multiprocessing.get_context("spawn")
-    for variant in config.variants:
-        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            results.append(pool.submit(run_variant, variant, config).result())
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
+        futures = [pool.submit(run_variant, variant, config) for variant in config.variants]
+        results = [f.result() for f in futures]
     return {"config": asdict(config), "plain_params": _param_count(make_net(config.width, net=config.net)),
             "runs": results}
 
@@ -376,3 +401,10 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(report, indent=2))
     plot_report(report, png_path)
     return json_path, png_path
+
+
+def regime_figures(path: Path | None = None) -> dict[str, Any] | None:
+    """The depth sweep's committed figures at 20 convs (gain over plain ± SE over paired seeds, step-time
+    ratios, the frontier plot's path), or ``None`` when the file is absent."""
+    path = path or REGIME_FIGURES
+    return json.loads(path.read_text()) if path.exists() else None

@@ -163,3 +163,50 @@ def test_an_ablation_is_paired_with_its_base_and_with_dbb_mode_but_is_no_ceiling
     gaps = {(g["online"], g["dbb"]): g["diffs"] for g in summary["mode_gaps"]}
     assert gaps[("rep_all_online_wn", "rep_all_dbb")] == pytest.approx([1.0, 0.0, 2.0])
     assert sweep.ceiling(runs[20]) == "rep_all_dbb"  # the ablation gains most but is not a library variant
+
+
+def test_each_schedule_pairs_with_the_random_control_of_its_own_schedule(sweep, tmp_path):
+    write_finals(sweep, tmp_path, 20, {"plain": [0.80, 0.78, 0.79],
+                                       "dyrep_start50_per_weight": [0.84, 0.83, 0.83],
+                                       "dyrep_start50_random": [0.83, 0.81, 0.83],
+                                       "dyrep_online_random": [0.79, 0.78, 0.78]})
+    rows = {r["variant"]: r for r in sweep.summarise(sweep.load_runs(tmp_path))["rows"]}
+    assert rows["dyrep_start50_per_weight"]["random_control"] == "dyrep_start50_random"
+    assert rows["dyrep_start50_per_weight"]["vs_random"]["diffs"] == pytest.approx([1.0, 2.0, 0.0])
+    assert rows["dyrep_start50_random"]["vs_random"] is None
+
+
+def test_the_frontier_keeps_the_best_gain_at_or_below_each_cost(sweep):
+    points = [(1.34, 1.5), (1.0, 0.0), (6.0, 2.5), (1.3, 2.0), (7.5, 2.4)]
+    assert sweep.frontier(points) == [(1.0, 0.0), (1.3, 2.0), (6.0, 2.5)]
+
+
+def test_a_dyrep_runs_mean_cost_weights_each_structure_by_the_iterations_it_trained(sweep):
+    kinds = ["1x1", "1xk", "kx1"]
+    grown = sweep.structure_cost(20, {"3": kinds})
+    cut = sweep.structure_cost(20, {"3": ["1x1"]})
+    assert sweep.structure_cost(20, {}) == 1.0 and grown > cut > 1.0
+    run = {"total_iterations": 400, "events": [{"unit": 100, "grown": {"3": kinds}, "cut": {}},
+                                               {"unit": 300, "grown": {}, "cut": {"3": ["1xk", "kx1"]}}]}
+    ratios = sweep.training_ratios(run, 20)
+    assert ratios["end"] == pytest.approx(cut)
+    assert ratios["mean"] == pytest.approx((100 * 1.0 + 200 * grown + 100 * cut) / 400)
+
+
+def test_the_mean_step_ratio_scales_the_measured_end_by_the_predicted_course(sweep):
+    cost = {"variants": {"dyrep_online": {"vs_plain": 1.4}, "orepa_all": {"vs_plain": 1.3}}}
+    row = {"variant": "dyrep_online", "predicted_mean_ratio": 1.1, "predicted_end_ratio": 1.2}
+    assert sweep.mean_step_ratio(row, cost) == pytest.approx(1.2)  # half the predicted excess: half the measured
+    assert sweep.mean_step_ratio({"variant": "orepa_all"}, cost) == 1.3
+
+
+def test_regime_figures_name_the_main_jobs_dyrep_setting(sweep, tmp_path):
+    regime = sweep.regime_variant()
+    assert sweep.DYREP_VARIANTS[regime] == ("dyrep_online", sweep.REGIME_DYREP)
+    write_finals(sweep, tmp_path, 20, {"plain": [0.80, 0.78, 0.79], "orepa_all": [0.82, 0.80, 0.81],
+                                       regime: [0.83, 0.80, 0.80]})
+    cost = {"variants": {"plain": {"vs_plain": 1.0}, "orepa_all": {"vs_plain": 1.3}, regime: {"vs_plain": 1.25}}}
+    figures = sweep.regime_figures(sweep.summarise(sweep.load_runs(tmp_path)), cost)
+    assert list(figures["variants"]) == ["plain", f"dyrep ({regime})", "orepa_all"]
+    assert figures["variants"][f"dyrep ({regime})"]["vs_plain"]["mean"] == pytest.approx(2.0)
+    assert figures["variants"]["orepa_all"]["step_ratio"] == 1.3 and figures["seeds"] == 3
