@@ -64,6 +64,7 @@ class CheckpointState:
         self.units = state["units"]
         self.steps_done = state["steps_done"]
         self.history = list(state["history"])
+        self._decided = (None, {})  # a plan decided before the load is not applied on this structure
 
     def load_structure(self, state: dict[str, Any]) -> None:
         """Rebuild the structure of a saved :meth:`state_dict` and start the schedule over (fine-tuning
@@ -90,6 +91,7 @@ class CheckpointState:
             self._watch(self.candidates())
         self.units = self.steps_done = 0
         self.history = []
+        self._decided = (None, {})
 
     def _restore_everywhere(self, structures: dict[str, dict[str, Any]], txn: Transaction) -> None:
         """Rebuild the checked ``structures`` on the live model and every attached EMA copy, in ``txn``."""

@@ -28,7 +28,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -179,6 +179,12 @@ def _warn_missing_weights(model: nn.Module, optimizer: torch.optim.Optimizer, si
                     len(missing), missing[:5])
 
 
+def _model_relative(analysis: dict[str, list[Site]]) -> list[Site]:
+    """The sites of a per-target analysis, named relative to the model (copies; the analysis keeps its names)."""
+    return [replace(site, name=join_name(prefix, site.name))
+            for prefix, sites in analysis.items() for site in sites]
+
+
 def _growth_selection(growth: GrowthSelection | None, budget: Budget | None) -> GrowthSelection:
     """The user's selection, or DyRep's: the top scores, within ``budget`` when there is one."""
     if growth is None:
@@ -305,6 +311,8 @@ class DyRep(CheckpointState):
         #: The attached EMA copies, kept in step with every change.
         self.emas = EmaCopies(self.targets)
         self.saliency = SaliencyCollector(optimizer, metric, seed=seed)
+        #: The last plan :meth:`decide` made and the analysis it was decided on (for :meth:`apply`).
+        self._decided: tuple[StepPlan | None, dict[str, list[Site]]] = (None, {})
         self._watch(self._candidates(sites))
 
     @property
@@ -320,12 +328,11 @@ class DyRep(CheckpointState):
 
     def sites(self) -> list[Site]:
         """Every site of every target, with names relative to the model (one analysis of each target)."""
-        found = []
-        for prefix, target in self.targets.items():
-            for site in target.sites():
-                site.name = join_name(prefix, site.name)
-                found.append(site)
-        return found
+        return _model_relative(self._analyse())
+
+    def _analyse(self) -> dict[str, list[Site]]:
+        """One analysis of every target: its sites by target prefix, named inside the target."""
+        return {prefix: target.sites() for prefix, target in self.targets.items()}
 
     def candidates(self) -> list[str]:
         """Sites offered for growth now: growable ones the candidate rule offers.
@@ -402,11 +409,19 @@ class DyRep(CheckpointState):
         scores = self.saliency.mean(self.steps_done)
         verdicts = self._judge_blocks()
         cut = {name: v["cut"] for name, v in verdicts.items() if v["cut"]}
-        kinds = self._growable_kinds(self.sites())
+        analysis = self._analyse()
+        kinds = self._growable_kinds(_model_relative(analysis))
         count = self.growth_count(sum(1 for name in scores if name in kinds))
         grow = self.growth.choose(scores, kinds, count, cut, self._all_blocks())
-        return StepPlan(unit=self.units + 1, step=self.steps_done, seed=self._step_seed(), grow=grow, cut=cut,
+        plan = StepPlan(unit=self.units + 1, step=self.steps_done, seed=self._step_seed(), grow=grow, cut=cut,
                         scores=scores, verdicts=verdicts)
+        self._decided = (plan, analysis)  # handed to apply(plan), which checks the growth against it
+        return plan
+
+    def _analysis_for(self, plan: StepPlan) -> dict[str, list[Site]]:
+        """The analysis ``plan`` was decided on, or (a plan made elsewhere) one analysis now."""
+        decided, analysis = self._decided
+        return analysis if decided is plan else self._analyse()
 
     def _growable_kinds(self, sites: list[Site]) -> dict[str, list[str]]:
         """Each growable site with the kinds it would grow: the controller's kinds that it takes."""
@@ -438,15 +453,16 @@ class DyRep(CheckpointState):
         plain = plan.to_dict()
         result = StepResult(unit=plan.unit, due=True, saliency=plain["scores"], verdicts=plain["verdicts"],
                             plan=plan)
-        before = {id(p) for p in self.model.parameters()}
+        analysis, before = self._analysis_for(plan), {id(p) for p in self.model.parameters()}
         with self._transaction() as txn:
-            grown = self._grow(plan, txn, result)
+            grown = self._grow(plan, analysis, txn, result)
             self.emas.grow(self.model, result.grown, txn)
             self._cut(plan, txn, result)
             self.emas.cut(result.cut, txn)
             sync_after_change(self.optimizer, self.model, before,
                               {name: weight for name, (_, weight) in grown.items()}, self.group_chooser)
         self.steps_done += 1
+        self._decided = (None, {})
         self._record(plan, result)
         self._watch(self.candidates())
         return result
@@ -469,24 +485,21 @@ class DyRep(CheckpointState):
         self._watch(names)
         self.saliency.load_state_dict(interval)
 
-    def _grow(self, plan: StepPlan, txn: Transaction,
+    def _grow(self, plan: StepPlan, analysis: dict[str, list[Site]], txn: Transaction,
               result: StepResult) -> dict[str, tuple[RepConv2d, nn.Parameter]]:
-        """Grow ``plan.grow`` with the plan's seed, give every rank rank 0's values, calibrate, and tell
-        the candidate rule; ``{site: (block, the conv's weight it grew from)}``."""
+        """Grow ``plan.grow`` with the plan's seed (checked against ``analysis``, in ``txn``), give every rank
+        rank 0's values, calibrate, and tell the candidate rule; ``{site: (block, the weight it grew from)}``."""
         grown: dict[str, tuple[RepConv2d, nn.Parameter]] = {}
         new_branches: dict[str, list[nn.Module]] = {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(plan.seed)
             for name, kinds in plan.grow.items():
-                original = self.model.get_submodule(name)
-                txn.save(original)
-                txn.record_replacement(name, original)  # before growing: a failure midway puts it back
-                _, target, local = self._split(name)
-                report = target.grow([local], list(kinds))
-                block = self.model.get_submodule(name)
+                weight = main_parameters(self.model.get_submodule(name))[0]
+                prefix, target, local = self._split(name)
+                report = target.grow([local], list(kinds), txn=txn, prefix=prefix, sites=analysis[prefix])
                 if report.changed:
                     result.grown[name] = list(report.changed[local])
-                    grown[name] = (block, main_parameters(original)[0])
+                    grown[name] = (self.model.get_submodule(name), weight)
                     new_branches[name] = report.details["new_modules"][local]
         for block, _ in grown.values():
             broadcast_module(block)
@@ -505,9 +518,8 @@ class DyRep(CheckpointState):
         for name, kinds in plan.cut.items():
             prefix, _, local = self._split(name)
             by_target.setdefault(prefix, {})[local] = list(kinds)
-            txn.save(self.model.get_submodule(name))
         for prefix, cuts in by_target.items():
-            report = self.targets[prefix].cut(cuts)
+            report = self.targets[prefix].cut(cuts, txn=txn)
             for local, kinds in report.changed.items():
                 result.cut[join_name(prefix, local)] = list(kinds)
         for name in result.cut:

@@ -150,11 +150,13 @@ class Handle:
 
     # -- rewrites ------------------------------------------------------------------------------------
     def grow(self, names: Iterable[str] | None = None, kinds: Iterable[str] | None = None,
-             txn: Transaction | None = None, prefix: str = "") -> PassReport:
+             txn: Transaction | None = None, prefix: str = "", sites: Sequence[Site] | None = None) -> PassReport:
         """Grow ``kinds`` at ``names`` (see :func:`dyrep_fx.grow`); all or nothing, in ``txn`` when given
-        (a transaction over this module, or over a parent model of which it is the submodule ``prefix``)."""
+        (a transaction over this module, or over a parent model of which it is the submodule ``prefix``),
+        checked against ``sites`` (this module's analysis as it is now) when given."""
         report = passes.rep.run(self.traced, self.module, names=names, kinds=kinds, mode=self.mode,
-                                init_scale=self.init_scale, recompute=self.recompute, txn=txn, prefix=prefix)
+                                init_scale=self.init_scale, recompute=self.recompute, txn=txn, prefix=prefix,
+                                sites=sites)
         for name in report.changed:
             log.info("grow %s: %s", name, report.describe(name))
         return report

@@ -17,7 +17,8 @@ from ..defaults import INIT_SCALE
 from ..kinds.registry import kind_names
 from ..target_names import join_name
 from ..tracing import TracedModel
-from .analysis import Site, analyse
+from . import analysis
+from .analysis import Site
 from .base import PassError, PassReport, Transaction, get_module, set_module, transaction_for
 
 __all__ = ["plan", "run", "grow_site", "check_kind_names"]
@@ -111,10 +112,12 @@ def run(
     recompute: bool = False,
     txn: Transaction | None = None,
     prefix: str = "",
+    sites: Sequence[Site] | None = None,
 ) -> PassReport:
     """Grow ``kinds`` at ``names`` (see :func:`plan`); all or nothing: in the caller's ``txn`` (over
-    ``model``, or over a parent model of which ``model`` is the submodule ``prefix``), else in its own."""
-    todo = plan(analyse(traced, model, mode), names, kinds)
+    ``model``, or over a parent model of which ``model`` is the submodule ``prefix``), else in its own.
+    ``sites``: the caller's analysis of ``model`` as it is now, checked against instead of analysing again."""
+    todo = plan(analysis.analyse(traced, model, mode) if sites is None else sites, names, kinds)
     report = PassReport("rep")
     new_modules: dict[str, list[nn.Module]] = {}
     with transaction_for(model, txn) as active:  # any failure puts everything back

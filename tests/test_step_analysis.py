@@ -1,0 +1,67 @@
+"""A DyRep step analyses each target's sites once to decide, hands that analysis to apply (which checks the
+plan's growth against it instead of analysing again per grown site), and once more after the change, for
+the candidates of the next interval: two analyses per target per step, whatever ``topk``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.nets import SmallNet
+from torch import nn
+
+import dyrep_fx
+from dyrep_fx.passes import PassError, analysis
+from dyrep_fx.step_plan import StepPlan
+
+
+def batch(i: int):
+    g = torch.Generator().manual_seed(1000 + i)
+    return torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    model = SmallNet().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return model, opt, dyrep_fx.DyRep(model, opt, interval=1, **kw)
+
+
+def train_once(model, opt) -> None:
+    x, y = batch(0)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+@pytest.fixture
+def analyses(monkeypatch):
+    """How many times the site analysis runs (the real one, counted)."""
+    real, calls = analysis.analyse, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(analysis, "analyse", counted)
+    return calls
+
+
+@pytest.mark.parametrize("topk", [1, 3])
+def test_a_step_analyses_once_to_decide_and_once_for_the_next_candidates(analyses, topk):
+    model, opt, ctl = make(topk=topk)
+    train_once(model, opt)
+    analyses.clear()
+    result = ctl.step()
+    assert len(result.grown) == topk
+    assert len(analyses) == 2
+
+
+def test_a_plan_made_by_hand_is_checked_against_one_analysis_before_anything_changes(analyses):
+    model, opt, ctl = make()
+    train_once(model, opt)
+    decided = ctl.decide()
+    analyses.clear()
+    hand = StepPlan.from_dict({**decided.to_dict(), "grow": {"conv1": ["1x1"], "fc": ["1x1"]}})
+    with pytest.raises(PassError, match="no conv site named 'fc'"):
+        ctl.apply(hand)
+    assert len(analyses) == 1 and not dyrep_fx.blocks(model)
