@@ -35,14 +35,15 @@ import torch
 from torch import nn
 
 from .block import RepConv2d, main_parameters
-from .calibration import calibrate_new_branches, default_forward
+from .calibration import default_forward
 from .checkpoint_state import CheckpointState
 from .cost_model import DEFAULT_COST_MODEL, Budget, CostModel, structure_budget
 from .defaults import INIT_SCALE, STD_GATE, THRESHOLD
-from .distributed import broadcast_module, check_same_on_all_ranks
+from .distributed import check_same_on_all_ranks
 from .ema_copies import EmaCopies
 from .handle import Handle
 from .kinds import DYREP_KINDS
+from .live_changes import BranchCalibration, LiveChanges
 from .optim_sync import GroupChooser, default_group, optimizer_rollback, sync_after_change
 from .passes.analysis import Site
 from .passes.base import Transaction
@@ -61,7 +62,7 @@ from .policies import (
 from .saliency import DEFAULT_METRIC, SaliencyCollector, Scorer, metric_name
 from .step_history import history_entry, log_step
 from .step_plan import StepPlan
-from .target_names import join_name, split_name
+from .target_names import join_name
 
 __all__ = ["DyRep", "StepResult", "StepPlan", "DYREP_KINDS", "NESTED_POLICIES"]
 
@@ -301,7 +302,6 @@ class DyRep(CheckpointState):
         #: Which scored candidates grow (:mod:`dyrep_fx.policies`).
         self.growth = _growth_selection(growth, self.budget)
         self.kinds = kinds
-        self.calib_loader, self.calib_batches, self.forward_fn = calib_loader, calib_batches, forward_fn
         self.group_chooser = group_chooser
         self.seed = seed
         self.units = 0
@@ -310,6 +310,9 @@ class DyRep(CheckpointState):
         self.history: list[dict[str, Any]] = []
         #: The attached EMA copies, kept in step with every change.
         self.emas = EmaCopies(self.targets)
+        #: The live model's side of each step: its growth and cuts.
+        self.live = LiveChanges(self.model, self.targets, self.candidate_rule,
+                                BranchCalibration(calib_loader, calib_batches, forward_fn))
         self.saliency = SaliencyCollector(optimizer, metric, seed=seed)
         #: The last plan :meth:`decide` made and the analysis it was decided on (for :meth:`apply`).
         self._decided: tuple[StepPlan | None, dict[str, list[Site]]] = (None, {})
@@ -321,11 +324,6 @@ class DyRep(CheckpointState):
         return getattr(self.candidate_rule, "births", {})
 
     # -- the analysis: what can grow ---------------------------------------------------------------
-    def _split(self, name: str) -> tuple[str, Handle, str]:
-        """``(prefix, target, local name)`` of a site name."""
-        prefix, local = split_name(list(self.targets), name)
-        return prefix, self.targets[prefix], local
-
     def sites(self) -> list[Site]:
         """Every site of every target, with names relative to the model (one analysis of each target)."""
         return _model_relative(self._analyse())
@@ -455,12 +453,11 @@ class DyRep(CheckpointState):
                             plan=plan)
         analysis, before = self._analysis_for(plan), {id(p) for p in self.model.parameters()}
         with self._transaction() as txn:
-            grown = self._grow(plan, analysis, txn, result)
+            result.grown, sources, result.calibrated_batches = self.live.grow(plan, analysis, txn)
             self.emas.grow(self.model, result.grown, txn)
-            self._cut(plan, txn, result)
+            result.cut = self.live.cut(plan, txn)
             self.emas.cut(result.cut, txn)
-            sync_after_change(self.optimizer, self.model, before,
-                              {name: weight for name, (_, weight) in grown.items()}, self.group_chooser)
+            sync_after_change(self.optimizer, self.model, before, sources, self.group_chooser)
         self.steps_done += 1
         self._decided = (None, {})
         self._record(plan, result)
@@ -484,49 +481,6 @@ class DyRep(CheckpointState):
         """Watch ``names`` again with the interval's saved sums (after a rollback)."""
         self._watch(names)
         self.saliency.load_state_dict(interval)
-
-    def _grow(self, plan: StepPlan, analysis: dict[str, list[Site]], txn: Transaction,
-              result: StepResult) -> dict[str, tuple[RepConv2d, nn.Parameter]]:
-        """Grow ``plan.grow`` with the plan's seed (checked against ``analysis``, in ``txn``), give every rank
-        rank 0's values, calibrate, and tell the candidate rule; ``{site: (block, the weight it grew from)}``."""
-        grown: dict[str, tuple[RepConv2d, nn.Parameter]] = {}
-        new_branches: dict[str, list[nn.Module]] = {}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(plan.seed)
-            for name, kinds in plan.grow.items():
-                weight = main_parameters(self.model.get_submodule(name))[0]
-                prefix, target, local = self._split(name)
-                report = target.grow([local], list(kinds), txn=txn, prefix=prefix, sites=analysis[prefix])
-                if report.changed:
-                    result.grown[name] = list(report.changed[local])
-                    grown[name] = (self.model.get_submodule(name), weight)
-                    new_branches[name] = report.details["new_modules"][local]
-        for block, _ in grown.values():
-            broadcast_module(block)
-        if self.mode == "dbb" and self.calib_loader is not None:
-            result.calibrated_batches = calibrate_new_branches(
-                self.model, {name: block for name, (block, _) in grown.items()}, new_branches,
-                self.calib_loader, self.calib_batches, self.forward_fn)
-        for name, (block, _) in grown.items():
-            self.candidate_rule.on_grown(name, block, plan.step)
-        return grown
-
-    def _cut(self, plan: StepPlan, txn: Transaction, result: StepResult) -> None:
-        """Cut ``plan.cut`` target by target (inner blocks first, in the pass), give every rank rank 0's
-        values of the cut blocks, and tell the candidate rule."""
-        by_target: dict[str, dict[str, list[str]]] = {}
-        for name, kinds in plan.cut.items():
-            prefix, _, local = self._split(name)
-            by_target.setdefault(prefix, {})[local] = list(kinds)
-        for prefix, cuts in by_target.items():
-            report = self.targets[prefix].cut(cuts, txn=txn)
-            for local, kinds in report.changed.items():
-                result.cut[join_name(prefix, local)] = list(kinds)
-        for name in result.cut:
-            block = self.model.get_submodule(name)
-            self.candidate_rule.on_cut(name, block)
-            # A cut folds each rank's own BatchNorm statistics into the kernel: make the ranks agree.
-            broadcast_module(block)
 
     def _record(self, plan: StepPlan, result: StepResult) -> None:
         """Append the plan and what it changed to ``history``, and log it (:mod:`dyrep_fx.step_history`)."""
