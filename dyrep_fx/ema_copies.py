@@ -53,9 +53,10 @@ class EmaCopies:
             restore_targets(handles, structures, txn)
         self.modules.append(ema)
 
-    def _twin(self, ema: nn.Module, name: str) -> tuple[Handle, str]:
+    def _twin(self, ema: nn.Module, name: str) -> tuple[Handle, str, str]:
+        """``(the copy's handle of the target holding name, its prefix, the name inside it)``."""
         prefix, local = split_name(list(self.targets), name)
-        return self.handles(ema)[prefix], local
+        return self.handles(ema)[prefix], prefix, local
 
     @torch.no_grad()
     def grow(self, live: nn.Module, grown: dict[str, list[str]], txn: Transaction) -> None:
@@ -64,14 +65,12 @@ class EmaCopies:
         for ema in self.modules:
             ema_txn = txn.child(ema)
             for name, kinds in grown.items():
-                twin, local = self._twin(ema, name)
+                twin, prefix, local = self._twin(ema, name)
                 old = ema.get_submodule(name)
-                ema_txn.save(old)
-                ema_txn.record_replacement(name, old)
                 function = old.equivalent() if isinstance(old, RepConv2d) else main_parameters(old)
                 function = tuple(None if t is None else t.detach().clone() for t in function)
                 # EMA copies are often frozen (mmengine's): grow them without the eligibility check.
-                twin.restore_block(local, {"kinds": kinds})
+                twin.grow_block(local, kinds, txn=ema_txn, prefix=prefix)
                 block = ema.get_submodule(name)
                 block.requires_grad_(main_parameters(old)[0].requires_grad)
                 source = live.get_submodule(name)
@@ -87,9 +86,8 @@ class EmaCopies:
         for ema in self.modules:
             ema_txn = txn.child(ema)
             for name in sorted(cut, key=lambda n: -n.count(".")):
-                twin, local = self._twin(ema, name)
-                ema_txn.save(ema.get_submodule(name))
-                twin.cut({local: cut[name]})
+                twin, _, local = self._twin(ema, name)
+                twin.cut({local: cut[name]}, txn=ema_txn)
                 broadcast_module(ema.get_submodule(name))
 
     def restore(self, structures: dict[str, dict[str, Any]], txn: Transaction) -> None:

@@ -202,6 +202,15 @@ class Handle:
         with transaction_for(self.module, txn) as active:
             structure_spec.restore(self.module, spec, active, self.init_scale, prefix, self.recompute)
 
+    def grow_block(self, name: str, kinds: Sequence[str], txn: Transaction | None = None,
+                   prefix: str = "") -> list[nn.Module]:
+        """Grow ``kinds`` at ``name`` without the rep pass's eligibility check (e.g. on a frozen EMA copy whose
+        live twin was checked), through the one grow path (:func:`dyrep_fx.passes.rep.grow_site`), recorded
+        in ``txn`` (over this module or a parent model of which it is the submodule ``prefix``); the new
+        branches, with fresh values."""
+        return passes.rep.grow_site(self.module, name, kinds, mode=self.mode, init_scale=self.init_scale,
+                                    recompute=self.recompute, txn=txn, prefix=prefix)
+
     def restore_block(self, name: str, entry: dict[str, Any]) -> None:
         """Rebuild the block a spec entry describes at ``name`` without the eligibility check (e.g. on a
         frozen EMA copy); branch values are fresh."""

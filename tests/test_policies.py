@@ -202,7 +202,7 @@ def test_a_step_failing_midway_puts_everything_back(where, monkeypatch):
                             "saliency": ctl.saliency.state_dict(), "births": ctl.births,
                             "counters": [ctl.units, ctl.steps_done, len(ctl.history)]})
     groups = [list(g["params"]) for g in opt.param_groups]
-    fail_in = {"growth": (dyrep_fx.Handle, "grow"), "ema growth": (dyrep_fx.Handle, "restore_block"),
+    fail_in = {"growth": (dyrep_fx.Handle, "grow"), "ema growth": (dyrep_fx.Handle, "grow_block"),
                "optimizer": (optim_sync, "sync_optimizer")}[where]
     real = getattr(*fail_in)
 
