@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from dyrep_fx.block import find_blocks
+from dyrep_fx.block import find_blocks, main_parameters
 
 __all__ = ["FixedNormRows", "normalise_every_path", "normalised_weights"]
 
@@ -44,8 +44,9 @@ def _row_norms(w: Tensor) -> Tensor:
 
 def normalised_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """``(module, "weight")`` of every trained kernel in the model's grown online blocks: each block's main
-    kernel and every conv inside its branches (an identity branch has none). An ungrown block is a plain
-    conv in either mode and stays one."""
+    kernel (registered under ``weight``, which is what torch's parametrize addresses; ``block.weight`` read
+    elsewhere is the kernel the block computes with) and every conv inside its branches (an identity branch
+    has none). An ungrown block is a plain conv in either mode and stays one."""
     targets = []
     for name, block in find_blocks(model).items():
         if not block.grown:
@@ -64,5 +65,6 @@ def normalise_every_path(model: nn.Module) -> int:
     ``parametrizations.weight.original``)."""
     targets = normalised_weights(model)
     for module, attr in targets:
-        parametrize.register_parametrization(module, attr, FixedNormRows(_row_norms(getattr(module, attr)).clone()))
+        kernel = main_parameters(module)[0]  # (a block's main kernel, not the kernel it computes with)
+        parametrize.register_parametrization(module, attr, FixedNormRows(_row_norms(kernel).clone()))
     return len(targets)

@@ -9,6 +9,12 @@ It is a drop-in for the conv to the user's code: the conv's attributes (``stride
 and a subclass's own) read as they did, read-only where they define the function, and ``weight`` /
 ``bias`` are the kernel the block computes with (:meth:`RepConv2d.kernel`), not the main kernel.
 
+The main kernel can be parametrized as a conv's weight is:
+``torch.nn.utils.parametrize.register_parametrization(block, "weight", p)`` parametrizes the tensor registered
+under ``weight`` (the main kernel; its Parameter moves to ``parametrizations.weight.original``, the state_dict
+keys are the ones torch gives), :attr:`RepConv2d.main_weight` is then the parametrized value, and
+``block.weight`` stays the kernel the block computes with (see :class:`_BlockType`).
+
 Modes (see :mod:`dyrep_fx.kinds.branch`):
 
 * ``online`` (default, OREPA): ``W = main_scale * weight + sum_b scale_b * K_b``; one convolution per
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -56,6 +63,15 @@ CONV_ATTRIBUTES = ("in_channels", "out_channels", "kernel_size", "stride", "padd
 _CONV2D_INSTANCE_NAMES = frozenset(vars(nn.Conv2d(1, 1, 1, device="meta")))
 _MODULE_INSTANCE_NAMES = frozenset(vars(nn.Module()))
 
+# torch's parametrization machinery: it addresses a module's registered tensors by attribute name.
+_PARAMETRIZE_MODULES = frozenset({"torch.nn.utils.parametrize", "torch.nn.utils.parametrizations"})
+_MAIN_NAMES = ("weight", "bias")
+
+
+def _parametrized_slot(name: str) -> str:
+    """Where a block's class keeps the property torch's parametrize made for the main ``name``."""
+    return f"_parametrized_{name}"
+
 
 class NoSingleKernelError(AttributeError):
     """A grown dbb-mode block read as ``weight`` / ``bias`` while a BatchNorm of it normalises with batch
@@ -73,7 +89,30 @@ def _conv_attribute(name: str) -> property:
     return property(get, doc=f"The ``{name}`` of the conv this block took the place of (read-only).")
 
 
-class RepConv2d(nn.Module):
+class _BlockType(type):
+    """The metaclass of :class:`RepConv2d`: a parametrized main kernel leaves ``weight`` / ``bias`` the
+    kernel the block computes with.
+
+    ``register_parametrization(block, "weight", p)`` gives the block a class of its own (a subclass) and sets
+    on it a ``weight`` property returning the parametrized tensor, which would shadow
+    :attr:`RepConv2d.weight` and serve the main kernel as the block's kernel. That property is kept under
+    ``_parametrized_weight`` instead (removing the parametrization deletes it there), and the block reads it
+    as its main kernel (:attr:`RepConv2d.main_weight`).
+    """
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        if name in _MAIN_NAMES and isinstance(value, property) \
+                and getattr(value.fget, "__module__", None) in _PARAMETRIZE_MODULES:
+            name = _parametrized_slot(name)
+        super().__setattr__(name, value)
+
+    def __delattr__(cls, name: str) -> None:
+        if name in _MAIN_NAMES and name not in cls.__dict__ and _parametrized_slot(name) in cls.__dict__:
+            name = _parametrized_slot(name)
+        super().__delattr__(name)
+
+
+class RepConv2d(nn.Module, metaclass=_BlockType):
     """A conv with re-parameterization branches. Build it from an existing conv with ``RepConv2d(conv)``.
 
     Args:
@@ -160,29 +199,49 @@ class RepConv2d(nn.Module):
     output_padding = _conv_attribute("output_padding")
 
     @property
-    def main_weight(self) -> nn.Parameter:
-        """The main kernel Parameter: the conv's own ``weight`` object (state_dict key ``weight``)."""
-        return self._parameters["weight"]
+    def main_weight(self) -> nn.Parameter | Tensor:
+        """The main kernel Parameter: the conv's own ``weight`` object (state_dict key ``weight``); where
+        ``torch.nn.utils.parametrize`` parametrizes ``weight``, the parametrized main kernel (its Parameter is
+        ``parametrizations.weight.original``)."""
+        return self._main("weight")
 
     @property
-    def main_bias(self) -> nn.Parameter | None:
-        """The main bias Parameter (the conv's own ``bias``, or one dbb mode added), or None."""
-        return self._parameters["bias"]
+    def main_bias(self) -> nn.Parameter | Tensor | None:
+        """The main bias Parameter (the conv's own ``bias``, or one dbb mode added), or None; where ``bias``
+        is parametrized, the parametrized value."""
+        return self._main("bias")
+
+    def _main(self, name: str) -> Tensor | None:
+        if name in self._parameters:
+            return self._parameters[name]
+        parametrized = getattr(type(self), _parametrized_slot(name), None)
+        if parametrized is not None:
+            return parametrized.__get__(self)  # (torch's getter: parametrize.cached() applies)
+        # (while torch's parametrize moves the Parameter out, before its property is in place)
+        raise AttributeError(f"this RepConv2d holds no main {name} now")
 
     @property
     def weight(self) -> Tensor:
         """The kernel the block computes with, as the conv's ``weight`` would be: see :meth:`kernel`."""
-        return self.kernel()[0]
+        return self._serve("weight", sys._getframe(1))
 
     @property
     def bias(self) -> Tensor | None:
         """The bias the block computes with, as the conv's ``bias`` would be: see :meth:`kernel`."""
-        return self.kernel()[1]
+        return self._serve("bias", sys._getframe(1))
+
+    def _serve(self, name: str, caller: Any) -> Tensor | None:
+        """``weight`` / ``bias`` read by ``caller`` (a frame): the block's kernel, except to torch's
+        parametrize, which addresses the tensor registered under the name (the main kernel: it takes that
+        Parameter as ``original`` and reads the parametrized value back under the name)."""
+        if not torch.compiler.is_compiling() and caller.f_globals.get("__name__") in _PARAMETRIZE_MODULES:
+            return self._main(name)
+        return self.kernel()[0 if name == "weight" else 1]
 
     def kernel(self) -> tuple[Tensor, Tensor | None]:
         """``(weight, bias)`` of the one conv that computes this block now, differentiable in its parameters.
 
-        * Not grown: the main Parameters themselves (the conv's own objects).
+        * Not grown: the main Parameters themselves (the conv's own objects; a parametrized one's value).
         * Online mode: the assembled kernel and the main bias, exact in train and eval mode; gradients flow
           into the main kernel, the scales and the branches.
         * dbb mode: the fold with every BatchNorm's running statistics (:meth:`equivalent`), exact while
@@ -215,10 +274,11 @@ class RepConv2d(nn.Module):
         return frozenset(k for k in vars(template) if not k.startswith("_") and k not in _CONV2D_INSTANCE_NAMES)
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("weight", "bias"):
-            # Its property raised NoSingleKernelError: raise it again rather than let nn.Module answer
-            # with the main kernel Parameter registered under the same name.
-            return self.kernel()[0 if name == "weight" else 1]
+        if name in _MAIN_NAMES:
+            # Its property raised NoSingleKernelError (or, to parametrize, there is no main kernel now): raise
+            # it again rather than let nn.Module answer with the main kernel Parameter registered under the
+            # same name.
+            return self._serve(name, sys._getframe(1))
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -241,6 +301,10 @@ class RepConv2d(nn.Module):
         if name in self._extra_names() and name not in self.__dict__:
             # A subclass's own attribute lives on the template, which folding copies.
             setattr(self.__dict__["_template"], name, value)
+            return
+        parametrized = getattr(type(self), _parametrized_slot(name), None) if name in _MAIN_NAMES else None
+        if parametrized is not None:
+            parametrized.__set__(self, value)  # (torch's setter: through the parametrization's right_inverse)
             return
         super().__setattr__(name, value)
 
@@ -378,6 +442,7 @@ class RepConv2d(nn.Module):
         self._check_kinds(kinds, must_exist=False)
         if not kinds:
             return []
+        self._check_main_writable("grow")
         target = self._detached_equivalent()
         if not self.grown:
             self._add_main_scale()
@@ -403,6 +468,7 @@ class RepConv2d(nn.Module):
         self._check_kinds(kinds, must_exist=True)
         if not kinds:
             return
+        self._check_main_writable("cut")
         target = self._detached_equivalent()
         for kind in kinds:
             del self.branches[kind]
@@ -422,6 +488,7 @@ class RepConv2d(nn.Module):
         The main scale (online) or main BatchNorm (dbb) is reset to an exact identity and the
         branches' current kernels are subtracted: ``W_main = W - sum_b K_b``.
         """
+        self._check_main_writable("rebalance")
         parts = [b.kernel() for b in self.branches.values()]
         w_rest, b_rest = kernels.add_branches([weight] + [-w for w, _ in parts],
                                               [bias] + [None if b is None else -b for _, b in parts])
@@ -499,6 +566,17 @@ class RepConv2d(nn.Module):
                 if kind in self.branches:
                     raise ValueError(f"branch {kind!r} is already present")
 
+    def _check_main_writable(self, action: str) -> None:
+        """Growing and cutting keep the function by writing the main kernel, which a parametrization
+        computes: refuse rather than write into a computed value."""
+        parametrized = [name for name in _MAIN_NAMES if getattr(type(self), _parametrized_slot(name), None)]
+        if parametrized:
+            raise RuntimeError(
+                f"cannot {action} a RepConv2d whose main {' and '.join(parametrized)} is parametrized "
+                "(torch.nn.utils.parametrize): it keeps the function by writing the main kernel, which the "
+                "parametrization computes; remove the parametrization first "
+                "(parametrize.remove_parametrizations(block, 'weight'))")
+
     def _detached_equivalent(self) -> tuple[Tensor, Tensor | None]:
         w, b = self.equivalent()
         return w.detach().clone(), None if b is None else b.detach().clone()
@@ -559,8 +637,8 @@ def _copy_parameter(param: nn.Parameter | None) -> nn.Parameter | None:
 
 def main_parameters(module: nn.Module) -> tuple[nn.Parameter, nn.Parameter | None]:
     """The ``(weight, bias)`` Parameters a conv holds: a block's main kernel (:attr:`RepConv2d.main_weight`,
-    :attr:`RepConv2d.main_bias`), a conv's ``weight`` / ``bias``. Library code reads Parameters through
-    this, never a block's computed ``weight``."""
+    :attr:`RepConv2d.main_bias`), a conv's ``weight`` / ``bias`` (where a parametrization computes one, its
+    value). Library code reads Parameters through this, never a block's computed ``weight``."""
     if isinstance(module, RepConv2d):
         return module.main_weight, module.main_bias
     return module.weight, module.bias

@@ -16,6 +16,7 @@ import torch
 from helpers.numerics import rel_err
 from helpers.strategies import shuffle_state
 from torch import nn
+from torch.nn.utils import parametrize
 
 import dyrep_fx
 from dyrep_fx.block import CONV_ATTRIBUTES, NoSingleKernelError, RepConv2d
@@ -207,6 +208,63 @@ def test_state_dict_keys_hold_the_main_kernel(mode):
     x = x_for(block)
     with torch.no_grad():
         assert torch.equal(fresh(x), block(x))
+
+
+class Doubled(nn.Module):
+    """A parametrization that changes the value: ``V -> 2 V`` (no right_inverse)."""
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return 2 * v
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("grow_first", [False, True], ids=["ungrown", "grown"])
+def test_parametrized_main_kernel(mode, grow_first):
+    """``register_parametrization(block, "weight", p)`` parametrizes the main kernel, as on a conv (the
+    weight-normalised ablation, benchmarks/branch_norm.py, does it on grown blocks): the main Parameter
+    becomes ``original``, ``main_weight`` is the parametrized value and the block computes with it,
+    ``weight`` stays the block's kernel, the fold is exact, and removing the parametrization leaves the
+    parametrized value in the same Parameter."""
+    block = (grown("dense3x3", mode, ["1x1", "identity"]) if grow_first else RepConv2d(make_conv("dense3x3"), mode))
+    block.eval()
+    main = block.main_weight
+    keys = list(block.state_dict())
+    reference = copy.deepcopy(block)  # the same block, its main kernel doubled by hand
+    with torch.no_grad():
+        reference.main_weight.mul_(2)
+    x = x_for(block)
+    parametrize.register_parametrization(block, "weight", Doubled())
+
+    assert block.parametrizations.weight.original is main  # the main Parameter, not the block's kernel
+    assert torch.equal(block.main_weight, 2 * main) and block.main_weight.grad_fn is not None
+    assert isinstance(block, RepConv2d) and parametrize.type_before_parametrizations(block) is RepConv2d
+    # state_dict keys as torch's parametrize gives them (an ungrown block: the very keys of a conv)
+    assert set(block.state_dict()) == set(keys) - {"weight"} | {"parametrizations.weight.original"}
+    if not grow_first:
+        conv = make_conv("dense3x3")
+        parametrize.register_parametrization(conv, "weight", Doubled())
+        assert list(block.state_dict()) == list(conv.state_dict())
+    with torch.no_grad():
+        out = block(x)
+        assert rel_err(out, reference(x)) <= TOL
+        assert rel_err(conv_with(block, block.weight, block.bias, x), out) <= TOL  # weight: the block's kernel
+        if grow_first:
+            assert rel_err(conv_with(block, block.main_weight, block.main_bias, x), out) > 1e-3
+        assert rel_err(block.to_conv()(x), out) <= TOL  # the fold reads the parametrized main kernel
+    if mode == "online" or not grow_first:  # (a grown dbb block has no kernel in train mode)
+        block.train()
+        (conv_with(block, block.weight, block.bias, x) ** 2).sum().backward()
+        assert main.grad is not None and main.grad.abs().max() > 0  # into the main Parameter
+        block.eval()
+    if grow_first:  # growing and cutting write the main kernel, which the parametrization computes
+        with pytest.raises(RuntimeError, match="parametrized.*remove the parametrization first"):
+            block.cut(["1x1"])
+        assert block.kinds == ["1x1", "identity"]
+
+    parametrize.remove_parametrizations(block, "weight")  # leave_parametrized: 2 * main, in main itself
+    assert type(block) is RepConv2d and block.main_weight is main and set(block.state_dict()) == set(keys)
+    with torch.no_grad():
+        assert rel_err(block(x), out) <= TOL
 
 
 # --------------------------------------------------------------------------- refused at sites() time
