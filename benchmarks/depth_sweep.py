@@ -73,6 +73,11 @@ DYREP_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dyrep_start100": ("dyrep_online", {"grow_at_start": 1.0, "topk": 0}),
     "dyrep_topk3_per_weight": ("dyrep_online", {"topk": 3, "metric": "snip_per_weight"}),
     "dyrep_topk3_random": ("dyrep_online", {"topk": 3, "metric": "random"}),
+    # ``budget110``: as many sites as a predicted step time of 1.1x plain's holds, from the start (by score per
+    # unit of predicted cost), then one more whenever Dep's cuts make room.
+    "dyrep_budget110_per_weight": ("dyrep_online", {"grow_at_start": 1.0, "budget": 1.1,
+                                                    "metric": "snip_per_weight"}),
+    "dyrep_budget110_random": ("dyrep_online", {"grow_at_start": 1.0, "budget": 1.1, "metric": "random"}),
 }
 #: The DyRep variants in online mode (the cost model's mode).
 ONLINE_DYREP = tuple(v for v, (demo, _) in DYREP_VARIANTS.items() if demo == "dyrep_online")
@@ -87,6 +92,7 @@ RANDOM_CONTROLS: dict[str, str] = {
     "dyrep_online": RANDOM_CONTROL, "dyrep_online_per_weight": RANDOM_CONTROL,
     "dyrep_start50_per_weight": "dyrep_start50_random",
     "dyrep_topk3_per_weight": "dyrep_topk3_random",
+    "dyrep_budget110_per_weight": "dyrep_budget110_random",
 }
 #: The pilot's recipe; ``net`` is set per depth.
 RECIPE = DemoConfig(epochs=6, train_limit=30000, test_limit=None, batch_size=128, lr=0.1, weight_decay=1e-4,

@@ -16,7 +16,7 @@ a convolution's forward pass (a *conv MAC*), per training step at the training b
 Only online mode is modelled: there the cost of a branch is kernel-sized, so its growth is cheap and
 the same whatever the data. In dbb mode every branch is its own convolution and BatchNorm over the
 feature map (the model would be another one). The constants were fitted on CPU (one thread, the depth
-sweep's 20-conv net at batch 128) and are checked against side-by-side measurement on the sweep nets
+sweep's nets at batch 128 and ResNet-18/50 at batch 16) and are checked against side-by-side measurement on the sweep nets
 and ResNet-18/50 in ``benchmarks/cost_model_check.py``; the prediction ranks structures, it is no clock.
 """
 
@@ -66,11 +66,11 @@ class CostModel:
         fixed: the rest of a step whatever the structure (loss, head, optimizer), counted in plain's cost.
     """
 
-    elementwise: float = 40.0
-    block: float = 2.0e6
-    term: float = 3.0e5
-    term_element: float = 60.0
-    fixed: float = 0.0
+    elementwise: float = 530.0
+    block: float = 1.0e6
+    term: float = 9.0e6
+    term_element: float = 430.0
+    fixed: float = 7.7e8
 
     def conv_cost(self, site: SiteShape, batch: int) -> float:
         """A plain conv's step: its three convolution products and the elementwise layers after it."""
@@ -104,7 +104,10 @@ class CostModel:
         return self.block_cost(present + new, site, batch) - self.block_cost(present, site, batch)
 
 
-#: The fitted constants (``benchmarks/cost_model_check.py`` measures how well they predict).
+#: Constants fitted by ``benchmarks/cost_model_check.py --fit`` (2026-12-06, one thread, on the sweep nets
+#: at batch 128 and ResNet-18/50 at batch 16, 64x64; non-negative least squares on relative step times):
+#: grown structures' ratios to plain predicted within 0.07 on average (0.21 at worst), 0.09 for a net left
+#: out of the fit.
 DEFAULT_COST_MODEL = CostModel()
 
 
