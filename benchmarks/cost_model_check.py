@@ -7,9 +7,10 @@ OREPA's or DyRep's kinds, half of the sites grown; it times training steps of al
 one thread, interleaved round by round (the median CPU seconds per step), and prints each structure's
 measured and predicted ratio to its net's plain.
 
-``--fit`` fits the cost model's constants by least squares on the sweep nets' structures (each step time
-as a linear function of the model's terms) and reports how the fitted model predicts the ResNets, which
-the fit never saw. The constants in :data:`dyrep_fx.cost_model.DEFAULT_COST_MODEL` come from such a fit.
+``--fit`` fits the cost model's constants by non-negative least squares on every net's structures (each
+step time a linear function of the model's terms); beside each prediction it prints the one made with
+constants fitted on the other nets only (a net the fit never saw). The constants in
+:data:`dyrep_fx.cost_model.DEFAULT_COST_MODEL` come from such a fit.
 
     .venv/bin/python benchmarks/cost_model_check.py --fit     # writes results/cost_model/check.json
 """
@@ -48,7 +49,6 @@ NETS: dict[str, tuple[Callable[[], nn.Module], int, int, int]] = {
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), 16, 64, 3),
     "resnet50": (lambda: torchvision.models.resnet50(num_classes=10), 16, 64, 3),
 }
-FITTED_ON = ("depth10", "depth20", "depth30")
 #: The structures: name -> (which 3x3 sites grow: "all", "first_half"; the kinds offered).
 STRUCTURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "plain": ("all", ()),
@@ -114,16 +114,37 @@ def measure(rounds: int, steps: int) -> dict[str, dict[str, Any]]:
     return out
 
 
-def fit(rows: dict[str, dict[str, Any]]) -> CostModel:
-    """Least-squares constants (in conv products' units) from the rows of the fitted nets."""
-    fitted = [r for r in rows.values() if r["net"] in FITTED_ON]
+def fit(rows: dict[str, dict[str, Any]], nets: tuple[str, ...]) -> CostModel:
+    """Non-negative least-squares constants (in conv products' units) from the rows of ``nets``.
+
+    Each row's step time is the model's terms weighted by the constants over a time per conv MAC; rows are
+    weighted by 1 / their time, so relative errors count alike on every net. A constant the data would make
+    negative is held at zero (the others refitted).
+    """
+    fitted = [r for r in rows.values() if r["net"] in nets]
     a = np.array([r["terms"] for r in fitted])
     t = np.array([r["seconds"] for r in fitted])
-    # relative errors count alike on every net: weight each row by 1 / its time
-    coef, *_ = np.linalg.lstsq(a / t[:, None], np.ones_like(t), rcond=None)
-    per_mac = coef[0]
-    e, b, term, te, fixed = (max(0.0, float(c / per_mac)) for c in coef[1:])
+    a = a / t[:, None]
+    free = list(range(a.shape[1]))
+    while True:
+        coef, *_ = np.linalg.lstsq(a[:, free], np.ones_like(t), rcond=None)
+        if (coef >= 0).all() or len(free) == 1:
+            break
+        free.pop(int(np.argmin(coef)))
+    full = np.zeros(a.shape[1])
+    full[free] = np.clip(coef, 0.0, None)
+    per_mac = full[0] if full[0] > 0 else 1.0
+    e, b, term, te, fixed = (float(c / per_mac) for c in full[1:])
     return CostModel(elementwise=e, block=b, term=term, term_element=te, fixed=fixed)
+
+
+def held_out(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each net's ratios predicted by constants fitted on the other nets only."""
+    out = []
+    for net in NETS:
+        others = tuple(n for n in NETS if n != net)
+        out += [r for r in ratios(rows, fit(rows, others)) if r["net"] == net]
+    return out
 
 
 def ratios(rows: dict[str, dict[str, Any]], cost_model: CostModel) -> list[dict[str, Any]]:
@@ -136,28 +157,32 @@ def ratios(rows: dict[str, dict[str, Any]], cost_model: CostModel) -> list[dict[
         measured = r["seconds"] / plain["seconds"]
         predicted = float(np.dot(r["terms"], weights) / np.dot(plain["terms"], weights))
         out.append({"row": key, "net": r["net"], "measured": measured, "predicted": predicted,
-                    "error": predicted - measured, "fitted_on": r["net"] in FITTED_ON})
+                    "error": predicted - measured})
     return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--fit", action="store_true", help="fit the constants on the sweep nets first")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--fit", action="store_true", help="fit the constants on every net (else: the library's)")
     p.add_argument("--out", type=Path, default=RESULTS / "check.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = measure(args.rounds, args.steps)
-    cost_model = fit(rows) if args.fit else DEFAULT_COST_MODEL
-    table = ratios(rows, cost_model)
+    cost_model = fit(rows, tuple(NETS)) if args.fit else DEFAULT_COST_MODEL
+    table, unseen = ratios(rows, cost_model), {r["row"]: r for r in held_out(rows)}
+    print("structure                    measured  predicted  (constants fitted without its net)")
     for r in table:
-        print(f"{r['row']:28s} measured {r['measured']:.2f}  predicted {r['predicted']:.2f}  "
-              f"({'fitted' if r['fitted_on'] else 'held out'})")
-    held = [abs(r["error"]) for r in table if not r["fitted_on"] and r["row"].split("/")[1] != "plain"]
+        print(f"{r['row']:28s} {r['measured']:8.2f}  {r['predicted']:9.2f}  ({unseen[r['row']]['predicted']:.2f})")
+    grown = [r for r in table if not r["row"].endswith("/plain")]
     out = {"cost_model": dataclasses.asdict(cost_model), "fitted": args.fit, "rows": rows, "ratios": table,
-           "held_out_mean_abs_error": statistics.fmean(held) if held else None,
+           "held_out": list(unseen.values()),
+           "mean_abs_error": statistics.fmean(abs(r["error"]) for r in grown),
+           "held_out_mean_abs_error": statistics.fmean(abs(unseen[r["row"]]["error"]) for r in grown),
            "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    print(f"mean |predicted - measured| ratio: {out['mean_abs_error']:.3f} "
+          f"(held out net by net: {out['held_out_mean_abs_error']:.3f})")
     write_json(args.out, out)
     return out
 
