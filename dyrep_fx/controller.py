@@ -23,11 +23,10 @@ express; re-growing a block's own branches after a cut would undo the cut.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -44,7 +43,7 @@ from .ema_copies import EmaCopies
 from .handle import Handle
 from .kinds import DYREP_KINDS
 from .live_changes import BranchCalibration, LiveChanges
-from .optim_sync import GroupChooser, default_group, optimizer_rollback, sync_after_change
+from .optim_sync import GroupChooser, default_group, sync_after_change
 from .passes.analysis import Site
 from .passes.base import Transaction
 from .passes.dep import CutCriterion, DepCriterion
@@ -62,6 +61,7 @@ from .policies import (
 from .saliency import DEFAULT_METRIC, SaliencyCollector, Scorer, metric_name
 from .step_history import history_entry, log_step
 from .step_plan import StepPlan
+from .step_transaction import step_transaction
 from .target_names import join_name
 
 __all__ = ["DyRep", "StepResult", "StepPlan", "DYREP_KINDS", "NESTED_POLICIES"]
@@ -464,23 +464,10 @@ class DyRep(CheckpointState):
         self._watch(self.candidates())
         return result
 
-    @contextmanager
-    def _transaction(self) -> Iterator[Transaction]:
+    def _transaction(self) -> AbstractContextManager[Transaction]:
         """One all-or-nothing unit over the model, the optimizer, the candidate rule's records and the
-        saliency interval; EMA copies join it through ``txn.child``."""
-        watched, interval = list(self.saliency.names), self.saliency.state_dict()
-        rule_state = copy.deepcopy(self.candidate_rule.state_dict())
-        with Transaction(self.model) as txn:
-            # Registered first, undone last: the watched weights are the restored model's.
-            txn.on_rollback(lambda: self._rewatch(watched, interval))
-            txn.on_rollback(lambda: self.candidate_rule.load_state_dict(rule_state))
-            txn.on_rollback(optimizer_rollback(self.optimizer))
-            yield txn
-
-    def _rewatch(self, names: list[str], interval: dict[str, Any]) -> None:
-        """Watch ``names`` again with the interval's saved sums (after a rollback)."""
-        self._watch(names)
-        self.saliency.load_state_dict(interval)
+        saliency interval (:func:`~dyrep_fx.step_transaction.step_transaction`)."""
+        return step_transaction(self.model, self.optimizer, self.candidate_rule, self.saliency, self._watch)
 
     def _record(self, plan: StepPlan, result: StepResult) -> None:
         """Append the plan and what it changed to ``history``, and log it (:mod:`dyrep_fx.step_history`)."""

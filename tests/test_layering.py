@@ -77,7 +77,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("passes", ("dyrep_fx.passes.*", "dyrep_fx.structure_spec", "dyrep_fx.policies")),
     ("handle", ("dyrep_fx.handle", "dyrep_fx.api", "dyrep_fx.ema_copies")),
     ("controller", ("dyrep_fx.controller", "dyrep_fx.checkpoint_state", "dyrep_fx.step_history",
-                    "dyrep_fx.live_changes")),
+                    "dyrep_fx.live_changes", "dyrep_fx.step_transaction")),
     ("package", ("dyrep_fx",)),
     ("applications", ("dyrep_fx.mm.*", "dyrep_fx_examples.*")),
     ("command line", ("dyrep_fx.cli", "dyrep_fx.__main__")),
