@@ -301,6 +301,8 @@ def summarise(runs: dict[int, dict[str, dict[int, dict[str, Any]]]]) -> dict[str
                 "vs_ceiling": paired(mine, runs[depth][best])
                 if variant in DYREP_VARIANTS and best is not None else None,
                 "ceiling": best if variant in DYREP_VARIANTS else None,
+                # issue 31's yardstick: the cheap static variant a DyRep setting has to match
+                "vs_orepa_all": paired(mine, runs[depth].get("orepa_all", {})) if variant in DYREP_VARIANTS else None,
                 "params_training_peak_vs_plain": _params_ratio(mine, plain),
                 "cpu_vs_plain": median_ratio(mine, plain, "cpu_seconds_per_epoch"),
                 "cpu_seconds_per_epoch": statistics.median(r["cpu_seconds_per_epoch"] for r in mine.values()),
@@ -382,15 +384,17 @@ def _step_ratio(cost: dict[str, Any] | None, variant: str) -> float | None:
 def stage_two_markdown(summary: dict[str, Any], depth: int, cost: dict[str, Any] | None = None) -> str:
     """Stage 2's table at ``depth``: is DyRep above plain, how near the ceiling, at what cost, and is its
     site choice better than random sites. ``cost``: :func:`load_cost`'s step times (side by side)."""
-    lines = ["| variant | seeds | test acc % (mean ± std) | Δ vs plain | Δ vs ceiling | Δ vs random sites "
+    lines = ["| variant | seeds | test acc % (mean ± std) | Δ vs plain | Δ vs ceiling | Δ vs `orepa_all` "
+             "| Δ vs random sites "
              "| training params × plain (peak) | step CPU time × plain (side by side; DyRep: end of training) "
              "| DyRep: mean over training (est.) | sites grown first (seed 0) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in _stage_two_rows(summary, depth):
         first = r.get("grown_first") or {}
         order = ", ".join(first.get(0, first.get("0", []))) if first else ""
         lines.append(f"| {r['variant']} | {len(r['seeds'])} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} "
                      f"| {_fmt_pair(r['vs_plain'])} | {_fmt_pair(r.get('vs_ceiling'))} "
+                     f"| {_fmt_pair(r.get('vs_orepa_all'))} "
                      f"| {_fmt_pair(r.get('vs_random'))} | {_fmt_ratio(r.get('params_training_peak_vs_plain'))} "
                      f"| {_fmt_ratio(_step_ratio(cost, r['variant']))} "
                      f"| {_fmt_ratio(mean_step_ratio(r, cost)) if r['variant'] in DYREP_VARIANTS else ''} "

@@ -107,7 +107,10 @@ class CostModel:
 #: Constants fitted by ``benchmarks/cost_model_check.py --fit`` (2026-12-06, one thread, on the sweep nets
 #: at batch 128 and ResNet-18/50 at batch 16, 64x64; non-negative least squares on relative step times):
 #: grown structures' ratios to plain predicted within 0.07 on average (0.21 at worst), 0.09 for a net left
-#: out of the fit.
+#: out of the fit. A second run on the same busy machine (``benchmarks/results/cost_model/check.json``):
+#: these constants predict it within 0.10 on average (ResNet-18 with DyRep's kinds: 2.38 for a measured
+#: 2.44); the small sweep nets' own measured ratios moved by up to 0.2 between the two runs, which bounds
+#: what any fit can do there.
 DEFAULT_COST_MODEL = CostModel()
 
 

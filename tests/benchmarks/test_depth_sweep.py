@@ -169,8 +169,11 @@ def test_each_schedule_pairs_with_the_random_control_of_its_own_schedule(sweep, 
     write_finals(sweep, tmp_path, 20, {"plain": [0.80, 0.78, 0.79],
                                        "dyrep_start50_per_weight": [0.84, 0.83, 0.83],
                                        "dyrep_start50_random": [0.83, 0.81, 0.83],
-                                       "dyrep_online_random": [0.79, 0.78, 0.78]})
+                                       "dyrep_online_random": [0.79, 0.78, 0.78],
+                                       "orepa_all": [0.83, 0.83, 0.82]})
     rows = {r["variant"]: r for r in sweep.summarise(sweep.load_runs(tmp_path))["rows"]}
+    assert rows["dyrep_start50_per_weight"]["vs_orepa_all"]["diffs"] == pytest.approx([1.0, 0.0, 1.0])
+    assert rows["orepa_all"]["vs_orepa_all"] is None
     assert rows["dyrep_start50_per_weight"]["random_control"] == "dyrep_start50_random"
     assert rows["dyrep_start50_per_weight"]["vs_random"]["diffs"] == pytest.approx([1.0, 2.0, 0.0])
     assert rows["dyrep_start50_random"]["vs_random"] is None
