@@ -29,8 +29,8 @@ Modes (see :mod:`dyrep_fx.kinds.branch`):
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
-import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -223,18 +223,20 @@ class RepConv2d(nn.Module, metaclass=_BlockType):
     @property
     def weight(self) -> Tensor:
         """The kernel the block computes with, as the conv's ``weight`` would be: see :meth:`kernel`."""
-        return self._serve("weight", sys._getframe(1))
+        return self._serve("weight", inspect.currentframe())
 
     @property
     def bias(self) -> Tensor | None:
         """The bias the block computes with, as the conv's ``bias`` would be: see :meth:`kernel`."""
-        return self._serve("bias", sys._getframe(1))
+        return self._serve("bias", inspect.currentframe())
 
     def _serve(self, name: str, caller: Any) -> Tensor | None:
-        """``weight`` / ``bias`` read by ``caller`` (a frame): the block's kernel, except to torch's
+        """``weight`` / ``bias`` read from the attribute's frame ``caller`` (its caller reads): the block's kernel, except to torch's
         parametrize, which addresses the tensor registered under the name (the main kernel: it takes that
         Parameter as ``original`` and reads the parametrized value back under the name)."""
-        if not torch.compiler.is_compiling() and caller.f_globals.get("__name__") in _PARAMETRIZE_MODULES:
+        caller = None if caller is None else caller.f_back  # the frame of whoever read the attribute
+        if (not torch.compiler.is_compiling() and caller is not None
+                and caller.f_globals.get("__name__") in _PARAMETRIZE_MODULES):
             return self._main(name)
         return self.kernel()[0 if name == "weight" else 1]
 
@@ -278,7 +280,7 @@ class RepConv2d(nn.Module, metaclass=_BlockType):
             # Its property raised NoSingleKernelError (or, to parametrize, there is no main kernel now): raise
             # it again rather than let nn.Module answer with the main kernel Parameter registered under the
             # same name.
-            return self._serve(name, sys._getframe(1))
+            return self._serve(name, inspect.currentframe())
         try:
             return super().__getattr__(name)
         except AttributeError:
