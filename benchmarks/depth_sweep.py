@@ -220,9 +220,14 @@ def _depth_budget(depth: int) -> Budget:
 def structure_cost(depth: int, structure: dict[str, list[str]]) -> float:
     """The predicted step time over plain's of the sweep net at ``depth`` with ``structure`` (``{site:
     kinds}``; nested blocks, which the cost model has no shapes for, count nothing)."""
-    budget = _depth_budget(depth)
-    added = sum(budget.growth(name, kinds) or 0.0 for name, kinds in structure.items())
-    return budget.ratio(added)
+    added = sum(_growth_cost(depth, name, tuple(kinds)) for name, kinds in structure.items())
+    return _depth_budget(depth).ratio(added)
+
+
+@functools.cache
+def _growth_cost(depth: int, name: str, kinds: tuple[str, ...]) -> float:
+    """What growing ``kinds`` at site ``name`` of the sweep net adds (0 for a site without a shape)."""
+    return _depth_budget(depth).growth(name, list(kinds)) or 0.0
 
 
 def training_ratios(run: dict[str, Any], depth: int) -> dict[str, float]:
