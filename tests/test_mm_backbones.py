@@ -169,7 +169,10 @@ def test_with_cp_bottlenecks_become_untraceable_leaves():
     model.train()
     out = model(X.clone().requires_grad_(True))
     sum(o.sum() for o in out).backward()
-    assert model.conv1.weight.grad is not None
+    # (block.weight is the kernel the block computes with, a non-leaf; its Parameters are main_weight
+    # and the branches')
+    assert all(p.grad is not None for p in model.conv1.parameters())
+    assert model.conv1.main_weight.grad is not None and model.layer1[0].conv1.weight.grad is not None
 
 
 def test_transform_keeps_mm_train_override_without_growth():
