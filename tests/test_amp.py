@@ -185,12 +185,12 @@ def test_autocast_that_drops_the_branches_fails_the_check(mode, monkeypatch):
     def main_only_online(self, skip=()):
         if not torch.is_autocast_enabled("cpu"):
             return online_kernel(self, skip)
-        return self.weight * self.main_scale.reshape(-1, 1, 1, 1)
+        return self.main_weight * self.main_scale.reshape(-1, 1, 1, 1)
 
     def main_only_dbb(self, x):
         if not torch.is_autocast_enabled("cpu"):
             return dbb_forward(self, x)
-        return self.main_bn(self.geometry.conv(x, self.weight, self.bias))
+        return self.main_bn(self.geometry.conv(x, self.main_weight, self.main_bias))
 
     monkeypatch.setattr(RepConv2d, "_online_kernel", main_only_online)
     monkeypatch.setattr(RepConv2d, "_dbb_forward", main_only_dbb)
