@@ -452,12 +452,12 @@ def plot_stage_two(summary: dict[str, Any], depth: int, path: Path, cost: dict[s
         label = f"{r['variant']} ({len(r['vs_plain']['seeds'])} seeds)"
         if r["variant"] not in DYREP_VARIANTS:
             static.append((end, gain))
-            ax.errorbar([end], [gain], yerr=[err], marker="s", capsize=3, color=f"C{i % 10}", label=label)
+            ax.errorbar([end], [gain], yerr=[err], marker="s", capsize=3, color=plt.cm.tab20(i % 20), label=label)
             continue
         mean = mean_step_ratio(r, cost)
-        ax.plot([mean, end], [gain, gain], color=f"C{i % 10}", lw=0.8, alpha=0.6)
-        ax.plot([end], [gain], marker="o", mfc="none", color=f"C{i % 10}")
-        ax.errorbar([mean], [gain], yerr=[err], marker="o", capsize=3, color=f"C{i % 10}", label=label)
+        ax.plot([mean, end], [gain, gain], color=plt.cm.tab20(i % 20), lw=0.8, alpha=0.6)
+        ax.plot([end], [gain], marker="o", mfc="none", color=plt.cm.tab20(i % 20))
+        ax.errorbar([mean], [gain], yerr=[err], marker="o", capsize=3, color=plt.cm.tab20(i % 20), label=label)
     steps = frontier(static)
     xs = [c for c, _ in steps] + [max(c for c, _ in static) * 1.05]
     ax.step(xs, [g for _, g in steps] + [steps[-1][1]], where="post", color="k", lw=1.2, ls="--",
