@@ -58,7 +58,7 @@ def _regime_lines(config) -> str:
         return "(the depth sweep's committed figures are not installed: see benchmarks/README.md)"
     lines = [f"\nThe same net over {figures['seeds']} paired seeds (depth sweep, {figures['recipe']}; "
              f"this run: {config.epochs} epochs on {config.train_limit} images, one seed):",
-             "| variant | gain over plain (points ± SE) | vs random sites | step time × plain (mean over training) |",
+             "| variant | gain over plain (points ± SE) | vs random sites | step time × plain: end structure (mean over training) |",
              "|---|---|---|---|"]
     for name, row in figures["variants"].items():
         gain = row["vs_plain"]
