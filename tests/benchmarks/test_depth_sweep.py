@@ -3,23 +3,16 @@ and the gain over plain is paired by seed within one depth."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from helpers.benchmark_modules import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("depth_sweep", BENCHMARKS / "depth_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("depth_sweep")
 
 
 def write_run(sweep, results: Path, depth: int, variant: str, seed: int, accs: list[float],

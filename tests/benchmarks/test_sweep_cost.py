@@ -3,29 +3,17 @@ training with (restored from its JSON), each static variant grown everywhere."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str):
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers.benchmark_modules import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny plain run, a tiny DyRep run that grew and a tiny ablation run, at 10 convs."""
-    sweep = _load("depth_sweep")
+    sweep = load_benchmark("depth_sweep")
     results = tmp_path_factory.mktemp("sweep")
     recipe = replace(sweep.SMOKE, train_limit=200, test_limit=100, batch_size=50, step_fraction=0.25)
     runs = {v: sweep.run_one(10, v, 0, results, recipe) for v in ("plain", "dyrep_online", "rep_all_online_wn")}
@@ -37,7 +25,7 @@ def _params(model) -> int:
 
 
 def test_dyrep_structures_are_the_runs_end_of_training_structures(trained):
-    cost = _load("sweep_cost")
+    cost = load_benchmark("sweep_cost")
     results, runs = trained
     models = cost.structures(10, cost.load_runs(results)[10])
     assert set(models) == {"plain", "dyrep_online", "rep_all_online_wn"}
@@ -48,7 +36,7 @@ def test_dyrep_structures_are_the_runs_end_of_training_structures(trained):
 
 
 def test_the_measurement_is_written_relative_to_plain(trained):
-    cost = _load("sweep_cost")
+    cost = load_benchmark("sweep_cost")
     results, _ = trained
     out = cost.main(["--depth", "10", "--results", str(results), "--rounds", "2", "--steps", "1",
                      "--batch-size", "8"])
@@ -61,7 +49,7 @@ def test_the_measurement_is_written_relative_to_plain(trained):
 def test_an_ablation_is_timed_as_its_base_variant_changed_by_its_prepare(trained):
     from torch.nn.utils import parametrize
 
-    cost = _load("sweep_cost")
+    cost = load_benchmark("sweep_cost")
     results, runs = trained
     (ablated,) = cost.structures(10, cost.load_runs(results)[10])["rep_all_online_wn"]
     assert _params(ablated) == runs["rep_all_online_wn"]["params_training_end"] > runs["plain"]["params_training_end"]
