@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from helpers.nets import SmallNet, set_importance
+from helpers.nets import SmallNet, set_importance, small_batch
 from helpers.numerics import rel_err
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -30,8 +30,7 @@ SITES = ["conv1", "conv2", "conv3"]
 
 
 def batch(i: int):
-    g = torch.Generator().manual_seed(1000 + i)
-    return torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
+    return small_batch(1000 + i)
 
 
 def make(mode: str = "online", seed: int = 0, build_ctl: bool = True, **kw):

@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from helpers.nets import SmallNet
+from helpers.nets import SmallNet, small_batch
 from torch import nn
 
 import dyrep_fx
@@ -26,8 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(i: int, n: int = 8):
-    g = torch.Generator().manual_seed(500 + i)
-    return torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (n,), generator=g)
+    return small_batch(500 + i, n)
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, ctl: dyrep_fx.DyRep, iters: int, start: int = 0) -> list:

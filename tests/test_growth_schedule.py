@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from helpers.nets import SmallNet, spread_first_block
+from helpers.nets import SmallNet, small_batch, spread_first_block
 from helpers.numerics import rel_err
 from torch import nn
 
@@ -23,8 +23,7 @@ SITES = ["conv1", "conv2", "conv3"]
 
 
 def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(2000 + i)
-    return torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
+    return small_batch(2000 + i)
 
 
 def make(**kw):

@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from helpers.nets import SmallNet
+from helpers.nets import SmallNet, small_batch
 from helpers.numerics import assert_same
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -25,8 +25,7 @@ INTERVAL, UNITS = 2, 4  # steps after units 2 and 4: two blocks (or a block and 
 
 
 def batch(i: int):
-    g = torch.Generator().manual_seed(500 + i)
-    return torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
+    return small_batch(500 + i)
 
 
 def make(seed: int):

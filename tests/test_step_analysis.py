@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.nets import SmallNet
+from helpers.nets import SmallNet, small_batch
 from torch import nn
 
 import dyrep_fx
@@ -15,8 +15,7 @@ from dyrep_fx.step_plan import StepPlan
 
 
 def batch(i: int):
-    g = torch.Generator().manual_seed(1000 + i)
-    return torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
+    return small_batch(1000 + i)
 
 
 def make(**kw):

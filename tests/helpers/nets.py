@@ -71,3 +71,9 @@ def set_importance(block, values: dict[str, float], main: float = 1.0) -> None:
         if abs(c_next - c) <= 1e-15 * c:
             break
         c = c_next
+
+
+def small_batch(seed: int, n: int = 8, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random 3-channel 8x8 inputs for :class:`SmallNet` and their labels, drawn from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g, dtype=dtype), torch.randint(0, 10, (n,), generator=g)
