@@ -70,11 +70,11 @@ def size_score(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return torch.tensor(float(weight.numel()))
 
 
-def dyrep_with(limit: float, cost_model: CostModel, **kw):
+def dyrep_with(limit: float, cost_model: CostModel, grow_at_start: float = 1.0, **kw):
     torch.manual_seed(0)
     model = SmallNet().double()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    ctl = dyrep_fx.DyRep(model, opt, interval=1, grow_at_start=1.0, budget=limit, cost_model=cost_model,
+    ctl = dyrep_fx.DyRep(model, opt, interval=1, grow_at_start=grow_at_start, budget=limit, cost_model=cost_model,
                          metric=size_score, example_inputs=(X,), **kw)
     return model, opt, ctl
 
@@ -113,6 +113,10 @@ def test_the_budget_ranks_by_score_per_unit_of_cost():
     assert best != "conv3"  # the best score alone would pick conv3: the test tells the two rankings apart
     limit = (ctl.budget.plain + costs[best] * 1.01) / ctl.budget.plain
     model, opt, ctl = dyrep_with(limit, elementy)
+    train_step(model, opt)
+    assert list(ctl.step().grown) == [best]
+    # room for everything but one site per step: the ranking alone decides (by score it would be conv3)
+    model, opt, ctl = dyrep_with(100.0, elementy, grow_at_start=0.01)
     train_step(model, opt)
     assert list(ctl.step().grown) == [best]
 
