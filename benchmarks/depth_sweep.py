@@ -600,16 +600,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--report", action="store_true", help="only summarise the finished runs")
     p.add_argument("--smoke", action="store_true", help="a tiny recipe, results under out/sweep_smoke")
+    p.add_argument("--long", action="store_true",
+                   help=f"{LONG.epochs} epochs instead of {RECIPE.epochs}, results under results/sweep_long")
     return p.parse_args(argv)
 
 
 SMOKE = replace(RECIPE, epochs=1, train_limit=500, test_limit=250)
+#: Issue 31 item 3, "more time": the sweep's recipe with a 3x longer schedule (the DyRep schedule is a
+#: fraction of training, so it stretches with it); its runs live apart, under ``sweep_long``.
+LONG = replace(RECIPE, epochs=18)
+LONG_RESULTS = RESULTS.parent / "sweep_long"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    base = SMOKE if args.smoke else RECIPE
-    results = Path("out/sweep_smoke") if args.smoke else args.results
+    base = SMOKE if args.smoke else LONG if args.long else RECIPE
+    results = Path("out/sweep_smoke") if args.smoke else LONG_RESULTS if args.long else args.results
     if not args.report:
         todo = pending(args.depths, args.variants, args.seeds, results, base)
         print(f"{len(todo)} runs to train", flush=True)
