@@ -445,7 +445,7 @@ class RepConv2d(nn.Module, metaclass=_BlockType):
         if not kinds:
             return []
         self._check_main_writable("grow")
-        target = self._detached_equivalent()
+        keep = self._detached_equivalent()  # the function to keep: (kernel, bias)
         if not self.grown:
             self._add_main_scale()
         new = []
@@ -453,11 +453,11 @@ class RepConv2d(nn.Module, metaclass=_BlockType):
             if kind in kinds:
                 branch = registry.get_kind(kind).make(self.geometry, self.mode, self.init_scale, self.main_weight)
                 if self.mode == "online":
-                    self._start_at_init_share(branch, target[0])
+                    self._start_at_init_share(branch, keep[0])
                 branch.train(self.training)
                 self.branches[kind] = branch
                 new.append(branch)
-        self.rebalance(*target)
+        self.rebalance(*keep)
         return new
 
     @torch.no_grad()
@@ -471,17 +471,17 @@ class RepConv2d(nn.Module, metaclass=_BlockType):
         if not kinds:
             return
         self._check_main_writable("cut")
-        target = self._detached_equivalent()
+        keep = self._detached_equivalent()  # the function to keep: (kernel, bias)
         for kind in kinds:
             del self.branches[kind]
         if self.grown:
-            self.rebalance(*target)
+            self.rebalance(*keep)
             return
         self._remove_main_scale()
-        self.main_weight.copy_(target[0])
-        if target[1] is not None:
+        self.main_weight.copy_(keep[0])
+        if keep[1] is not None:
             self.ensure_bias()
-            self.main_bias.copy_(target[1])
+            self.main_bias.copy_(keep[1])
 
     @torch.no_grad()
     def rebalance(self, weight: Tensor, bias: Tensor | None) -> None:

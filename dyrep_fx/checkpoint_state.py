@@ -14,6 +14,7 @@ from .block import main_parameters
 from .ema_copies import restore_targets
 from .optim_sync import apply_layout, layout, sync_after_change
 from .passes.base import PassError, Transaction
+from .policies import growable_kinds
 from .target_names import join_name
 
 __all__ = ["CheckpointState"]
@@ -58,13 +59,12 @@ class CheckpointState:
             apply_layout(self.optimizer, self.model, state["optimizer_layout"])
             self.candidate_rule.load_state_dict(self._candidate_rule_state(state))
             # The watched set as saved: the nesting gate reads branch values not loaded yet.
-            growable = {s.name for s in self.sites() if self._growable(s)}
+            growable = set(growable_kinds(self.sites(), self.kinds))
             self._watch([n for n in state["saliency"]["names"] if n in growable])
             self.saliency.load_state_dict(state["saliency"])
         self.units = state["units"]
         self.steps_done = state["steps_done"]
         self.history = list(state["history"])
-        self._decided = (None, {})  # a plan decided before the load is not applied on this structure
 
     def load_structure(self, state: dict[str, Any]) -> None:
         """Rebuild the structure of a saved :meth:`state_dict` and start the schedule over (fine-tuning
@@ -91,7 +91,6 @@ class CheckpointState:
             self._watch(self.candidates())
         self.units = self.steps_done = 0
         self.history = []
-        self._decided = (None, {})
 
     def _restore_everywhere(self, structures: dict[str, dict[str, Any]], txn: Transaction) -> None:
         """Rebuild the checked ``structures`` on the live model and every attached EMA copy, in ``txn``."""

@@ -23,17 +23,16 @@ express; re-growing a block's own branches after a cut would undo the cut.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .block import RepConv2d, main_parameters
+from .block import main_parameters
 from .calibration import default_forward
 from .checkpoint_state import CheckpointState
 from .cost_model import DEFAULT_COST_MODEL, Budget, CostModel, structure_budget
@@ -57,12 +56,14 @@ from .policies import (
     WithinBudget,
     as_candidate_rule,
     check_cut_criterion,
+    growable_kinds,
 )
 from .saliency import DEFAULT_METRIC, SaliencyCollector, Scorer, metric_name
+from .schedule import Schedule
 from .step_history import history_entry, log_step
-from .step_plan import StepPlan
+from .step_plan import StepPlan, step_seed
 from .step_transaction import step_transaction
-from .target_names import join_name
+from .target_set import TargetSet
 
 __all__ = ["DyRep", "StepResult", "StepPlan", "DYREP_KINDS", "NESTED_POLICIES"]
 
@@ -131,14 +132,8 @@ def _cut_criterion(criterion: CutCriterion | None, std_gate: float, threshold: f
     return check_cut_criterion(criterion)
 
 
-def _check_schedule(interval: int, topk: int, grow_at_start: float, budget: float | None, mode: str) -> None:
-    """Refuse schedule settings that cannot work, naming the setting and what it takes."""
-    if interval < 1:
-        raise ValueError("interval must be >= 1")
-    if topk < 0:
-        raise ValueError(f"topk must be >= 0 (sites grown per step), got {topk}")
-    if not 0.0 <= grow_at_start <= 1.0:
-        raise ValueError(f"grow_at_start is a fraction of the candidate sites in [0, 1], got {grow_at_start}")
+def _check_budget(budget: float | None, mode: str) -> None:
+    """Refuse a budget that cannot work, naming the setting and what it takes."""
     if budget is not None and not budget >= 1.0:
         raise ValueError(f"budget is a step-time ratio to the plain network (>= 1.0, e.g. 1.2), got {budget}")
     if budget is not None and mode != "online":
@@ -148,7 +143,7 @@ def _check_schedule(interval: int, topk: int, grow_at_start: float, budget: floa
 
 
 def _target_handles(roots: dict[str, nn.Module], example_inputs: tuple | dict[str, tuple] | None, mode: str,
-                    init_scale: float, recompute: bool) -> dict[str, Handle]:
+                    init_scale: float, recompute: bool) -> TargetSet:
     """One handle per target root (transformed here unless it was), all in one mode."""
     handles = {}
     for prefix, root in roots.items():
@@ -157,10 +152,7 @@ def _target_handles(roots: dict[str, nn.Module], example_inputs: tuple | dict[st
         else:
             inputs = example_inputs.get(prefix) if isinstance(example_inputs, dict) else example_inputs
             handles[prefix] = Handle.transform(root, inputs, mode, init_scale=init_scale, recompute=recompute)
-    modes = {target.mode for target in handles.values()}
-    if len(modes) != 1:
-        raise ValueError(f"targets were transformed in different modes: {sorted(modes)}")
-    return handles
+    return TargetSet(handles)
 
 
 def _warn_missing_weights(model: nn.Module, optimizer: torch.optim.Optimizer, sites: list[Site]) -> None:
@@ -178,12 +170,6 @@ def _warn_missing_weights(model: nn.Module, optimizer: torch.optim.Optimizer, si
                     "scored and grown but this optimizer neither trains nor zeroes them: add them to it, "
                     "or freeze them (requires_grad=False) to keep them out of DyRep",
                     len(missing), missing[:5])
-
-
-def _model_relative(analysis: dict[str, list[Site]]) -> list[Site]:
-    """The sites of a per-target analysis, named relative to the model (copies; the analysis keeps its names)."""
-    return [replace(site, name=join_name(prefix, site.name))
-            for prefix, sites in analysis.items() for site in sites]
 
 
 def _growth_selection(growth: GrowthSelection | None, budget: Budget | None) -> GrowthSelection:
@@ -279,7 +265,9 @@ class DyRep(CheckpointState):
         targets: Iterable[str] | None = None,
         recompute: bool = False,
     ) -> None:
-        _check_schedule(interval, topk, grow_at_start, budget, mode)
+        #: When steps are due and how many sites each grows (:mod:`dyrep_fx.schedule`).
+        self.schedule = Schedule(interval, until, topk, grow_at_start)
+        _check_budget(budget, mode)
         kinds = None if kinds is None else check_kind_names(kinds)
         #: Which growable sites are offered (:mod:`dyrep_fx.policies`).
         self.candidate_rule = _candidate_rule(candidates, nested, pointwise)
@@ -290,13 +278,11 @@ class DyRep(CheckpointState):
                  for prefix in ([""] if targets is None else list(targets))}
         _refuse_foreign_optimizer(optimizer, roots)  # before transforming: a refusal changes nothing
         #: One handle per target, by its qualified name ("" is the whole model).
-        self.targets: dict[str, Handle] = _target_handles(roots, example_inputs, mode, init_scale, recompute)
-        self.mode = next(iter(self.targets.values())).mode
+        self.targets = _target_handles(roots, example_inputs, mode, init_scale, recompute)
+        self.mode = self.targets.mode
         sites = self.sites()
         _warn_missing_weights(self.model, optimizer, sites)
         self.optimizer = optimizer
-        self.interval, self.until, self.topk = interval, until, topk
-        self.grow_at_start = grow_at_start
         #: Predicts the structure's step time for ``budget`` (:mod:`dyrep_fx.cost_model`); ``None``: no cap.
         self.budget = None if budget is None else structure_budget(self.model, sites, budget, cost_model)
         #: Which scored candidates grow (:mod:`dyrep_fx.policies`).
@@ -314,9 +300,7 @@ class DyRep(CheckpointState):
         self.live = LiveChanges(self.model, self.targets, self.candidate_rule,
                                 BranchCalibration(calib_loader, calib_batches, forward_fn))
         self.saliency = SaliencyCollector(optimizer, metric, seed=seed)
-        #: The last plan :meth:`decide` made and the analysis it was decided on (for :meth:`apply`).
-        self._decided: tuple[StepPlan | None, dict[str, list[Site]]] = (None, {})
-        self._watch(self._candidates(sites))
+        self._watch(self.candidates())  # the same analysis as ``sites`` (kept by the targets)
 
     @property
     def births(self) -> dict[str, dict[str, Any]]:
@@ -326,11 +310,7 @@ class DyRep(CheckpointState):
     # -- the analysis: what can grow ---------------------------------------------------------------
     def sites(self) -> list[Site]:
         """Every site of every target, with names relative to the model (one analysis of each target)."""
-        return _model_relative(self._analyse())
-
-    def _analyse(self) -> dict[str, list[Site]]:
-        """One analysis of every target: its sites by target prefix, named inside the target."""
-        return {prefix: target.sites() for prefix, target in self.targets.items()}
+        return self.targets.sites()
 
     def candidates(self) -> list[str]:
         """Sites offered for growth now: growable ones the candidate rule offers.
@@ -338,15 +318,9 @@ class DyRep(CheckpointState):
         As in DyRep, a grown block does not regrow branches it lost (they were cut for a reason); it
         grows further through its inner kxk conv. A block whose branches were all cut is a conv again.
         """
-        return self._candidates(self.sites())
-
-    def _candidates(self, sites: list[Site]) -> list[str]:
-        return [s.name for s in sites if self._growable(s) and self.candidate_rule.offers(s, self.model)]
-
-    def _growable(self, site: Site) -> bool:
-        """Structurally able to grow one of the controller's kinds (no policy: the rule narrows this)."""
-        return (site.eligible and bool(site.kinds) and not site.grown and
-                (self.kinds is None or any(k in site.kinds for k in self.kinds)))
+        sites = self.sites()
+        growable = growable_kinds(sites, self.kinds)
+        return [s.name for s in sites if s.name in growable and self.candidate_rule.offers(s, self.model)]
 
     def _watch(self, names: list[str]) -> None:
         """Score ``names`` over the next interval."""
@@ -354,21 +328,7 @@ class DyRep(CheckpointState):
 
     def is_due(self) -> bool:
         """Whether the next :meth:`step` call will change the structure (if anything qualifies)."""
-        unit = self.units + 1
-        if self._is_start_step():
-            return True
-        return unit % self.interval == 0 and (self.until is None or unit <= self.until)
-
-    def _is_start_step(self) -> bool:
-        """Whether the next step is the ``grow_at_start`` one: the first unit, before any other step."""
-        return self.grow_at_start > 0 and self.units == 0 and self.steps_done == 0
-
-    def growth_count(self, growable: int) -> int:
-        """How many of ``growable`` candidate sites the next step grows: ``topk``, or at the start step
-        ``grow_at_start`` of them (rounded, at least one)."""
-        if self._is_start_step():
-            return min(growable, max(1, round(self.grow_at_start * growable)))
-        return min(growable, self.topk)
+        return self.schedule.is_due(self.units, self.steps_done)
 
     # -- the step: decide, then apply ------------------------------------------------------------------
     def step(self) -> StepResult:
@@ -389,51 +349,24 @@ class DyRep(CheckpointState):
         """The current structure's predicted training-step time over the plain network's (with a budget)."""
         if self.budget is None:
             return None
-        return self.budget.ratio(self.budget.added(self._all_blocks()))
-
-    def _all_blocks(self) -> dict[str, RepConv2d]:
-        """Every grown block of every target, by its name relative to the model."""
-        return {join_name(prefix, local): block for prefix, target in self.targets.items()
-                for local, block in target.blocks().items()}
+        return self.budget.ratio(self.budget.added(self.targets.blocks()))
 
     def decide(self) -> StepPlan:
         """The plan for the next step: the candidates the growth selection picks from the interval's scores
         (``topk`` of them), and what the cut criterion cuts from the blocks as they are now; changes
-        nothing (one analysis of the model).
+        nothing (no analysis: the one made after the last step, unless the model changed since).
 
         Blocks grown by the plan are judged at the next step (their branches start with equal scales);
         growing a block's inner kxk conv leaves the importances of the block's branches as they are.
         """
         scores = self.saliency.mean(self.steps_done)
-        verdicts = self._judge_blocks()
+        verdicts = self.targets.judge(self.criterion)
         cut = {name: v["cut"] for name, v in verdicts.items() if v["cut"]}
-        analysis = self._analyse()
-        kinds = self._growable_kinds(_model_relative(analysis))
-        count = self.growth_count(sum(1 for name in scores if name in kinds))
-        grow = self.growth.choose(scores, kinds, count, cut, self._all_blocks())
-        plan = StepPlan(unit=self.units + 1, step=self.steps_done, seed=self._step_seed(), grow=grow, cut=cut,
-                        scores=scores, verdicts=verdicts)
-        self._decided = (plan, analysis)  # handed to apply(plan), which checks the growth against it
-        return plan
-
-    def _analysis_for(self, plan: StepPlan) -> dict[str, list[Site]]:
-        """The analysis ``plan`` was decided on, or (a plan made elsewhere) one analysis now."""
-        decided, analysis = self._decided
-        return analysis if decided is plan else self._analyse()
-
-    def _growable_kinds(self, sites: list[Site]) -> dict[str, list[str]]:
-        """Each growable site with the kinds it would grow: the controller's kinds that it takes."""
-        return {s.name: [k for k in (s.kinds if self.kinds is None else self.kinds) if k in s.kinds]
-                for s in sites if self._growable(s)}
-
-    def _judge_blocks(self) -> dict[str, dict[str, Any]]:
-        """Every block's importances and the cut criterion's verdict on them, as plain data."""
-        return {join_name(prefix, local): verdict for prefix, target in self.targets.items()
-                for local, verdict in target.judge(self.criterion).items()}
-
-    def _step_seed(self) -> int:
-        digest = hashlib.sha256(f"{self.seed}:{self.steps_done}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+        kinds = growable_kinds(self.sites(), self.kinds)
+        count = self.schedule.growth_count(sum(1 for name in scores if name in kinds), self.units, self.steps_done)
+        grow = self.growth.choose(scores, kinds, count, cut, self.targets.blocks())
+        return StepPlan(unit=self.units + 1, step=self.steps_done, seed=step_seed(self.seed, self.steps_done),
+                        grow=grow, cut=cut, scores=scores, verdicts=verdicts)
 
     def apply(self, plan: StepPlan) -> StepResult:
         """Carry ``plan`` out on the model, its EMA copies and the optimizer, as one transaction.
@@ -451,7 +384,8 @@ class DyRep(CheckpointState):
         plain = plan.to_dict()
         result = StepResult(unit=plan.unit, due=True, saliency=plain["scores"], verdicts=plain["verdicts"],
                             plan=plan)
-        analysis, before = self._analysis_for(plan), {id(p) for p in self.model.parameters()}
+        # the analysis the plan was decided on (kept by the targets while the model is unchanged)
+        analysis, before = self.targets.analyse(), {id(p) for p in self.model.parameters()}
         with self._transaction() as txn:
             result.grown, sources, result.calibrated_batches = self.live.grow(plan, analysis, txn)
             self.emas.grow(self.model, result.grown, txn)
@@ -459,7 +393,6 @@ class DyRep(CheckpointState):
             self.emas.cut(result.cut, txn)
             sync_after_change(self.optimizer, self.model, before, sources, self.group_chooser)
         self.steps_done += 1
-        self._decided = (None, {})
         self._record(plan, result)
         self._watch(self.candidates())
         return result

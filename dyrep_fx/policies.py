@@ -35,7 +35,7 @@ the controller's branch kinds): a rule narrows that set, it cannot widen it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -45,7 +45,7 @@ from .cost_model import Budget
 from .passes.analysis import Site
 from .passes.dep import CutCriterion, DepCriterion, Verdict
 
-__all__ = ["CandidateRule", "DyRepCandidates", "FunctionCandidates", "as_candidate_rule", "check_cut_criterion",
+__all__ = ["CandidateRule", "DyRepCandidates", "FunctionCandidates", "as_candidate_rule", "growable_kinds", "check_cut_criterion",
            "NESTED_POLICIES", "GrowthSelection", "TopScores", "WithinBudget",
            "CutCriterion", "DepCriterion", "Verdict"]
 
@@ -157,6 +157,14 @@ class DyRepCandidates(CandidateRule):
 
     def __repr__(self) -> str:
         return f"DyRepCandidates(pointwise={self.pointwise}, nested={self.nested!r})"
+
+
+def growable_kinds(sites: Iterable[Site], wanted: Sequence[str] | None) -> dict[str, list[str]]:
+    """Each site structurally able to grow one of the ``wanted`` kinds (``None``: any kind it takes), with
+    those kinds in ``wanted``'s order: eligible, not grown yet. No policy: the candidate rule narrows this."""
+    return {s.name: [k for k in (s.kinds if wanted is None else wanted) if k in s.kinds]
+            for s in sites if s.eligible and s.kinds and not s.grown
+            and (wanted is None or any(k in s.kinds for k in wanted))}
 
 
 def as_candidate_rule(rule: CandidateRule | Callable[[Site, nn.Module], bool]) -> CandidateRule:

@@ -8,12 +8,19 @@ its decision (:meth:`StepPlan.decision`), ``DyRep.history`` records it with what
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["StepPlan"]
+__all__ = ["StepPlan", "step_seed"]
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of step ``step``'s branch initialisation in a run seeded ``seed`` (same on every rank)."""
+    digest = hashlib.sha256(f"{seed}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def _frozen_kinds(plan: Mapping[str, Sequence[str]]) -> Mapping[str, tuple[str, ...]]:

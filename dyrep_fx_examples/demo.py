@@ -320,7 +320,7 @@ def run_variant(variant: str, config: DemoConfig,
         "events": events,
         "branch_history": ctl.history if ctl is not None else [],
         "total_iterations": total_steps,
-        "dyrep_interval": ctl.interval if ctl is not None else None,
+        "dyrep_interval": ctl.schedule.interval if ctl is not None else None,
         "final_structure": api.structure(model)["sites"] if api.is_transformed(model) else {},
     }
 

@@ -21,7 +21,7 @@ from ..defaults import STD_GATE, THRESHOLD
 from ..tracing import TracedModel
 from .base import PassError, PassReport, Transaction, get_module, transaction_for
 
-__all__ = ["Verdict", "CutCriterion", "DepCriterion", "judge_blocks", "plan", "run"]
+__all__ = ["Verdict", "CutCriterion", "DepCriterion", "judge_blocks", "checked_request", "run"]
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def judge_blocks(model: nn.Module, criterion: CutCriterion = DepCriterion(),
     return judged
 
 
-def plan(model: nn.Module, cuts: Mapping[str, Sequence[str]] | None = None,
+def checked_request(model: nn.Module, cuts: Mapping[str, Sequence[str]] | None = None,
          criterion: CutCriterion = DepCriterion(), protect: Sequence[str] = ()) -> dict[str, list[str]]:
     """Which kinds to cut where: ``cuts`` checked against the model, or the criterion's choice.
 
@@ -129,7 +129,7 @@ def run(
     Inner blocks are cut before the blocks that contain them, so a cut never discards learned
     nested structure that the criterion keeps.
     """
-    todo = plan(model, cuts, criterion, protect)
+    todo = checked_request(model, cuts, criterion, protect)
     report = PassReport("dep")
     report.details["importance"] = {name: b.importance() for name, b in find_blocks(model).items()}
     with transaction_for(model, txn) as active:  # any failure puts everything back

@@ -21,7 +21,7 @@ from . import analysis
 from .analysis import Site
 from .base import PassError, PassReport, Transaction, get_module, set_module, transaction_for
 
-__all__ = ["plan", "run", "grow_site", "check_kind_names"]
+__all__ = ["checked_request", "run", "grow_site", "check_kind_names"]
 
 
 def check_kind_names(kinds: Iterable[str]) -> list[str]:
@@ -41,7 +41,7 @@ def check_kind_names(kinds: Iterable[str]) -> list[str]:
     return kinds
 
 
-def plan(
+def checked_request(
     sites: Sequence[Site], names: Iterable[str] | None, kinds: Iterable[str] | None
 ) -> dict[str, list[str]]:
     """Which kinds to grow at which site; raises :class:`PassError` naming any site or kind refused.
@@ -83,7 +83,7 @@ def grow_site(model: nn.Module, name: str, kinds: Sequence[str], *, mode: str, i
     """Grow ``kinds`` at ``name``: the one way a conv becomes a block (the rep pass, structure restores and
     EMA copies all grow here). A conv is replaced, at the same qualified name, by a
     :class:`~dyrep_fx.block.RepConv2d` that reuses its Parameters; a block grows more branches. The
-    function is kept; nothing is checked (:func:`plan` checks the rep pass's sites; restores check their
+    function is kept; nothing is checked (:func:`checked_request` checks the rep pass's sites; restores check their
     spec). With ``txn``, over ``model`` or over a parent model of which ``model`` is the submodule
     ``prefix``, the site's tree and its replacement are recorded there. Returns the new branches.
     """
@@ -114,10 +114,10 @@ def run(
     prefix: str = "",
     sites: Sequence[Site] | None = None,
 ) -> PassReport:
-    """Grow ``kinds`` at ``names`` (see :func:`plan`); all or nothing: in the caller's ``txn`` (over
+    """Grow ``kinds`` at ``names`` (see :func:`checked_request`); all or nothing: in the caller's ``txn`` (over
     ``model``, or over a parent model of which ``model`` is the submodule ``prefix``), else in its own.
     ``sites``: the caller's analysis of ``model`` as it is now, checked against instead of analysing again."""
-    todo = plan(analysis.analyse(traced, model, mode) if sites is None else sites, names, kinds)
+    todo = checked_request(analysis.analyse(traced, model, mode) if sites is None else sites, names, kinds)
     report = PassReport("rep")
     new_modules: dict[str, list[nn.Module]] = {}
     with transaction_for(model, txn) as active:  # any failure puts everything back

@@ -303,8 +303,8 @@ def test_blocks_grown_in_a_step_are_protected_from_that_steps_cut():
     assert list(result.grown) == [INNER] and INNER not in result.cut
     inner = model.get_submodule(INNER)
     set_importance(inner, {k: (0.5 if i % 2 else 0.001) for i, k in enumerate(inner.kinds)})
-    assert INNER in dyrep_fx.passes.dep.plan(model)
-    assert INNER not in dyrep_fx.passes.dep.plan(model, protect=[INNER])
+    assert INNER in dyrep_fx.passes.dep.checked_request(model)
+    assert INNER not in dyrep_fx.passes.dep.checked_request(model, protect=[INNER])
 
 
 def test_ema_in_step_when_a_site_grows_and_another_is_cut():

@@ -56,7 +56,7 @@ def test_an_option_the_hook_never_listed_reaches_the_controller(tmp_path: Path):
     cfg = toy_cfg(tmp_path, 2, 100, hook_options=dict(grow_at_start=1.0, topk=0))
     runner = train_toy(cfg)
     ctl = find_hook(runner, "DyRepHook").controller
-    assert ctl.grow_at_start == 1.0 and ctl.topk == 0
+    assert ctl.schedule.grow_at_start == 1.0 and ctl.schedule.topk == 0
     assert [e["unit"] for e in ctl.history] == [1]  # the first iteration
     assert set(api.blocks(runner.model)) == set(SITES)
 

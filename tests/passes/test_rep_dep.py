@@ -57,16 +57,16 @@ def traced(model: nn.Module):
 def test_rep_plan():
     model = build()
     sites = analysis.analyse(traced(model), model)
-    assert rep.plan(sites, None, None) == {
+    assert rep.checked_request(sites, None, None) == {
         "a": ["1x1", "1x1_kxk", "1x1_avg", "1xk", "kx1", "prior"],
         "b": ["1x1", "1x1_kxk", "1x1_avg", "1xk", "kx1", "identity", "prior"],
         "pw": ["1x1_kxk"],
     }
-    assert rep.plan(sites, ["b"], ["identity"]) == {"b": ["identity"]}
+    assert rep.checked_request(sites, ["b"], ["identity"]) == {"b": ["identity"]}
     with pytest.raises(PassError, match=r"'identity' does not apply to site 'a'.*in_channels|'identity'.*'a'"):
-        rep.plan(sites, ["b", "a"], ["identity"])
+        rep.checked_request(sites, ["b", "a"], ["identity"])
     with pytest.raises(PassError, match="no conv site named 'c'"):
-        rep.plan(sites, ["c"], None)
+        rep.checked_request(sites, ["c"], None)
 
 
 @pytest.mark.parametrize("mode", ["online", "dbb"])

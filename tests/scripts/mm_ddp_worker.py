@@ -50,7 +50,7 @@ def same(a: dict, b: dict) -> bool:
 
 def refused_step(ctl, model, optimizer) -> dict:
     """A due DyRep step that must raise on every rank and change nothing."""
-    ctl.units = (ctl.units // ctl.interval + 1) * ctl.interval - 1
+    ctl.units = (ctl.units // ctl.schedule.interval + 1) * ctl.schedule.interval - 1
     before = snapshot(ctl, model, optimizer)
     try:
         ctl.step()
@@ -89,9 +89,9 @@ def main() -> None:
         "trainable_ids": sorted(id(p) for p in model.parameters() if p.requires_grad),
         **{k: record[k] for k in ("losses", "counts", "saliency", "new_params", "wrappers")},
     }
-    ctl.topk = 1 + rank  # a config that differs between ranks: a different growth decision
+    ctl.schedule.topk = 1 + rank  # a config that differs between ranks: a different growth decision
     result["refused_grow"] = refused_step(ctl, model, optimizer)
-    ctl.topk = 1
+    ctl.schedule.topk = 1
     if rank == 1:  # rank 1's branch scales drifted: it would cut a block that rank 0 keeps
         widest = max(api.blocks(model).values(), key=lambda b: len(b.kinds))
         spread_first_block(widest)  # the block itself is the first block in it
