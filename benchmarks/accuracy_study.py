@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_json  # noqa: E402
 
 from dyrep_fx.defaults import STD_GATE  # noqa: E402
-from dyrep_fx_examples.demo import DemoConfig, make_net, multiply_adds, run_variant  # noqa: E402
+from dyrep_fx_examples.demo import PAPER_SCHEDULE, DemoConfig, make_net, multiply_adds, run_variant  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "study"
 
@@ -52,12 +52,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "plain": ("plain", {}),
     "dbb_all": ("dbb_all", {}),
     "orepa_all": ("orepa_all", {}),
-    "dyrep_online_parity": ("dyrep_online", {"metric": "synflow", "nested": "open"}),
-    "dyrep_online": ("dyrep_online", {}),
-    "dyrep_online_random": ("dyrep_online", {"metric": "random"}),
-    "dyrep_dbb_parity": ("dyrep_dbb", {"metric": "synflow", "nested": "open"}),
-    "dyrep_dbb": ("dyrep_dbb", {}),
-    "dyrep_dbb_random": ("dyrep_dbb", {"metric": "random"}),
+    "dyrep_online_parity": ("dyrep_online", {**PAPER_SCHEDULE, "metric": "synflow", "nested": "open"}),
+    "dyrep_online": ("dyrep_online", dict(PAPER_SCHEDULE)),
+    "dyrep_online_random": ("dyrep_online", {**PAPER_SCHEDULE, "metric": "random"}),
+    "dyrep_dbb_parity": ("dyrep_dbb", {**PAPER_SCHEDULE, "metric": "synflow", "nested": "open"}),
+    "dyrep_dbb": ("dyrep_dbb", dict(PAPER_SCHEDULE)),
+    "dyrep_dbb_random": ("dyrep_dbb", {**PAPER_SCHEDULE, "metric": "random"}),
 }
 STAGES = {
     1: ["plain", "dbb_all", "orepa_all"],

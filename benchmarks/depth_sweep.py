@@ -51,7 +51,14 @@ from common import machine, write_json  # noqa: E402
 
 import dyrep_fx  # noqa: E402
 from dyrep_fx.cost_model import Budget, structure_budget  # noqa: E402
-from dyrep_fx_examples.demo import REGIME_DYREP, REGIME_FIGURES, DemoConfig, make_net, run_variant  # noqa: E402
+from dyrep_fx_examples.demo import (  # noqa: E402
+    PAPER_SCHEDULE,
+    REGIME_DYREP,
+    REGIME_FIGURES,
+    DemoConfig,
+    make_net,
+    run_variant,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sweep"
 DEPTHS = (10, 20, 30, 40)
@@ -60,19 +67,19 @@ STATIC_VARIANTS = ("plain", "orepa_all", "rep_all_online", "dbb_all", "rep_all_d
 #: ``dyrep_online_per_weight`` ranks sites by ``snip_per_weight`` (no preference for wide layers);
 #: ``dyrep_online_random`` grows as often at random sites (the control for the site choice).
 DYREP_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "dyrep_online": ("dyrep_online", {}),
-    "dyrep_online_per_weight": ("dyrep_online", {"metric": "snip_per_weight"}),
-    "dyrep_online_random": ("dyrep_online", {"metric": "random"}),
-    "dyrep_dbb": ("dyrep_dbb", {}),
+    "dyrep_online": ("dyrep_online", dict(PAPER_SCHEDULE)),
+    "dyrep_online_per_weight": ("dyrep_online", {**PAPER_SCHEDULE, "metric": "snip_per_weight"}),
+    "dyrep_online_random": ("dyrep_online", {**PAPER_SCHEDULE, "metric": "random"}),
+    "dyrep_dbb": ("dyrep_dbb", dict(PAPER_SCHEDULE)),
     # Issue 31: grow when it pays. ``start50``: half the candidate sites grown at the first iteration
     # (scored at initialisation), then the usual steps; ``start100``: every site grown from the start,
     # nothing grown after (``topk=0``), Dep cuts as usual (the reverse path); ``topk3``: three sites per
     # step. Each ``*_random`` is the same schedule with random sites (the control for the site choice).
     "dyrep_start50_per_weight": ("dyrep_online", {"grow_at_start": 0.5, "metric": "snip_per_weight"}),
     "dyrep_start50_random": ("dyrep_online", {"grow_at_start": 0.5, "metric": "random"}),
-    "dyrep_start100": ("dyrep_online", {"grow_at_start": 1.0, "topk": 0}),
-    "dyrep_topk3_per_weight": ("dyrep_online", {"topk": 3, "metric": "snip_per_weight"}),
-    "dyrep_topk3_random": ("dyrep_online", {"topk": 3, "metric": "random"}),
+    "dyrep_start100": ("dyrep_online", {"grow_at_start": 1.0, "topk": 0, "metric": "snip"}),
+    "dyrep_topk3_per_weight": ("dyrep_online", {**PAPER_SCHEDULE, "topk": 3, "metric": "snip_per_weight"}),
+    "dyrep_topk3_random": ("dyrep_online", {**PAPER_SCHEDULE, "topk": 3, "metric": "random"}),
     # ``budget110``: as many sites as a predicted step time of 1.1x plain's holds, from the start (by score per
     # unit of predicted cost), then one more whenever Dep's cuts make room.
     "dyrep_budget110_per_weight": ("dyrep_online", {"grow_at_start": 1.0, "budget": 1.1,
@@ -323,8 +330,15 @@ def summarise(runs: dict[int, dict[str, dict[int, dict[str, Any]]]]) -> dict[str
                 if variant in DYREP_VARIANTS else None,
             })
     return {"rows": rows, "mode_gaps": mode_gaps(runs), "ablation_gaps": mode_gaps(runs, ABLATION_PAIRS),
-            "recipe": recipe_record(RECIPE),
+            "recipe": _recipe_of(runs),
             "collapse_points": COLLAPSE_POINTS}
+
+
+def _recipe_of(runs: dict[int, dict[str, dict[int, dict[str, Any]]]]) -> dict[str, Any]:
+    """The recipe the runs were trained with (the sweep's when there are none), less ``net`` (one per depth)."""
+    first = next((run for at_depth in runs.values() for mine in at_depth.values() for run in mine.values()), None)
+    record = recipe_record(RECIPE if first is None else first["recipe"])
+    return {k: v for k, v in record.items() if k != "net"}
 
 
 def _fmt_pair(p: dict[str, Any] | None) -> str:

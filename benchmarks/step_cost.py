@@ -24,7 +24,7 @@ from common import machine, summary, write_json  # noqa: E402
 
 from dyrep_fx.controller import DyRep  # noqa: E402
 from dyrep_fx_examples.data import fashion_mnist_loaders  # noqa: E402
-from dyrep_fx_examples.demo import DemoConfig, make_net  # noqa: E402
+from dyrep_fx_examples.demo import PAPER_SCHEDULE, DemoConfig, make_net  # noqa: E402
 
 
 def measure(config: DemoConfig, steps: int, every: int) -> dict:
@@ -34,7 +34,7 @@ def measure(config: DemoConfig, steps: int, every: int) -> dict:
     train_loader, _ = fashion_mnist_loaders(config.batch_size, config.train_limit, 100, seed=config.seed)
     model = make_net(config.width)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    ctl = DyRep(model, optimizer, interval=every, mode="online", seed=config.seed)
+    ctl = DyRep(model, optimizer, interval=every, mode="online", seed=config.seed, **PAPER_SCHEDULE)
     loss_fn = nn.CrossEntropyLoss()
     iteration_times, step_times, changes = [], [], 0
     batches = iter(train_loader)

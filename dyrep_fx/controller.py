@@ -36,7 +36,7 @@ from .block import main_parameters
 from .calibration import default_forward
 from .checkpoint_state import CheckpointState
 from .cost_model import DEFAULT_COST_MODEL, Budget, CostModel, structure_budget
-from .defaults import INIT_SCALE, STD_GATE, THRESHOLD
+from .defaults import GROW_AT_START, INIT_SCALE, STD_GATE, THRESHOLD
 from .distributed import check_same_on_all_ranks
 from .ema_copies import EmaCopies
 from .handle import Handle
@@ -207,11 +207,12 @@ class DyRep(CheckpointState):
             :class:`~dyrep_fx.policies.WithinBudget` with ``budget``.
         grow_at_start: the fraction of the candidate sites grown at the first :meth:`step` call, scored on
             that first iteration's gradients, i.e. at initialisation (what SNIP was defined for); then the
-            usual steps every ``interval`` units. ``0`` (default): the paper's schedule, the first step after
+            usual steps every ``interval`` units. Default :data:`~dyrep_fx.defaults.GROW_AT_START` (half, the
+            best setting measured; see there). ``0``: the paper's schedule, the first step after
             ``interval`` units. ``1.0`` grows every candidate from the start.
         kinds: branch kinds to grow where they apply (default: DyRep's set; ``None``: every kind).
-        metric: the scorer: ``"snip"`` (default), ``"snip_per_weight"`` (no preference for large layers:
-            the same accuracy with half the added parameters in the depth sweep's stage 2),
+        metric: the scorer: ``"snip_per_weight"`` (default; no preference for large layers, the one site
+            choice measured above random sites), ``"snip"`` (the default until issue 31),
             ``"synflow"`` (the reference's default), ``"grad_norm"``, ``"random"``, or a callable
             ``(weight, grad) -> tensor`` (see :mod:`dyrep_fx.saliency`).
         candidates: the candidate rule, a :class:`~dyrep_fx.policies.CandidateRule` or a function
@@ -242,7 +243,7 @@ class DyRep(CheckpointState):
         interval: int = 5,
         until: int | None = None,
         topk: int = 1,
-        grow_at_start: float = 0.0,
+        grow_at_start: float = GROW_AT_START,
         budget: float | None = None,
         cost_model: CostModel = DEFAULT_COST_MODEL,
         growth: GrowthSelection | None = None,

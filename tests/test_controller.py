@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers.nets import SmallNet, set_importance, small_batch
 from helpers.numerics import rel_err
+from helpers.schedules import PAPER_SCHEDULE
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -37,7 +38,7 @@ def make(mode: str = "online", seed: int = 0, build_ctl: bool = True, **kw):
     torch.manual_seed(seed)
     model = Net().double()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    ctl = dyrep_fx.DyRep(model, opt, mode=mode, **kw) if build_ctl else None
+    ctl = dyrep_fx.DyRep(model, opt, mode=mode, **{**PAPER_SCHEDULE, **kw}) if build_ctl else None
     return model, opt, ctl
 
 
@@ -181,7 +182,7 @@ def grown_at_conv3(mode: str, **kw):
     dyrep_fx.grow(model, ["conv3"], list(DYREP_KINDS))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     train(model, opt, 2)  # BN statistics and momentum that are not trivial
-    ctl = dyrep_fx.DyRep(model, opt, interval=1, **kw)
+    ctl = dyrep_fx.DyRep(model, opt, interval=1, **{**PAPER_SCHEDULE, **kw})
     assert ctl.saliency.mean() == {}  # no iteration since: step() grows nothing, only cuts
     return model, opt, ctl, model.conv3
 
@@ -479,7 +480,7 @@ def test_ema_follows_every_change(mode, ema_first, use_buffers):
     if ema_first:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=use_buffers)
     calib = Batches(100)
-    ctl = dyrep_fx.DyRep(model, opt, interval=1, mode=mode, calib_loader=calib, calib_batches=2)
+    ctl = dyrep_fx.DyRep(model, opt, interval=1, mode=mode, calib_loader=calib, calib_batches=2, **PAPER_SCHEDULE)
     if not ema_first:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=use_buffers)
     ctl.attach_ema(ema.module)

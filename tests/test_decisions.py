@@ -15,12 +15,21 @@ import math
 import pytest
 import torch
 from helpers.nets import SmallNet, small_batch
+from helpers.schedules import PAPER_SCHEDULE
 from torch import nn
 
 import dyrep_fx
 from dyrep_fx.block import RepConv2d
 from dyrep_fx.passes import dep
-from dyrep_fx.saliency import SaliencyCollector, grad_norm, random_scores, snip, synflow
+from dyrep_fx.saliency import (
+    DEFAULT_METRIC,
+    SCORERS,
+    SaliencyCollector,
+    grad_norm,
+    random_scores,
+    snip,
+    synflow,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,7 +53,7 @@ def make(model_seed: int = 0, **kw):
     torch.manual_seed(model_seed)
     model = SmallNet().double()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    return model, opt, dyrep_fx.DyRep(model, opt, **kw)
+    return model, opt, dyrep_fx.DyRep(model, opt, **{**PAPER_SCHEDULE, **kw})
 
 
 # -- the metrics -------------------------------------------------------------------------------------
@@ -123,8 +132,9 @@ def test_synflow_in_front_of_a_train_mode_batchnorm_is_the_eps_residual():
 
 
 def test_default_metric_is_invariant_to_rescaling_a_normalised_kernel():
-    """Scaling a kernel in front of a train-mode BatchNorm keeps the function: snip keeps its score,
-    grad_norm does not (it would rank convs by how far weight decay has shrunk them)."""
+    """Scaling a kernel in front of a train-mode BatchNorm keeps the function: snip (and the default,
+    snip per weight, the same over a fixed count) keeps its score, grad_norm does not (it would rank
+    convs by how far weight decay has shrunk them)."""
     def scores(alpha: float) -> tuple[float, float]:
         torch.manual_seed(1)
         model = SmallNet().double()
@@ -133,13 +143,13 @@ def test_default_metric_is_invariant_to_rescaling_a_normalised_kernel():
         x, y = batch(0)
         nn.functional.cross_entropy(model(x), y).backward()
         w, g = model.conv2.weight.detach(), model.conv2.weight.grad
-        return float(snip(w, g)), float(grad_norm(w, g))
+        return float(SCORERS[DEFAULT_METRIC](w, g)), float(grad_norm(w, g))
 
-    snip_1, norm_1 = scores(1.0)
-    snip_4, norm_4 = scores(4.0)
-    assert snip_4 == pytest.approx(snip_1, rel=1e-3)  # equal up to BatchNorm's eps
+    default_1, norm_1 = scores(1.0)
+    default_4, norm_4 = scores(4.0)
+    assert default_4 == pytest.approx(default_1, rel=1e-3)  # equal up to BatchNorm's eps
     assert norm_4 == pytest.approx(norm_1 / 4.0, rel=1e-3)
-    assert dyrep_fx.DyRep.__init__.__kwdefaults__["metric"] == "snip"
+    assert dyrep_fx.DyRep.__init__.__kwdefaults__["metric"] == DEFAULT_METRIC == "snip_per_weight"
 
 
 # -- the candidate set -------------------------------------------------------------------------------
@@ -206,7 +216,7 @@ class WithPointwise(nn.Module):
 @pytest.mark.parametrize(("pointwise", "want"), [(False, ["conv"]), (True, ["conv", "pw"])])
 def test_1x1_convs_are_candidates_only_when_asked(pointwise, want):
     model = WithPointwise().double()
-    ctl = dyrep_fx.DyRep(model, torch.optim.SGD(model.parameters(), lr=0.1), pointwise=pointwise)
+    ctl = dyrep_fx.DyRep(model, torch.optim.SGD(model.parameters(), lr=0.1), pointwise=pointwise, **PAPER_SCHEDULE)
     assert ctl.candidates() == want
 
 
@@ -322,7 +332,7 @@ def test_inner_conv_of_a_fresh_site_scores_like_a_top_level_conv(mode):
         loader, _ = fashion_mnist_loaders(64, 2000, 100, seed=0)
         model = make_net(8)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-        ctl = dyrep_fx.DyRep(model, opt, interval=30, mode=mode, metric=metric, nested="open",
+        ctl = dyrep_fx.DyRep(model, opt, interval=30, mode=mode, metric=metric, nested="open", grow_at_start=0.0,
                              calib_loader=loader, calib_batches=5)
         batches = [b for _ in range(2) for b in loader][:60]
         for x, y in batches:

@@ -300,7 +300,7 @@ def test_convnext_tiny_grows_trains_and_folds_with_the_large_kernel_kinds(mode, 
     if driver == "grow":
         dyrep_fx.grow(model, large)  # every kind that applies: DyRep's six where they do, and the three
     else:
-        ctl = dyrep_fx.DyRep(model, optimizer, interval=1, topk=2, kinds=DYREP_KINDS + LARGE_KERNEL_KINDS,
+        ctl = dyrep_fx.DyRep(model, optimizer, interval=1, topk=2, grow_at_start=0.0, kinds=DYREP_KINDS + LARGE_KERNEL_KINDS,
                              candidates=lambda site, model: site.kernel_size == (7, 7))
         _train(model, optimizer, x)
         model.eval()

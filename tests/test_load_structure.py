@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers.nets import SmallNet, small_batch
 from helpers.numerics import assert_same
+from helpers.schedules import PAPER_SCHEDULE
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -34,7 +35,7 @@ def make(seed: int):
     groups = [{"params": [p for p in model.parameters() if p.dim() > 1], "weight_decay": 1e-3},
               {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}]
     opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
-    return model, opt, dyrep_fx.DyRep(model, opt, interval=INTERVAL, seed=3)
+    return model, opt, dyrep_fx.DyRep(model, opt, interval=INTERVAL, seed=3, **PAPER_SCHEDULE)
 
 
 def train_units(model, opt, ctl, units: int, start: int = 0) -> None:

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from helpers.nets import SmallNet
+from helpers.schedules import PAPER_SCHEDULE
 from torch import nn
 
 import dyrep_fx
@@ -84,7 +85,8 @@ def test_optimizer_and_scheduler_follow_structure(opt_name, sched_name, mode):
                                      "weight_decay": g["weight_decay"]} for g in opt.param_groups])
     ref_sched = SCHEDULERS[sched_name](ref_opt)
     calib = [batch(500 + i) for i in range(3)]
-    ctl = dyrep_fx.DyRep(model, opt, interval=1, mode=mode, calib_loader=calib, calib_batches=3, nested="open")
+    ctl = dyrep_fx.DyRep(model, opt, interval=1, mode=mode, calib_loader=calib, calib_batches=3, nested="open",
+                         **PAPER_SCHEDULE)
     hyper = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in opt.param_groups]
     changed_steps, cut_seen, nested_seen = 0, False, False
     for unit in range(6):
@@ -167,7 +169,7 @@ def test_single_group_takes_everything():
     torch.manual_seed(0)
     model = Net().double()
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
-    ctl = dyrep_fx.DyRep(model, opt, interval=1, topk=3)
+    ctl = dyrep_fx.DyRep(model, opt, interval=1, topk=3, **PAPER_SCHEDULE)
     train(model, opt, 1)
     assert len(ctl.step().grown) == 3
     assert len(opt.param_groups) == 1
@@ -187,7 +189,7 @@ def test_custom_group_chooser():
         assert optimizer is opt and m is model
         return 3
 
-    ctl = dyrep_fx.DyRep(model, opt, interval=1, group_chooser=chooser)
+    ctl = dyrep_fx.DyRep(model, opt, interval=1, group_chooser=chooser, **PAPER_SCHEDULE)
     train(model, opt, 1)
     (site,) = ctl.step().grown
     new = [n for n, p in model.named_parameters() if n.startswith(site + ".") and n != f"{site}.weight"]

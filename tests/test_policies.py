@@ -16,6 +16,7 @@ import pytest
 import torch
 from helpers.nets import SmallNet, set_importance
 from helpers.numerics import assert_same
+from helpers.schedules import PAPER_SCHEDULE
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -37,7 +38,7 @@ def make(seed: int = 0, **kw):
     torch.manual_seed(seed)
     model = SmallNet().double()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    return model, opt, dyrep_fx.DyRep(model, opt, **kw)
+    return model, opt, dyrep_fx.DyRep(model, opt, **{**PAPER_SCHEDULE, **kw})
 
 
 def train(model, opt, units: int, start: int = 0, ctl=None, ema=None) -> list:

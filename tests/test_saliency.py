@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers.nets import SmallNet
+from helpers.schedules import PAPER_SCHEDULE
 from torch import nn
 
 import dyrep_fx
@@ -31,7 +32,7 @@ def make(seed: int = 0, mode: str = "online", dtype=torch.float64, **kw):
     torch.manual_seed(seed)
     model = Net().to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-    ctl = dyrep_fx.DyRep(model, opt, mode=mode, **kw)
+    ctl = dyrep_fx.DyRep(model, opt, mode=mode, **{**PAPER_SCHEDULE, **kw})
     return model, opt, ctl
 
 

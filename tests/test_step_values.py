@@ -17,6 +17,7 @@ import pytest
 import torch
 from helpers.nets import SmallNet
 from helpers.numerics import rel_err
+from helpers.schedules import PAPER_SCHEDULE
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -83,7 +84,7 @@ def test_a_plan_grows_exactly_its_site_with_its_kinds_and_nothing_else(mode):
     torch.manual_seed(0)
     model = SmallNet().double()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    ctl = dyrep_fx.DyRep(model, opt, interval=1, mode=mode, nested="open")
+    ctl = dyrep_fx.DyRep(model, opt, interval=1, mode=mode, nested="open", **PAPER_SCHEDULE)
     train(model, opt, 2)
     favour(ctl, "conv2")
     decided = ctl.decide()
@@ -128,7 +129,8 @@ def test_the_ema_copy_grows_keeping_its_own_function_with_the_live_new_branches(
     model = SmallNet().double()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.8))
-    ctl = dyrep_fx.DyRep(model, opt, interval=1, mode=mode, calib_loader=calib_batches(), calib_batches=3)
+    ctl = dyrep_fx.DyRep(model, opt, interval=1, mode=mode, calib_loader=calib_batches(), calib_batches=3,
+                         **PAPER_SCHEDULE)
     ctl.attach_ema(ema.module)
     train(model, opt, 3, ema=ema)
     favour(ctl, "conv2")

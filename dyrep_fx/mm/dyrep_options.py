@@ -53,8 +53,12 @@ SET_BY_THE_HOOK = ("model", "optimizer", "targets", "example_inputs", "calib_loa
 #: Every option of the ``dyrep`` block: ``DyRep``'s keyword arguments, less those the hook supplies.
 DYREP_OPTIONS: tuple[str, ...] = tuple(name for name, p in inspect.signature(DyRep).parameters.items()
                                        if name not in SET_BY_THE_HOOK and p.kind is not p.VAR_KEYWORD)
-#: Where the hook's default differs from ``DyRep``'s (a step every 1000 iterations, not every 5 calls).
-HOOK_DEFAULTS: dict[str, Any] = {"interval": 1000}
+#: Where the hook's default differs from ``DyRep``'s: a step every 1000 iterations (not every 5 calls), and
+#: the paper's schedule with ``snip`` (no growth at the first call). OpenMMLab runs start from pretrained
+#: backbones, where neither growth at initialisation nor ``snip_per_weight`` (DyRep's defaults since issue
+#: 31, measured training from scratch) was measured; ``dyrep=dict(grow_at_start=0.5,
+#: metric='snip_per_weight')`` asks for them.
+HOOK_DEFAULTS: dict[str, Any] = {"interval": 1000, "grow_at_start": 0.0, "metric": "snip"}
 
 _HOW_TO_REGISTER = ("register it with @dyrep_fx.mm.POLICIES.register_module() in a module listed in "
                     "custom_imports, or give its dotted import path (type='my_package.my_module.MyClass')")

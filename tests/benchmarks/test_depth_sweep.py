@@ -80,7 +80,7 @@ def test_stage_two_variant_trains_dyrep_with_its_metric_under_its_own_name(sweep
     run = sweep.run_one(10, "dyrep_online_per_weight", 0, tmp_path, recipe)
     saved = sweep.load_runs(tmp_path)[10]["dyrep_online_per_weight"][0]
     assert saved["variant"] == run["variant"] == "dyrep_online_per_weight"
-    assert saved["dyrep_options"] == {"metric": "snip_per_weight"}
+    assert saved["dyrep_options"] == {"grow_at_start": 0.0, "metric": "snip_per_weight"}  # the paper's schedule
     assert run["branch_history"] and run["events"]  # DyRep stepped and grew
 
 

@@ -103,6 +103,8 @@ def test_policies_by_name_string_and_object_build_to_the_same_policies():
     rule = DyRepCandidates(pointwise=True)
     assert DyRepHook(dyrep=dict(candidates=rule)).dyrep_options["candidates"] is rule
     assert DyRepHook().dyrep_options["interval"] == 1000  # the hook's default, not DyRep's 5
+    # the paper's schedule for pretrained backbones, not DyRep's growth at the first call
+    assert DyRepHook().dyrep_options["grow_at_start"] == 0.0 and DyRepHook().dyrep_options["metric"] == "snip"
 
 
 def test_options_as_hook_arguments_still_work_with_a_deprecation_warning():

@@ -116,7 +116,7 @@ def main() -> None:
     ddp2 = DDP(grown_model)
     opt = torch.optim.SGD(grown_model.parameters(), lr=0.05, momentum=0.9)
     ctl = dyrep_fx.DyRep(ddp2, opt, interval=1, mode="dbb", calib_loader=calib, calib_batches=CALIB_BATCHES,
-                         seed=rank)
+                         seed=rank, grow_at_start=0.0)
     train(ddp2, opt, rank, 2)
     step = ctl.step()
     new_bns = [f"{site}.branches.{kind}.{n}" for site, kinds in step.grown.items() for kind in kinds

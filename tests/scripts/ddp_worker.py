@@ -112,7 +112,7 @@ def main() -> None:
     calib = [batch(rank, 900 + i) for i in range(3)]
     # nested="open": three sites and five steps; the growth mechanics under DDP are what is tested here.
     ctl = dyrep_fx.DyRep(ddp, opt, interval=1, mode=args.mode, calib_loader=calib, calib_batches=3, seed=rank,
-                         metric=args.metric, nested="open")
+                         metric=args.metric, nested="open", grow_at_start=0.0)
     assert ctl.model is model
 
     steps = []

@@ -58,7 +58,8 @@ def build(mode: str, opt_name: str, seed: int = 0):
         opt = torch.optim.AdamW(groups, lr=0.01)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=UNITS * ITERS)
     calib = [batch(900 + i) for i in range(3)]
-    ctl = dyrep_fx.DyRep(model, opt, interval=INTERVAL, mode=mode, calib_loader=calib, calib_batches=3, seed=11)
+    ctl = dyrep_fx.DyRep(model, opt, interval=INTERVAL, mode=mode, calib_loader=calib, calib_batches=3, seed=11,
+                         grow_at_start=0.0)
     return model, opt, sched, ctl
 
 
