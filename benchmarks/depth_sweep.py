@@ -203,6 +203,13 @@ def collapse_details(run: dict[str, Any], plain: dict[str, Any] | None) -> list[
     return out
 
 
+def calibrated_finals(mine: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Each seed's run as :func:`paired` reads it, with the last epoch's accuracy under calibrated BatchNorm
+    statistics as ``test_acc`` (the runs that recorded it)."""
+    return {s: {"test_acc": r["epochs"][-1]["eval_gap"]["recalibrated"]} for s, r in mine.items()
+            if "eval_gap" in r["epochs"][-1]}
+
+
 def _params_ratio(mine: dict[int, dict[str, Any]], plain: dict[int, dict[str, Any]]) -> float | None:
     """Median over seeds of the peak parameter count in training over plain's (the memory cost)."""
     ratios = [r["params_training_peak"] / plain[s]["params_training_peak"] for s, r in mine.items()
@@ -302,6 +309,12 @@ def summarise(runs: dict[int, dict[str, dict[int, dict[str, Any]]]]) -> dict[str
                 "depth": depth, "variant": variant, "seeds": sorted(mine),
                 "acc_mean": statistics.fmean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                 "vs_plain": paired(mine, plain) if variant != "plain" else None,
+                # secondary (issue 31's 18-epoch runs): the last epoch with calibrated BatchNorm statistics
+                "vs_plain_calibrated": paired(calibrated_finals(mine), calibrated_finals(plain))
+                if variant != "plain" else None,
+                "vs_random_calibrated": paired(calibrated_finals(mine),
+                                               calibrated_finals(runs[depth].get(RANDOM_CONTROLS[variant], {})))
+                if variant in RANDOM_CONTROLS else None,
                 "vs_random": paired(mine, runs[depth].get(RANDOM_CONTROLS[variant], {}))
                 if variant in RANDOM_CONTROLS else None,
                 "random_control": RANDOM_CONTROLS.get(variant),
@@ -515,6 +528,42 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def mean_curves(runs_at_depth: dict[str, dict[int, dict[str, Any]]]) -> dict[str, list[float]]:
+    """Per variant, the test accuracy (%) of each epoch averaged over its seeds (calibrated statistics
+    where recorded, as the final accuracy is)."""
+    def acc(epoch: dict[str, Any]) -> float:
+        return 100 * epoch["eval_gap"]["recalibrated"] if "eval_gap" in epoch else 100 * epoch["test_acc"]
+
+    return {variant: [statistics.fmean(acc(r["epochs"][i]) for r in mine.values())
+                      for i in range(min(len(r["epochs"]) for r in mine.values()))]
+            for variant, mine in runs_at_depth.items() if mine}
+
+
+def plot_curves(runs: dict[int, dict[str, dict[int, dict[str, Any]]]], depth: int, path: Path) -> bool:
+    """Test accuracy per epoch at ``depth``, each variant's mean over its seeds: when a gain appears and
+    whether it lasts. False when there is no run at ``depth``."""
+    curves = mean_curves(runs.get(depth, {}))
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, variant in enumerate(v for v in VARIANTS if v in curves):
+        ax.plot(range(1, len(curves[variant]) + 1), curves[variant], marker="o", ms=3, color=f"C{i}",
+                label=f"{variant} ({len(runs[depth][variant])} seeds)")
+    ax.set(xlabel="epoch", ylabel="test accuracy %, mean over seeds (calibrated BatchNorm statistics)",
+           title=f"{depth} convs: test accuracy per epoch")
+    ax.set_ylim(bottom=max(60.0, min(min(c) for c in curves.values()) - 1))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_calibration(runs: dict[int, dict[str, dict[int, dict[str, Any]]]], depth: int, path: Path) -> bool:
     """Per seed (a panel each), test accuracy per epoch at ``depth`` with running BatchNorm statistics
     (dotted) and calibrated ones (solid, :func:`dyrep_fx.calibrate`), one colour per variant: what the
@@ -599,6 +648,7 @@ def report(results: Path) -> dict[str, Any]:
         plot_calibration(runs, 30, results / "calibration.png")
         for depth, cost in costs.items():
             plot_stage_two(summary, depth, results / f"stage2_depth{depth}.png", cost)
+            plot_curves(runs, depth, results / f"curves_depth{depth}.png")
         if results == RESULTS and 20 in costs:  # the committed sweep, not a smoke or test folder
             write_json(REGIME_FIGURES, regime_figures(summary, costs[20]))
     return summary

@@ -59,8 +59,8 @@ def test_dyrep_steps_between_compiled_steps_recompile_and_stay_correct():
     model = SmallNet()
     eager = copy.deepcopy(model)
     opt, opt_eager = (torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, eager))
-    ctl = dyrep_fx.DyRep(model, opt, interval=2, seed=1)
-    ctl_eager = dyrep_fx.DyRep(eager, opt_eager, interval=2, seed=1)
+    ctl = dyrep_fx.DyRep(model, opt, interval=2, seed=1, grow_at_start=0.0)  # a step every 2 units from unit 2
+    ctl_eager = dyrep_fx.DyRep(eager, opt_eager, interval=2, seed=1, grow_at_start=0.0)
     compiled = torch.compile(model)
     for i in range(6):
         loss = sgd_step(compiled, opt, i)

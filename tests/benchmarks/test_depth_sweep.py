@@ -206,3 +206,21 @@ def test_regime_figures_name_the_main_jobs_dyrep_setting(sweep, tmp_path):
     assert list(figures["variants"]) == ["plain", f"dyrep ({regime})", "orepa_all"]
     assert figures["variants"][f"dyrep ({regime})"]["vs_plain"]["mean"] == pytest.approx(2.0)
     assert figures["variants"]["orepa_all"]["step_ratio"] == 1.3 and figures["seeds"] == 3
+
+
+def test_the_calibrated_gain_pairs_the_last_epochs_calibrated_accuracies(sweep, tmp_path):
+    """The secondary figure of the 18-epoch runs: the same seeds paired on the last epoch's accuracy with
+    recomputed BatchNorm statistics, not on the running-statistics accuracy the primary figure uses."""
+    running = {"plain": [0.80, 0.78, 0.79], "dyrep_start50_per_weight": [0.80, 0.78, 0.79],
+               "dyrep_start50_random": [0.81, 0.79, 0.80]}
+    calibrated = {"plain": [0.80, 0.78, 0.79], "dyrep_start50_per_weight": [0.82, 0.81, 0.80],
+                  "dyrep_start50_random": [0.80, 0.79, 0.79]}
+    for variant, accs in running.items():
+        for seed, acc in enumerate(accs):
+            write_run(sweep, tmp_path, 20, variant, seed, [0.5, acc], calibrated=[0.5, calibrated[variant][seed]])
+    rows = {r["variant"]: r for r in sweep.summarise(sweep.load_runs(tmp_path))["rows"]}
+    mine = rows["dyrep_start50_per_weight"]
+    assert mine["vs_plain"]["diffs"] == pytest.approx([0.0, 0.0, 0.0])
+    assert mine["vs_plain_calibrated"]["diffs"] == pytest.approx([2.0, 3.0, 1.0])
+    assert mine["vs_random_calibrated"]["diffs"] == pytest.approx([2.0, 2.0, 1.0])
+    assert rows["plain"]["vs_plain_calibrated"] is None
