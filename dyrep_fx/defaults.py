@@ -1,6 +1,23 @@
 """The library's default settings in one place, each with where it comes from.
 
-Kind sets live with the geometry that decides where they apply (:mod:`dyrep_fx.geometry`).
+Kind sets live with the geometry that decides where they apply (:mod:`dyrep_fx.geometry`). ``DyRep``'s
+other defaults and what they rest on (the depth sweep at 20 shortcut-free convs, 6 epochs, 5 paired seeds,
+``benchmarks/README.md``):
+
+* ``mode="online"``: as accurate as ``"dbb"`` for DyRep on the paper's schedule (-0.21 +- 0.25 points) at
+  1.17x plain's step time against 2.68x.
+* ``metric``: :data:`dyrep_fx.saliency.DEFAULT_METRIC` (see there); ``grow_at_start``:
+  :data:`GROW_AT_START` (below).
+* ``budget=None``: a cost cap filled from the start (``budget=1.1``) ended under ``orepa_all``
+  (-0.70 +- 0.32) and did not separate from its random control (+0.57 +- 0.65).
+* ``topk=1``, ``interval=5``: the paper's. Three sites per step on the paper's schedule (``topk=3``) did
+  not beat one (+0.66 +- 0.35 over plain against +0.78 +- 0.32; +0.05 +- 0.26 over random sites); the
+  interval was not varied.
+* ``kinds=DYREP_KINDS``: the paper's set. Grown statically everywhere, OREPA's kinds and DyRep's tie
+  (+2.00 +- 0.61 and +1.56 +- 0.34 over plain, online).
+
+With 3x the training (18 epochs, 3 seeds) every gain over plain closed (issue 31), so these rest on
+short schedules, where re-parameterization speeds up convergence.
 """
 
 from __future__ import annotations
