@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, write_json  # noqa: E402
 
-from dyrep_fx.defaults import STD_GATE  # noqa: E402
-from dyrep_fx_examples.demo import PAPER_SCHEDULE, DemoConfig, make_net, multiply_adds, run_variant  # noqa: E402
+from dyrep_fx.defaults import PAPER_SCHEDULE, STD_GATE  # noqa: E402
+from dyrep_fx_examples.demo import DemoConfig, make_net, multiply_adds, run_variant  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "study"
 

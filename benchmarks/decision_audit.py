@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_study import growth_summary  # noqa: E402
 from common import machine, write_json  # noqa: E402
 
-from dyrep_fx_examples.demo import PAPER_SCHEDULE, DemoConfig, run_variant  # noqa: E402
+from dyrep_fx.defaults import PAPER_SCHEDULE  # noqa: E402
+from dyrep_fx_examples.demo import DemoConfig, run_variant  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decision_audit"
 #: ``default``: the library's defaults when the audit ran (the paper's schedule with ``snip``).

@@ -51,8 +51,8 @@ from common import machine, write_json  # noqa: E402
 
 import dyrep_fx  # noqa: E402
 from dyrep_fx.cost_model import Budget, structure_budget  # noqa: E402
+from dyrep_fx.defaults import PAPER_SCHEDULE  # noqa: E402
 from dyrep_fx_examples.demo import (  # noqa: E402
-    PAPER_SCHEDULE,
     REGIME_DYREP,
     REGIME_FIGURES,
     DemoConfig,

@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, summary, write_json  # noqa: E402
 
 from dyrep_fx.controller import DyRep  # noqa: E402
+from dyrep_fx.defaults import PAPER_SCHEDULE  # noqa: E402
 from dyrep_fx_examples.data import fashion_mnist_loaders  # noqa: E402
-from dyrep_fx_examples.demo import PAPER_SCHEDULE, DemoConfig, make_net  # noqa: E402
+from dyrep_fx_examples.demo import DemoConfig, make_net  # noqa: E402
 
 
 def measure(config: DemoConfig, steps: int, every: int) -> dict:

@@ -22,7 +22,7 @@ short schedules, where re-parameterization speeds up convergence.
 
 from __future__ import annotations
 
-__all__ = ["GROW_AT_START", "INIT_SCALE", "STD_GATE", "THRESHOLD"]
+__all__ = ["GROW_AT_START", "INIT_SCALE", "PAPER_SCHEDULE", "STD_GATE", "THRESHOLD"]
 
 #: Initial share of a new branch (its ``scale``, or its last BatchNorm's gamma): DyRep's 0.01.
 INIT_SCALE: float = 0.01
@@ -37,3 +37,8 @@ THRESHOLD: float = 0.1
 #: points) at a lower step time (1.12x plain's over training against 1.28x) and beats random sites by
 #: +1.11 +- 0.27; the paper's schedule (``0``: first growth after one interval) gains a third as much.
 GROW_AT_START: float = 0.5
+#: The paper's schedule with ``snip`` (``DyRep(**PAPER_SCHEDULE)``): the first step after one interval,
+#: scores by ``sum(|grad * weight|)``; the defaults until issue 31. ``DyRepHook`` keeps it by default
+#: (pretrained backbones, where growth at initialisation was not measured), and the committed studies and
+#: the step-mechanics tests that ran or were written with it pin it.
+PAPER_SCHEDULE: dict[str, float | str] = {"grow_at_start": 0.0, "metric": "snip"}

@@ -70,9 +70,6 @@ REGIME_FIGURES = Path(__file__).with_name("regime_figures.json")
 REGIME_VARIANTS = ("plain", "dyrep", "orepa_all")
 #: DyRep's setting in the main job: the best measured at 20 convs (``benchmarks/README.md``, issue 31).
 REGIME_DYREP: dict[str, Any] = {"grow_at_start": 0.5, "metric": "snip_per_weight"}
-#: The paper's schedule (first growth after one interval) with ``snip``: the library's defaults until issue 31
-#: made :data:`REGIME_DYREP` the default. The committed studies that ran with those defaults pin it.
-PAPER_SCHEDULE: dict[str, Any] = {"grow_at_start": 0.0, "metric": "snip"}
 
 
 @dataclass

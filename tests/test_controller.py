@@ -11,12 +11,12 @@ import pytest
 import torch
 from helpers.nets import SmallNet, set_importance, small_batch
 from helpers.numerics import rel_err
-from helpers.schedules import PAPER_SCHEDULE
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import dyrep_fx
 from dyrep_fx.controller import DYREP_KINDS
+from dyrep_fx.defaults import PAPER_SCHEDULE
 
 # float64 / tiny convs on CPU: one intra-op thread is much faster than two here.
 pytestmark = pytest.mark.usefixtures("one_thread")

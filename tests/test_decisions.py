@@ -15,11 +15,11 @@ import math
 import pytest
 import torch
 from helpers.nets import SmallNet, small_batch
-from helpers.schedules import PAPER_SCHEDULE
 from torch import nn
 
 import dyrep_fx
 from dyrep_fx.block import RepConv2d
+from dyrep_fx.defaults import PAPER_SCHEDULE
 from dyrep_fx.passes import dep
 from dyrep_fx.saliency import (
     DEFAULT_METRIC,

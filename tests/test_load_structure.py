@@ -13,12 +13,12 @@ import pytest
 import torch
 from helpers.nets import SmallNet, small_batch
 from helpers.numerics import assert_same
-from helpers.schedules import PAPER_SCHEDULE
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import dyrep_fx
 from dyrep_fx import optim_sync, structure_spec
+from dyrep_fx.defaults import PAPER_SCHEDULE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

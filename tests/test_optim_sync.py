@@ -11,11 +11,11 @@ import math
 import pytest
 import torch
 from helpers.nets import SmallNet
-from helpers.schedules import PAPER_SCHEDULE
 from torch import nn
 
 import dyrep_fx
 from dyrep_fx.block import main_parameters
+from dyrep_fx.defaults import PAPER_SCHEDULE
 
 # float64 / tiny convs on CPU: one intra-op thread is much faster than two here.
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,12 +16,12 @@ import pytest
 import torch
 from helpers.nets import SmallNet, set_importance
 from helpers.numerics import assert_same
-from helpers.schedules import PAPER_SCHEDULE
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import dyrep_fx
 from dyrep_fx import optim_sync
+from dyrep_fx.defaults import PAPER_SCHEDULE
 from dyrep_fx.passes.dep import Verdict
 from dyrep_fx.policies import CandidateRule, DyRepCandidates, GrowthSelection, TopScores
 from dyrep_fx.step_plan import StepPlan

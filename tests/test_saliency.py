@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers.nets import SmallNet
-from helpers.schedules import PAPER_SCHEDULE
 from torch import nn
 
 import dyrep_fx
+from dyrep_fx.defaults import PAPER_SCHEDULE
 
 # float64 / tiny convs on CPU: one intra-op thread is much faster than two here.
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,11 +17,11 @@ import pytest
 import torch
 from helpers.nets import SmallNet
 from helpers.numerics import rel_err
-from helpers.schedules import PAPER_SCHEDULE
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import dyrep_fx
+from dyrep_fx.defaults import PAPER_SCHEDULE
 from dyrep_fx.step_plan import StepPlan
 
 pytestmark = pytest.mark.usefixtures("one_thread")

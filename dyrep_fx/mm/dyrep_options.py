@@ -34,6 +34,7 @@ from typing import Any
 from mmengine.registry import Registry
 
 from ..controller import DyRep
+from ..defaults import PAPER_SCHEDULE
 from ..passes.dep import DepCriterion
 from ..policies import DyRepCandidates, GrowthSelection, TopScores, as_candidate_rule, check_cut_criterion
 from ..saliency import METRICS
@@ -58,7 +59,7 @@ DYREP_OPTIONS: tuple[str, ...] = tuple(name for name, p in inspect.signature(DyR
 #: backbones, where neither growth at initialisation nor ``snip_per_weight`` (DyRep's defaults since issue
 #: 31, measured training from scratch) was measured; ``dyrep=dict(grow_at_start=0.5,
 #: metric='snip_per_weight')`` asks for them.
-HOOK_DEFAULTS: dict[str, Any] = {"interval": 1000, "grow_at_start": 0.0, "metric": "snip"}
+HOOK_DEFAULTS: dict[str, Any] = {"interval": 1000, **PAPER_SCHEDULE}
 
 _HOW_TO_REGISTER = ("register it with @dyrep_fx.mm.POLICIES.register_module() in a module listed in "
                     "custom_imports, or give its dotted import path (type='my_package.my_module.MyClass')")
