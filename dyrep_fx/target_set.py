@@ -49,8 +49,6 @@ class TargetSet(Mapping[str, Handle]):
         self._handles = dict(handles)
         #: The last analysis, by prefix, with the fingerprints it was made at.
         self._kept: tuple[dict[str, tuple], dict[str, list[Site]]] | None = None
-        #: How many analyses ran (each target's counts once): what the one-per-step contract is checked by.
-        self.analyses = 0
 
     def __getitem__(self, prefix: str) -> Handle:
         return self._handles[prefix]
@@ -73,15 +71,13 @@ class TargetSet(Mapping[str, Handle]):
         if self._kept is not None and self._kept[0] == prints:
             return self._kept[1]
         analysis = {prefix: handle.sites() for prefix, handle in self._handles.items()}
-        self.analyses += len(analysis)
         self._kept = (prints, analysis)
         return analysis
 
-    def sites(self, analysis: dict[str, list[Site]] | None = None) -> list[Site]:
-        """The sites of ``analysis`` (default: :meth:`analyse`), named relative to the model (copies)."""
-        analysis = self.analyse() if analysis is None else analysis
+    def sites(self) -> list[Site]:
+        """The sites of :meth:`analyse`, named relative to the model (copies; the kept analysis keeps its names)."""
         return [replace(site, name=join_name(prefix, site.name))
-                for prefix, sites in analysis.items() for site in sites]
+                for prefix, sites in self.analyse().items() for site in sites]
 
     def blocks(self) -> dict[str, RepConv2d]:
         """Every grown block of every target, by its name relative to the model."""

@@ -46,3 +46,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def analyses(monkeypatch):
+    """How many times the site analysis runs (``dyrep_fx.passes.analysis.analyse``, the real one, counted)."""
+    from dyrep_fx.passes import analysis
+
+    real, calls = analysis.analyse, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(analysis, "analyse", counted)
+    return calls

@@ -10,7 +10,7 @@ from helpers.nets import SmallNet, small_batch
 from torch import nn
 
 import dyrep_fx
-from dyrep_fx.passes import PassError, analysis
+from dyrep_fx.passes import PassError
 from dyrep_fx.step_plan import StepPlan
 
 
@@ -30,19 +30,6 @@ def train_once(model, opt) -> None:
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
-
-
-@pytest.fixture
-def analyses(monkeypatch):
-    """How many times the site analysis runs (the real one, counted)."""
-    real, calls = analysis.analyse, []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(analysis, "analyse", counted)
-    return calls
 
 
 @pytest.mark.parametrize("topk", [1, 3])

@@ -30,14 +30,14 @@ def train(model, opt, iters: int, start: int = 0) -> None:
         opt.step()
 
 
-def test_a_step_runs_one_site_analysis_and_the_next_decision_reuses_it():
+def test_a_step_runs_one_site_analysis_and_the_next_decision_reuses_it(analyses):
     model, opt, ctl = make(interval=1)
-    assert ctl.targets.analyses == 1  # the constructor's (sites, watch list)
+    assert len(analyses) == 1  # the constructor's (sites, watch list)
     for step in range(1, 4):
         train(model, opt, 2, start=2 * step)
         result = ctl.step()
         assert result.grown  # each step changed the structure ...
-        assert ctl.targets.analyses == 1 + step  # ... and analysed it once (after the change)
+        assert len(analyses) == 1 + step  # ... and analysed it once (after the change)
 
 
 def test_a_kept_analysis_is_the_models_own():
