@@ -224,3 +224,13 @@ def test_the_calibrated_gain_pairs_the_last_epochs_calibrated_accuracies(sweep, 
     assert mine["vs_plain_calibrated"]["diffs"] == pytest.approx([2.0, 3.0, 1.0])
     assert mine["vs_random_calibrated"]["diffs"] == pytest.approx([2.0, 2.0, 1.0])
     assert rows["plain"]["vs_plain_calibrated"] is None
+
+
+def test_the_per_epoch_curves_average_the_sweeps_measure_over_seeds(sweep, tmp_path):
+    """The curves show what the tables pair (running statistics), not the calibrated accuracies beside it."""
+    write_run(sweep, tmp_path, 20, "plain", 0, [0.70, 0.80], calibrated=[0.75, 0.90])
+    write_run(sweep, tmp_path, 20, "plain", 1, [0.60, 0.90], calibrated=[0.65, 0.95])
+    curves = sweep.mean_curves(sweep.load_runs(tmp_path)[20])
+    assert curves["plain"] == pytest.approx([65.0, 85.0])
+    assert sweep.plot_curves(sweep.load_runs(tmp_path), 20, tmp_path / "curves.png")
+    assert not sweep.plot_curves(sweep.load_runs(tmp_path), 30, tmp_path / "none.png")
