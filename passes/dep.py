@@ -94,7 +94,7 @@ def judge_blocks(model: nn.Module, criterion: CutCriterion = DepCriterion(),
 
 
 def checked_request(model: nn.Module, cuts: Mapping[str, Sequence[str]] | None = None,
-         criterion: CutCriterion = DepCriterion(), protect: Sequence[str] = ()) -> dict[str, list[str]]:
+                    criterion: CutCriterion = DepCriterion(), protect: Sequence[str] = ()) -> dict[str, list[str]]:
     """Which kinds to cut where: ``cuts`` checked against the model, or the criterion's choice.
 
     The criterion skips the blocks named in ``protect`` (e.g. those grown a moment ago).
